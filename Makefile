@@ -1,0 +1,76 @@
+# fnet-distill: every target runs inside .venv, which `make install` creates from nothing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/fnet-distill
+# The CPU wheel of torch by default (a plain `torch` would pull a multi-GB CUDA build).
+# A torch that is already importable in the venv (e.g. your CUDA build) is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+# Stage one
+TEACHER ?= Qwen/Qwen2-0.5B-Instruct
+DATASET ?= openai/gsm8k
+SPLIT ?= train
+CACHE_DIR ?= runs/cache/qwen2-0.5b-gsm8k-train
+VAL_CACHE_DIR ?= runs/cache/qwen2-0.5b-gsm8k-test
+TOPK ?= 64
+SAMPLES ?= 0
+TEMPERATURES ?= 1,2
+MAX_LENGTH ?= 512
+BATCH_TOKENS ?= 16384
+CACHE_FORMAT ?= arrow
+CACHE_ARGS ?=
+
+# Stage two
+STUDENT_OUT ?= runs/student/fnet-d256-l4
+STEPS ?= 2000
+KD ?= topk_tail
+ALPHA ?= 0.5
+TEMPERATURE ?= 2
+TRAIN_ARGS ?=
+
+DEMO_SCALE ?= 1
+
+.PHONY: help install test lint teacher-cache val-cache train-student demo demo-gsm8k bench clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project (CPU torch unless one is present)
+
+test: install ## run the test suite (CPU, no internet)
+	$(PY) -m pytest -q
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check pipeline student cache tests bench
+
+teacher-cache: install ## stage one: run the teacher once and write the sparse cache
+	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --split $(SPLIT) --out $(CACHE_DIR) \
+	  --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) --max-length $(MAX_LENGTH) \
+	  --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
+
+val-cache: install ## stage one on the test split (the validation cache for stage two)
+	$(MAKE) teacher-cache SPLIT=test CACHE_DIR=$(VAL_CACHE_DIR)
+
+train-student: install ## stage two: train the student from the cache (teacher never loaded)
+	$(CLI) train-student --cache $(CACHE_DIR) --out $(STUDENT_OUT) --steps $(STEPS) --kd $(KD) \
+	  --alpha $(ALPHA) --temperature $(TEMPERATURE) $(TRAIN_ARGS)
+
+demo: install ## the whole pipeline offline on the embedded default, with a report
+	$(CLI) demo --out runs/demo --scale $(DEMO_SCALE)
+
+demo-gsm8k: install ## the same flow on the real Qwen2 tokenizer + a GSM8K slice (needs ../shared)
+	$(CLI) demo --out runs/demo-gsm8k --gsm8k --scale $(DEMO_SCALE)
+
+bench: install ## benchmarks (results go to bench/results/*.json; table in README)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

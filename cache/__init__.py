@@ -1,0 +1,1 @@
+"""The teacher cache: on-disk format (``cache.format``) and shared low-level helpers (``cache.util``)."""

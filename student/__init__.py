@@ -1,0 +1,1 @@
+"""The causal STFT FNet student: model, losses, training loop, evaluation."""
