@@ -1,0 +1,870 @@
+"""The teacher cache on disk: the one module that defines its format (see docs/cache-spec.md).
+
+A cache folder holds one shard per unit (a deterministic range of sequences), one append-only journal per
+rank (``journal.rank{r}.jsonl``: a header line with the fingerprint, then one line per committed unit), one
+lock file per rank, the attachments (e.g. ``tokenizer/``), a small ``index.npz`` (seq_id, length and
+supervised count per sequence) and, written last, ``manifest.json``. Without the manifest the folder is not a
+cache. Shards are Arrow IPC files (``unit-000000.arrow``, one record batch, one row per sequence, every
+variable-length field a ``large_list`` column) or Zarr v3 groups (``unit-000000.zarr/``, see
+``cache.zarr_backend``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cache.util import (
+    UserError,
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_hash,
+    fsync_dir,
+)
+from cache.util import json_hash as _json_hash
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.npz"
+TMP_PREFIX = ".tmp-"
+_UNIT_RE = re.compile(r"^unit-(\d{6,})\.(arrow|zarr)$")
+_JOURNAL_RE = re.compile(r"^journal\.rank(\d+)\.jsonl$")
+_RESERVED = {MANIFEST, INDEX}
+_RESUME_HINT = "rerun the same teacher-cache command to resume"
+
+
+class CacheError(UserError):
+    """A cache folder that is missing, incomplete, corrupt, locked or made with other settings."""
+
+
+def _code_version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How the teacher distributions are stored. ``vocab_size`` is the teacher's logits width."""
+
+    topk: int
+    vocab_size: int
+    samples: int = 0
+    temperatures: tuple[float, ...] = (1.0,)
+    dtype: str = "float16"
+    format: str = "arrow"
+    zarr_chunk_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        temps = tuple(float(t) for t in self.temperatures)
+        object.__setattr__(self, "temperatures", temps)
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise UserError(f"topk must be an integer >= 1, got {self.topk!r}; pass e.g. --topk 64")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise UserError(f"vocab_size must be a positive integer, got {self.vocab_size!r}")
+        if self.topk > self.vocab_size:
+            raise UserError(f"topk={self.topk} exceeds the teacher vocabulary ({self.vocab_size}); "
+                            f"lower --topk")
+        if not isinstance(self.samples, int) or self.samples < 0:
+            raise UserError(f"samples must be an integer >= 0 (0 disables sampling), got {self.samples!r}")
+        if not temps:
+            raise UserError("temperatures must not be empty; pass e.g. --temperatures 1,2")
+        if any(not math.isfinite(t) or t <= 0 for t in temps):
+            raise UserError(f"temperatures must be finite and > 0, got {list(temps)}")
+        if len(set(temps)) != len(temps):
+            raise UserError(f"temperatures must be unique, got {list(temps)}")
+        if self.dtype not in ("float16", "float32"):
+            raise UserError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.format not in ("arrow", "zarr"):
+            raise UserError(f"format must be arrow or zarr, got {self.format!r}")
+        if not isinstance(self.zarr_chunk_rows, int) or self.zarr_chunk_rows < 1:
+            raise UserError(f"zarr_chunk_rows must be an integer >= 1, got {self.zarr_chunk_rows!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["temperatures"] = list(self.temperatures)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CacheSettings:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["temperatures"] = tuple(kw.get("temperatures", (1.0,)))
+        return cls(**kw)
+
+
+@dataclass
+class CacheRecord:
+    """One sequence and its teacher rows (alignment: docs/cache-spec.md)."""
+
+    seq_id: int
+    input_ids: np.ndarray  # int32 [L]
+    loss_mask: np.ndarray  # bool [L]
+    assistant_start: int
+    topk_ids: np.ndarray  # int32 [n, k]
+    topk_logprobs: np.ndarray  # float16/float32 [n, k]
+    topk_shift: np.ndarray  # float32 [n, nT]
+    tail_mass: np.ndarray  # float32 [n, nT]
+    sample_offsets: np.ndarray | None = None  # int64 [n+1]
+    sample_ids: np.ndarray | None = None  # int32 [m]
+    sample_counts: np.ndarray | None = None  # int32 [m]
+
+    @property
+    def num_supervised(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+
+def _as_record(r: CacheRecord | Mapping[str, Any]) -> CacheRecord:
+    return r if isinstance(r, CacheRecord) else CacheRecord(**r)
+
+
+def normalize_record(r: CacheRecord | Mapping[str, Any], settings: CacheSettings) -> CacheRecord:
+    """Cast a record to the stored dtypes and check its shapes against ``settings`` (ValueError if bad)."""
+    r = _as_record(r)
+    k, nT = settings.topk, len(settings.temperatures)
+    ids = np.ascontiguousarray(r.input_ids, dtype=np.int32).reshape(-1)
+    mask = np.ascontiguousarray(r.loss_mask, dtype=np.bool_).reshape(-1)
+    n = int(mask.sum())
+    topk_ids = np.ascontiguousarray(r.topk_ids, dtype=np.int32)
+    lp = np.ascontiguousarray(r.topk_logprobs, dtype=np.dtype(settings.dtype))
+    shift = np.ascontiguousarray(r.topk_shift, dtype=np.float32)
+    tail = np.ascontiguousarray(r.tail_mass, dtype=np.float32)
+    where = f"record seq_id={r.seq_id}"
+    if ids.shape != mask.shape:
+        raise ValueError(f"{where}: input_ids has {ids.shape[0]} tokens but loss_mask {mask.shape[0]}")
+    for name, a, cols in (("topk_ids", topk_ids, k), ("topk_logprobs", lp, k), ("topk_shift", shift, nT),
+                          ("tail_mass", tail, nT)):
+        if a.shape != (n, cols):
+            raise ValueError(f"{where}: {name} has shape {a.shape}, expected ({n}, {cols})")
+    off = cnt = sids = None
+    if settings.samples > 0:
+        if r.sample_offsets is None or r.sample_ids is None or r.sample_counts is None:
+            raise ValueError(f"{where}: samples={settings.samples} but sample_* fields are missing")
+        off = np.ascontiguousarray(r.sample_offsets, dtype=np.int64).reshape(-1)
+        sids = np.ascontiguousarray(r.sample_ids, dtype=np.int32).reshape(-1)
+        cnt = np.ascontiguousarray(r.sample_counts, dtype=np.int32).reshape(-1)
+        if off.shape != (n + 1,) or off[0] != 0 or off[-1] != sids.shape[0] or np.any(np.diff(off) < 0):
+            raise ValueError(f"{where}: sample_offsets must be non-decreasing [n+1] from 0 to "
+                             f"len(sample_ids)")
+        if cnt.shape != sids.shape:
+            raise ValueError(f"{where}: sample_counts and sample_ids differ in length")
+    elif r.sample_offsets is not None or r.sample_ids is not None:
+        raise ValueError(f"{where}: sample_* fields given but settings.samples == 0")
+    return CacheRecord(int(r.seq_id), ids, mask, int(r.assistant_start), topk_ids, lp, shift, tail,
+                       off, sids, cnt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arrow backend
+
+_ARROW_LIST_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_shift", "tail_mass")
+_ARROW_SAMPLE_FIELDS = ("sample_offsets", "sample_ids", "sample_counts")
+
+
+def _write_arrow_unit(path: Path, records: list[CacheRecord], settings: CacheSettings) -> None:
+    import pyarrow as pa
+
+    def col(arrays: list[np.ndarray], dtype: np.dtype) -> pa.Array:
+        sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
+
+    cols: dict[str, pa.Array] = {
+        "seq_id": pa.array(np.array([r.seq_id for r in records], dtype=np.int64)),
+        "assistant_start": pa.array(np.array([r.assistant_start for r in records], dtype=np.int64)),
+        "input_ids": col([r.input_ids for r in records], np.dtype(np.int32)),
+        "loss_mask": col([r.loss_mask.view(np.uint8) for r in records], np.dtype(np.uint8)),
+        "topk_ids": col([r.topk_ids for r in records], np.dtype(np.int32)),
+        "topk_logprobs": col([r.topk_logprobs for r in records], np.dtype(settings.dtype)),
+        "topk_shift": col([r.topk_shift for r in records], np.dtype(np.float32)),
+        "tail_mass": col([r.tail_mass for r in records], np.dtype(np.float32)),
+    }
+    if settings.samples > 0:
+        cols["sample_offsets"] = col([r.sample_offsets for r in records], np.dtype(np.int64))
+        cols["sample_ids"] = col([r.sample_ids for r in records], np.dtype(np.int32))
+        cols["sample_counts"] = col([r.sample_counts for r in records], np.dtype(np.int32))
+    batch = pa.record_batch(list(cols.values()), names=list(cols))
+    meta = {b"fnet_distill_format_version": str(FORMAT_VERSION).encode()}
+    schema = batch.schema.with_metadata(meta)
+    with open(path, "wb") as f:
+        with pa.ipc.new_file(f, schema) as w:
+            w.write_batch(batch)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _ArrowShard:
+    """Memory-mapped Arrow shard: per column the (offsets, values) numpy views, so a record is O(record)."""
+
+    def __init__(self, path: Path, settings: CacheSettings):
+        import pyarrow as pa
+
+        self._mm = pa.memory_map(str(path), "r")
+        batch = pa.ipc.open_file(self._mm).get_batch(0)
+        self.k, self.nT = settings.topk, len(settings.temperatures)
+        self.seq_id = batch.column("seq_id").to_numpy()
+        self.assistant_start = batch.column("assistant_start").to_numpy()
+        self.num_records = batch.num_rows
+        names = _ARROW_LIST_FIELDS + (_ARROW_SAMPLE_FIELDS if settings.samples > 0 else ())
+        self.cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in names:
+            arr = batch.column(name)
+            self.cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=True))
+        self._batch = batch
+
+    def _get(self, name: str, i: int) -> np.ndarray:
+        off, values = self.cols[name]
+        return values[off[i]:off[i + 1]]
+
+    def record(self, i: int) -> CacheRecord:
+        g = self._get
+        has_samples = "sample_ids" in self.cols
+        return CacheRecord(
+            seq_id=int(self.seq_id[i]),
+            input_ids=g("input_ids", i),
+            loss_mask=g("loss_mask", i).view(np.bool_),
+            assistant_start=int(self.assistant_start[i]),
+            topk_ids=g("topk_ids", i).reshape(-1, self.k),
+            topk_logprobs=g("topk_logprobs", i).reshape(-1, self.k),
+            topk_shift=g("topk_shift", i).reshape(-1, self.nT),
+            tail_mass=g("tail_mass", i).reshape(-1, self.nT),
+            sample_offsets=g("sample_offsets", i) if has_samples else None,
+            sample_ids=g("sample_ids", i) if has_samples else None,
+            sample_counts=g("sample_counts", i) if has_samples else None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files, journals, locks
+
+
+def unit_name(unit: int, fmt: str) -> str:
+    return f"unit-{unit:06d}.{fmt}"
+
+
+def _tree_files(root: Path, base: Path) -> list[dict[str, Any]]:
+    """``[{path, bytes, hash}]`` of every file under ``root`` (a file or a folder), paths relative to base."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [{"path": p.relative_to(base).as_posix(), "bytes": p.stat().st_size, "hash": file_hash(p)}
+            for p in paths]
+
+
+def _files_hash(files: list[dict[str, Any]]) -> str:
+    if len(files) == 1:
+        return files[0]["hash"]
+    return _json_hash([[f["path"], f["bytes"], f["hash"]] for f in files])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _files_present(base: Path, files: list[dict[str, Any]]) -> str | None:
+    """None if every file exists with its recorded size, else what is wrong with the first bad one."""
+    for f in files:
+        try:
+            size = (base / f["path"]).stat().st_size
+        except FileNotFoundError:
+            return f"{f['path']} is missing"
+        if size != f["bytes"]:
+            return f"{f['path']} has {size} bytes, expected {f['bytes']} (truncated or overwritten)"
+    return None
+
+
+def _read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
+    """(header, unit entries, byte length of the intact prefix). A torn last line (crash while appending)
+    is ignored; a corrupt line elsewhere is a CacheError."""
+    data = path.read_bytes()
+    header, entries, good = None, [], 0
+    pos = 0
+    lines = data.split(b"\n")
+    for idx, line in enumerate(lines):
+        is_tail = idx == len(lines) - 1  # bytes after the last newline: a torn append, or b""
+        end = pos + len(line) + (0 if is_tail else 1)
+        if is_tail:
+            break
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError
+        except ValueError:
+            if all(not rest.strip(b"\x00 ") for rest in lines[idx + 1:]):
+                break
+            raise CacheError(f"journal {path} line {idx + 1} is corrupt; delete the folder and rerun") \
+                from None
+        if obj.get("type") == "header":
+            header = obj
+        elif obj.get("type") == "unit":
+            entries.append(obj)
+        good = end
+        pos = end
+    return header, entries, good
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(value)"]
+
+
+class _Lock:
+    def __init__(self, path: Path, what: str):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CacheError(what) from None
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise CacheError(f"{path} does not exist or is not a folder; run teacher-cache with --out {path}")
+    if not mpath.exists():
+        raise CacheError(f"{path} is not a finished cache (no {MANIFEST}); {_RESUME_HINT}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise CacheError(f"{mpath} is not valid JSON ({e}); {_RESUME_HINT}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format_version {version!r} but this code reads version "
+                         f"{FORMAT_VERSION}; rebuild the cache with this code (teacher-cache to a new --out)")
+    if manifest.get("format") not in ("arrow", "zarr"):
+        raise CacheError(f"{mpath}: unknown cache format {manifest.get('format')!r}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writer
+
+
+class CacheWriter:
+    """Writes units of one rank; ``finalize`` (rank 0, after all ranks are done) publishes the cache."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping[str, Any], settings: CacheSettings,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
+        self.fingerprint_digest = _json_hash(self.fingerprint)
+        self.settings = settings
+        self.rank, self.world_size = rank, world_size
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _Lock(self.path / f"lock.rank{rank}",
+                           f"another teacher-cache process is writing to {self.path} (rank {rank}); "
+                           f"wait for it to finish or stop it")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / f"journal.rank{self.rank}.jsonl"
+
+    def _header(self) -> dict[str, Any]:
+        return {"type": "header", "format_version": FORMAT_VERSION, "code_version": _code_version(),
+                "fingerprint": self.fingerprint, "fingerprint_digest": self.fingerprint_digest,
+                "settings": self.settings.to_json(), "rank": self.rank, "world_size": self.world_size}
+
+    def _check_same(self, where: str, fingerprint: Any, settings: Any, version: Any) -> None:
+        if version != FORMAT_VERSION:
+            raise CacheError(f"{where} has cache format_version {version!r}, this code writes "
+                             f"{FORMAT_VERSION}; "
+                             f"use another --out or delete the folder")
+        diff = _diff_keys(fingerprint, self.fingerprint)
+        diff += [f"settings.{d}" for d in _diff_keys(settings, self.settings.to_json())]
+        if diff:
+            raise CacheError(f"{where} was made with a different fingerprint (differs: {', '.join(diff)}); "
+                             f"use another --out or delete the folder {self.path}")
+
+    def _open(self) -> None:
+        mpath = self.path / MANIFEST
+        if mpath.exists():
+            try:
+                m = json.loads(mpath.read_text())
+            except ValueError:
+                raise CacheError(f"{mpath} is corrupt; delete the folder {self.path} and rerun") from None
+            self._check_same(str(mpath), m.get("fingerprint"), m.get("settings"), m.get("format_version"))
+        entries = self._scan(check_headers=True)
+        header, _own, good = (_read_journal(self.journal_path) if self.journal_path.exists()
+                              else (None, [], 0))
+        if self.journal_path.exists() and good < self.journal_path.stat().st_size:
+            with open(self.journal_path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        if header is None:
+            self.journal_path.unlink(missing_ok=True)
+            self._append(self._header())
+        self._cleanup(entries, all_ranks=self.world_size == 1)
+
+    def _journals(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if _JOURNAL_RE.match(p.name))
+
+    def _scan(self, check_headers: bool = False) -> dict[int, dict[str, Any]]:
+        """Latest valid entry per unit over every rank's journal (files present with recorded sizes)."""
+        found: dict[int, dict[str, Any]] = {}
+        for jp in self._journals():
+            header, entries, _ = _read_journal(jp)
+            if check_headers and header is not None:
+                self._check_same(str(jp), header.get("fingerprint"), header.get("settings"),
+                                 header.get("format_version"))
+            for e in entries:
+                if _files_present(self.path, e["files"]) is None:
+                    found[int(e["unit"])] = e
+                elif found.get(int(e["unit"]), {}).get("file") == e["file"]:
+                    found.pop(int(e["unit"]))
+        return found
+
+    def _cleanup(self, entries: dict[int, dict[str, Any]], all_ranks: bool) -> None:
+        own = f"{TMP_PREFIX}r{self.rank}-"
+        for p in self.path.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                if all_ranks or p.name.startswith(own):
+                    _remove(p)
+            elif all_ranks and p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"):
+                _remove(p)
+            elif all_ranks and (m := _UNIT_RE.match(p.name)):
+                e = entries.get(int(m.group(1)))
+                if e is None or e["file"] != p.name:
+                    _remove(p)
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        new = not self.journal_path.exists()
+        with open(self.journal_path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            fsync_dir(self.path)
+
+    def done_units(self) -> set[int]:
+        """Units already committed by any rank (files present with their journalled sizes)."""
+        return set(self._scan())
+
+    def write_unit(self, unit_id: int, records: Iterable[CacheRecord | Mapping[str, Any]]) -> dict[str, Any]:
+        """Write one unit's records as a shard (temp name, fsync, rename, fsync dir) and journal it."""
+        if self._lock.fd is None:
+            raise CacheError(f"writer for {self.path} is closed")
+        recs = [normalize_record(r, self.settings) for r in records]
+        fmt = self.settings.format
+        final = self.path / unit_name(unit_id, fmt)
+        tmp = self.path / f"{TMP_PREFIX}r{self.rank}-{final.name}"
+        _remove(tmp)
+        if fmt == "arrow":
+            _write_arrow_unit(tmp, recs, self.settings)
+            os.replace(tmp, final)
+            fsync_dir(self.path)
+        else:
+            from cache.zarr_backend import write_zarr_unit
+
+            write_zarr_unit(tmp, recs, self.settings)
+            _fsync_tree(tmp)
+            atomic_replace_dir(tmp, final)
+        files = _tree_files(final, self.path)
+        lengths = [int(r.input_ids.shape[0]) for r in recs]
+        sup = [r.num_supervised for r in recs]
+        entry = {
+            "type": "unit", "unit": int(unit_id), "rank": self.rank, "file": final.name, "files": files,
+            "bytes": sum(f["bytes"] for f in files), "hash": _files_hash(files),
+            "first_seq": recs[0].seq_id if recs else None, "num_seqs": len(recs),
+            "num_tokens": sum(lengths), "num_supervised": sum(sup),
+            "seq_ids": [r.seq_id for r in recs], "lengths": lengths, "supervised": sup,
+        }
+        self._append(entry)
+        return entry
+
+    def finalize(self, num_units: int, attachments: Mapping[str, str | os.PathLike] | None = None,
+                 stats: Mapping[str, Any] | None = None, tokenizer: Mapping[str, Any] | None = None,
+                 check_hashes: bool = True) -> dict[str, Any]:
+        """Rank 0, after every rank has written its units: check units 0..num_units-1, copy attachments,
+        write the index and, last, the manifest. Returns the manifest."""
+        if self.rank != 0:
+            raise CacheError(f"finalize runs on rank 0 only (this writer is rank {self.rank})")
+        t0 = time.time()
+        entries = self._scan(check_headers=True)
+        missing = [u for u in range(num_units) if u not in entries]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise CacheError(f"{self.path}: {len(missing)} of {num_units} units are not written or not "
+                             f"intact "
+                             f"(units {shown}); {_RESUME_HINT}")
+        extra = sorted(u for u in entries if u >= num_units)
+        if extra:
+            raise CacheError(f"{self.path}: journals hold units {extra[:10]} beyond num_units={num_units}; "
+                             f"use another --out or delete the folder")
+        shards = [entries[u] for u in range(num_units)]
+        if check_hashes:
+            for e in shards:
+                for f in e["files"]:
+                    if file_hash(self.path / f["path"]) != f["hash"]:
+                        raise CacheError(f"{self.path}: shard {e['file']} ({f['path']}) does not match its "
+                                         f"journalled hash; delete it and {_RESUME_HINT}")
+        seq_ids = np.array([s for e in shards for s in e["seq_ids"]], dtype=np.int64)
+        if len(np.unique(seq_ids)) != len(seq_ids):
+            raise CacheError(f"{self.path}: some seq_id appears in more than one unit; units must be "
+                             f"disjoint "
+                             f"ranges of sequences (use another --out or delete the folder)")
+        self._cleanup(entries, all_ranks=True)
+        attached = self._copy_attachments(attachments or {})
+        lengths = np.array([x for e in shards for x in e["lengths"]], dtype=np.int64)
+        sup = np.array([x for e in shards for x in e["supervised"]], dtype=np.int64)
+        unit_of = np.repeat(np.arange(num_units, dtype=np.int64), [e["num_seqs"] for e in shards])
+        buf = io.BytesIO()
+        np.savez(buf, seq_id=seq_ids, length=lengths, num_supervised=sup, unit=unit_of)
+        atomic_write_bytes(self.path / INDEX, buf.getvalue())
+        total_bytes = sum(e["bytes"] for e in shards)
+        n_tok, n_sup = int(lengths.sum()), int(sup.sum())
+        all_stats = {"shard_bytes": total_bytes,
+                     "bytes_per_token": total_bytes / n_tok if n_tok else None,
+                     "bytes_per_supervised_token": total_bytes / n_sup if n_sup else None,
+                     "finalize_seconds": None}
+        all_stats.update(stats or {})
+        s = self.settings
+        manifest = {
+            "format": s.format, "format_version": FORMAT_VERSION, "code_version": _code_version(),
+            "fingerprint": self.fingerprint, "fingerprint_digest": self.fingerprint_digest,
+            "settings": s.to_json(), "num_units": num_units, "num_sequences": int(len(seq_ids)),
+            "num_tokens": n_tok, "num_supervised": n_sup, "topk": s.topk, "samples": s.samples,
+            "temperatures": list(s.temperatures), "vocab_size": s.vocab_size, "logprob_dtype": s.dtype,
+            "tokenizer": dict(tokenizer) if tokenizer is not None else None,
+            "shards": [{k: e[k] for k in ("unit", "file", "files", "bytes", "hash", "first_seq", "num_seqs",
+                                          "num_tokens", "num_supervised")} for e in shards],
+            "index": _tree_files(self.path / INDEX, self.path)[0],
+            "attachments": attached,
+            "stats": all_stats,
+            "created_unix": time.time(),
+        }
+        manifest["stats"]["finalize_seconds"] = round(time.time() - t0, 3)
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+    def _copy_attachments(self, attachments: Mapping[str, str | os.PathLike]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, src in sorted(attachments.items()):
+            src = Path(src)
+            if (not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or name in _RESERVED
+                    or _UNIT_RE.match(name) or name.startswith(("journal", "lock"))):
+                raise UserError(f"attachment name {name!r} is not allowed; use a plain name like 'tokenizer'")
+            if not src.is_dir():
+                raise UserError(f"attachment {name!r}: {src} is not a directory")
+            tmp = self.path / f"{TMP_PREFIX}r{self.rank}-attach-{name}"
+            _remove(tmp)
+            shutil.copytree(src, tmp)
+            _fsync_tree(tmp)
+            atomic_replace_dir(tmp, self.path / name)
+            files = _tree_files(self.path / name, self.path)
+            out[name] = {"dir": name, "files": files, "hash": _files_hash(files)}
+        return out
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reader
+
+VerifyMode = Literal["lazy", "all", "none"]
+
+
+class CacheReader:
+    """Random access to a finished cache. Picklable: shards are (re)opened lazily in each process."""
+
+    def __init__(self, path: str | os.PathLike, verify_hashes: VerifyMode = "lazy"):
+        if verify_hashes not in ("lazy", "all", "none"):
+            raise UserError(f"verify_hashes must be lazy, all or none, got {verify_hashes!r}")
+        self.path = Path(path)
+        self.verify_hashes = verify_hashes
+        self.manifest = _load_manifest(self.path)
+        m = self.manifest
+        self.format: str = m["format"]
+        self.settings = CacheSettings.from_json(m["settings"])
+        self.topk: int = m["topk"]
+        self.samples: int = m["samples"]
+        self.temperatures: tuple[float, ...] = tuple(m["temperatures"])
+        self.vocab_size: int = m["vocab_size"]
+        self.fingerprint: dict[str, Any] = m["fingerprint"]
+        self.fingerprint_digest: str = m["fingerprint_digest"]
+        self._shard_meta: list[dict[str, Any]] = m["shards"]
+        for s in self._shard_meta:
+            bad = _files_present(self.path, s["files"])
+            if bad is not None:
+                raise CacheError(f"{self.path}: shard {s['file']} is damaged: {bad}; delete the folder and "
+                                 f"rerun teacher-cache (or rerun it to a new --out)")
+        idx = m["index"]
+        bad = _files_present(self.path, [idx])
+        if bad is None and file_hash(self.path / idx["path"]) != idx["hash"]:
+            bad = f"{idx['path']} does not match its recorded hash"
+        if bad is not None:
+            raise CacheError(f"{self.path}: index is damaged: {bad}; delete the folder and rerun "
+                             f"teacher-cache")
+        with np.load(self.path / idx["path"], allow_pickle=False) as z:
+            self.seq_ids = z["seq_id"]
+            self.lengths = z["length"]
+            self.num_supervised = z["num_supervised"]
+        counts = np.array([s["num_seqs"] for s in self._shard_meta], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        if self._starts[-1] != len(self.lengths):
+            raise CacheError(f"{self.path}: index has {len(self.lengths)} sequences but shards "
+                             f"{self._starts[-1]}; delete the folder and rerun teacher-cache")
+        self._verified: set[int] = set()
+        self._shards: dict[int, Any] = {}
+        if verify_hashes == "all":
+            for si in range(len(self._shard_meta)):
+                self._verify_shard(si)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        att = self.manifest.get("attachments", {}).get("tokenizer")
+        return self.path / att["dir"] if att else None
+
+    def temperature_index(self, temperature: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if math.isclose(t, float(temperature), rel_tol=1e-6, abs_tol=1e-9):
+                return i
+        raise CacheError(f"temperature {temperature} is not in the cache {self.path}; it serves temperatures "
+                         f"{', '.join(f'{t:g}' for t in self.temperatures)} (rerun teacher-cache with "
+                         f"--temperatures including {temperature:g} to a new --out)")
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _shard_error(self, si: int, what: str) -> CacheError:
+        return CacheError(f"{self.path}: shard {self._shard_meta[si]['file']} is damaged: {what}; delete the "
+                          f"folder and rerun teacher-cache (or rerun it to a new --out)")
+
+    def _verify_shard(self, si: int) -> None:
+        meta = self._shard_meta[si]
+        bad = _files_present(self.path, meta["files"])
+        if bad is not None:
+            raise self._shard_error(si, bad)
+        for f in meta["files"]:
+            if file_hash(self.path / f["path"]) != f["hash"]:
+                raise self._shard_error(si, f"{f['path']} does not match its recorded hash")
+        self._verified.add(si)
+
+    def _shard(self, si: int) -> Any:
+        shard = self._shards.get(si)
+        if shard is not None:
+            return shard
+        if self.verify_hashes != "none" and si not in self._verified:
+            self._verify_shard(si)
+        meta = self._shard_meta[si]
+        bad = _files_present(self.path, meta["files"])
+        if bad is not None:
+            raise self._shard_error(si, bad)
+        try:
+            if self.format == "arrow":
+                shard = _ArrowShard(self.path / meta["file"], self.settings)
+            else:
+                from cache.zarr_backend import ZarrShard
+
+                shard = ZarrShard(self.path, meta, self.settings)
+        except CacheError:
+            raise
+        except Exception as e:
+            raise self._shard_error(si, f"cannot be read ({type(e).__name__}: {e})") from None
+        if shard.num_records != meta["num_seqs"]:
+            raise self._shard_error(si, f"holds {shard.num_records} records, expected {meta['num_seqs']}")
+        self._shards[si] = shard
+        return shard
+
+    def __getitem__(self, i: int) -> CacheRecord:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} out of range for a cache of {n} sequences")
+        si = int(np.searchsorted(self._starts, i, side="right")) - 1
+        shard = self._shard(si)
+        try:
+            return shard.record(i - int(self._starts[si]))
+        except CacheError:
+            raise
+        except Exception as e:
+            raise self._shard_error(si, f"cannot be read ({type(e).__name__}: {e})") from None
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def close(self) -> None:
+        self._shards.clear()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_cache(path: str | os.PathLike, verify_hashes: VerifyMode = "lazy") -> CacheReader:
+    """Open a finished cache; CacheError if it is incomplete, damaged or of another format version."""
+    return CacheReader(path, verify_hashes=verify_hashes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verify
+
+
+def _record_defects(r: CacheRecord, k: int, nT: int, samples: int, vocab: int) -> list[str]:
+    out = []
+    L = r.input_ids.shape[0]
+    n = int(r.loss_mask.sum()) if r.loss_mask.shape == (L,) else -1
+    if r.loss_mask.shape != (L,):
+        out.append(f"len(input_ids)={L} but len(loss_mask)={r.loss_mask.shape}")
+    for name, a, cols in (("topk_ids", r.topk_ids, k), ("topk_logprobs", r.topk_logprobs, k),
+                          ("topk_shift", r.topk_shift, nT), ("tail_mass", r.tail_mass, nT)):
+        if a.ndim != 2 or a.shape != (n, cols):
+            out.append(f"{name} has shape {a.shape}, expected ({n}, {cols})")
+    if out:
+        return out
+    if L and (r.input_ids.min() < 0 or r.input_ids.max() >= vocab):
+        out.append(f"input_ids outside [0, {vocab})")
+    if n and (r.topk_ids.min() < 0 or r.topk_ids.max() >= vocab):
+        out.append(f"topk_ids outside [0, {vocab})")
+    lp = r.topk_logprobs.astype(np.float32)
+    if not np.isfinite(lp).all() or (lp > 0).any():
+        out.append("topk_logprobs not finite or > 0")
+    elif (np.diff(lp, axis=1) > 0).any():
+        out.append("topk_logprobs not sorted descending")
+    if not np.isfinite(r.tail_mass).all() or (r.tail_mass < 0).any() or (r.tail_mass > 1).any():
+        out.append("tail_mass not finite or outside [0, 1]")
+    if not np.isfinite(r.topk_shift).all():
+        out.append("topk_shift not finite")
+    t0 = int(np.flatnonzero(r.loss_mask)[0]) if n else None
+    if n and (t0 < 1 or r.assistant_start != t0):
+        out.append(f"assistant_start={r.assistant_start} is not the first supervised position {t0} (>= 1)")
+    if samples > 0:
+        off, ids, cnt = r.sample_offsets, r.sample_ids, r.sample_counts
+        if off is None or ids is None or cnt is None:
+            return out + ["sample fields missing"]
+        if off.shape != (n + 1,) or off[0] != 0 or off[-1] != len(ids) or (np.diff(off) < 0).any():
+            return out + [f"sample_offsets malformed (shape {off.shape}, {len(ids)} ids)"]
+        if cnt.shape != ids.shape:
+            return out + ["sample_counts and sample_ids differ in length"]
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+            out.append(f"sample_ids outside [0, {vocab})")
+        if n and (np.diff(off) == 0).any():
+            out.append("a row has no sampled ids")
+        elif n and (np.add.reduceat(cnt.astype(np.int64), off[:-1]) != samples).any():
+            out.append(f"sample counts do not sum to samples={samples} in every row")
+    elif r.sample_ids is not None:
+        out.append("sample fields present but samples == 0")
+    return out
+
+
+def verify_cache(path: str | os.PathLike) -> list[str]:
+    """Every defect found in the cache at ``path`` (empty list if it is intact and consistent)."""
+    path = Path(path)
+    try:
+        m = _load_manifest(path)
+    except CacheError as e:
+        return [str(e)]
+    defects: list[str] = []
+    bad_shards: set[int] = set()
+    for si, s in enumerate(m["shards"]):
+        bad = _files_present(path, s["files"])
+        if bad is None:
+            for f in s["files"]:
+                if file_hash(path / f["path"]) != f["hash"]:
+                    bad = f"{f['path']} does not match its recorded hash"
+                    break
+        if bad is not None:
+            defects.append(f"shard {s['file']}: {bad}")
+            bad_shards.add(si)
+    for name, att in (m.get("attachments") or {}).items():
+        for f in att["files"]:
+            bad = _files_present(path, [f])
+            if bad is None and file_hash(path / f["path"]) != f["hash"]:
+                bad = f"{f['path']} does not match its recorded hash"
+            if bad is not None:
+                defects.append(f"attachment {name}: {bad}")
+    try:
+        reader = open_cache(path, verify_hashes="none")
+    except CacheError as e:
+        return defects + [str(e)] if not defects else defects
+    k, nT, samples, vocab = reader.topk, len(reader.temperatures), reader.samples, reader.vocab_size
+    n_tok = n_sup = 0
+    for si, s in enumerate(m["shards"]):
+        if si in bad_shards:
+            continue
+        for i in range(int(reader._starts[si]), int(reader._starts[si + 1])):
+            try:
+                r = reader[i]
+            except CacheError as e:
+                defects.append(str(e))
+                break
+            where = f"shard {s['file']} record {i} (seq_id {r.seq_id})"
+            defects += [f"{where}: {d}" for d in _record_defects(r, k, nT, samples, vocab)]
+            if r.input_ids.shape[0] != reader.lengths[i] or r.num_supervised != reader.num_supervised[i]:
+                defects.append(f"{where}: length/supervised count disagree with the index")
+            if r.seq_id != reader.seq_ids[i]:
+                defects.append(f"{where}: seq_id disagrees with the index ({reader.seq_ids[i]})")
+            n_tok += r.input_ids.shape[0]
+            n_sup += r.num_supervised
+    if not bad_shards and (n_tok != m["num_tokens"] or n_sup != m["num_supervised"]):
+        defects.append(f"manifest totals (num_tokens={m['num_tokens']}, "
+                       f"num_supervised={m['num_supervised']}) "
+                       f"disagree with the records ({n_tok}, {n_sup})")
+    return defects
