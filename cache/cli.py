@@ -1,7 +1,120 @@
-"""Commands of this stage (placeholder until its issue lands)."""
+"""``fnet-distill cache info DIR`` and ``fnet-distill cache verify DIR``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 import typer
 
 
+def _bytes_on_disk(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def cache_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The numbers ``cache info`` prints (reads the manifest and index only, no records)."""
+    from cache.format import open_cache
+
+    r = open_cache(path, verify_hashes="none")
+    m = r.manifest
+    shard_bytes = sum(s["bytes"] for s in m["shards"])
+    n_sup = int(m["num_supervised"])
+    return {
+        "path": str(Path(path)),
+        "format": m["format"],
+        "format_version": m["format_version"],
+        "code_version": m.get("code_version"),
+        "sequences": int(m["num_sequences"]),
+        "supervised_tokens": n_sup,
+        "total_tokens": int(m["num_tokens"]),
+        "shards": len(m["shards"]),
+        "shard_bytes": shard_bytes,
+        "bytes_on_disk": _bytes_on_disk(Path(path)),
+        "bytes_per_supervised_token": shard_bytes / n_sup if n_sup else None,
+        "topk": r.topk,
+        "samples": r.samples,
+        "temperatures": list(r.temperatures),
+        "logprob_dtype": m.get("logprob_dtype"),
+        "vocab_size": r.vocab_size,
+        "teacher": r.fingerprint.get("teacher"),
+        "fingerprint_digest": r.fingerprint_digest,
+        "tokenizer_dir": str(r.tokenizer_dir) if r.tokenizer_dir else None,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command(
+        "info",
+        help="Summarise a finished teacher cache: sequences, supervised and total tokens, shards, bytes on "
+             "disk and per supervised token, top-k, samples, temperatures, teacher and fingerprint digest. "
+             "Reads only the manifest and the index (no shard is opened or hashed).",
+    )
+    def info(
+        path: Path = typer.Argument(..., help="Cache folder written by `fnet-distill teacher-cache --out`."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    ) -> None:
+        s = cache_summary(path)
+        if as_json:
+            typer.echo(json.dumps(s, indent=2))
+            return
+        bps = s["bytes_per_supervised_token"]
+        rows = [
+            ("cache", f"{s['path']} ({s['format']}, format v{s['format_version']}, "
+                      f"code {s['code_version']})"),
+            ("teacher", str(s["teacher"])),
+            ("sequences", f"{s['sequences']:,}"),
+            ("supervised tokens", f"{s['supervised_tokens']:,}"),
+            ("total tokens", f"{s['total_tokens']:,}"),
+            ("shards", f"{s['shards']:,}"),
+            ("bytes on disk", f"{_human(s['bytes_on_disk'])} (shards {_human(s['shard_bytes'])})"),
+            ("bytes/supervised token", f"{bps:.1f}" if bps is not None else "n/a"),
+            ("top-k", f"{s['topk']} ({s['logprob_dtype']} log-probs, teacher vocab {s['vocab_size']:,})"),
+            ("samples", str(s["samples"])),
+            ("temperatures", ", ".join(f"{t:g}" for t in s["temperatures"])),
+            ("fingerprint", s["fingerprint_digest"]),
+            ("tokenizer", s["tokenizer_dir"] or "none"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            typer.echo(f"{k:<{width}}  {v}")
+
+    @app.command(
+        "verify",
+        help="Check a finished teacher cache end to end: the content hash of every shard and attachment "
+             "against the manifest, then every record (shapes, loss_mask vs. rows, token ids within the "
+             "vocabulary, top-k log-probs finite, <= 0 and sorted, tail mass in [0, 1], finite shifts, "
+             "sample counts summing to the number of draws). Prints each defect and exits 1 if there is "
+             "any, else one line starting with OK.",
+    )
+    def verify(
+        path: Path = typer.Argument(..., help="Cache folder written by `fnet-distill teacher-cache --out`."),
+    ) -> None:
+        from cache.format import verify_cache
+
+        defects = verify_cache(path)
+        if defects:
+            for d in defects:
+                typer.echo(d)
+            typer.echo(f"{len(defects)} defect(s) in {path}", err=True)
+            raise typer.Exit(1)
+        m = json.loads((Path(path) / "manifest.json").read_text())
+        typer.echo(f"OK {path}: {m['num_sequences']} sequences, {m['num_supervised']} supervised tokens, "
+                   f"{len(m['shards'])} shards verified")

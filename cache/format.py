@@ -363,7 +363,7 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CacheError(f"{path} does not exist or is not a folder; run teacher-cache with --out {path}")
     if not mpath.exists():
-        raise CacheError(f"{path} is not a finished cache (no {MANIFEST}); {_RESUME_HINT}")
+        raise CacheError(f"{path} is not a finished cache; {_RESUME_HINT} (it has no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
     except ValueError as e:
