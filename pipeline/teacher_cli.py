@@ -1,7 +1,82 @@
-"""Commands of this stage (placeholder until its issue lands)."""
+"""``fnet-distill teacher-cache``: stage one as a command (works under ``torchrun`` too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from cache.util import UserError
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    try:
+        temps = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--temperatures must be comma-separated numbers like 1,2; got {text!r}") from None
+    if not temps:
+        raise UserError("--temperatures is empty; pass e.g. --temperatures 1,2")
+    return temps
+
+
+def teacher_cache(
+    teacher: str = typer.Option(..., help="Teacher causal LM: a Hub id (e.g. Qwen/Qwen2-0.5B-Instruct) or a "
+                                "local folder made by save_pretrained."),
+    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
+                                ".jsonl/.parquet file (or a folder with <split>.jsonl) with question/answer "
+                                "fields."),
+    split: str = typer.Option("train", help="Dataset split (Hub) or file stem looked up in a local folder."),
+    out: Path = typer.Option(..., help="Output cache folder. Rerunning the same command resumes it; a folder "
+                             "made with other settings is refused."),
+    tokenizer: str = typer.Option(None, help="Tokenizer (Hub id or folder); default: the teacher's own."),
+    topk: int = typer.Option(64, help="Teacher ids kept per supervised position (1..vocab size)."),
+    samples: int = typer.Option(0, help="Also draw this many ids per position from the teacher at T=1 "
+                                "(stored as unique ids + counts); 0 disables."),
+    temperatures: str = typer.Option("1,2", help="Comma-separated temperatures for which the top-k shift "
+                                     "and exact tail mass are stored."),
+    max_length: int = typer.Option(512, help="Maximum tokens per chat-formatted sequence."),
+    overflow: str = typer.Option("drop", help="Rows longer than --max-length: 'drop' them, or 'truncate' "
+                                 "the answer (keeps the prompt; a truncated row has no closing eos)."),
+    batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch (sequences are length-"
+                                     "sorted); does not change the content, so a resume may use another."),
+    limit: int = typer.Option(None, help="Use only the first N rows of the split."),
+    device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
+                               "cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Teacher compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
+                              "float32, bfloat16 or float16."),
+    logprob_dtype: str = typer.Option("float16", help="Stored dtype of the top-k log-probs: float16 or "
+                                      "float32 (shifts and tail masses are always float32)."),
+    format: str = typer.Option("arrow", "--format", help="Shard format: arrow or zarr."),
+    unit_size: int = typer.Option(256, help="Sequences per unit (a shard, the resume granularity and the "
+                                  "work item assigned round-robin to torchrun ranks)."),
+    seed: int = typer.Option(0, help="Seed of the per-(sequence, position) sampling streams."),
+    progress: bool = typer.Option(True, help="Show the progress bar (rank 0)."),
+) -> None:
+    """Run the teacher once over chat-formatted GSM8K and write its sparse next-token distributions
+    (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache."""
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.teacher_cache import TeacherCacheConfig, format_summary, run_teacher_cache
+
+    hf_logging.disable_progress_bar()
+
+    cfg = TeacherCacheConfig(
+        teacher=teacher, dataset=dataset, out=out, split=split, tokenizer=tokenizer, topk=topk,
+        samples=samples,
+        temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=overflow,
+        batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, logprob_dtype=logprob_dtype,
+        format=format, unit_size=unit_size, seed=seed, progress=progress,
+    )
+    summary = run_teacher_cache(cfg)
+    if summary["rank"] == 0:
+        typer.echo(format_summary(summary))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("teacher-cache")(teacher_cache)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    main()
