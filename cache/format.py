@@ -446,22 +446,30 @@ class CacheWriter:
     def _journals(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if _JOURNAL_RE.match(p.name))
 
-    def _scan(self, check_headers: bool = False) -> dict[int, dict[str, Any]]:
-        """Latest valid entry per unit over every rank's journal (files present with recorded sizes)."""
-        found: dict[int, dict[str, Any]] = {}
+    def _scan(self, check_headers: bool = False) -> dict[int, list[dict[str, Any]]]:
+        """Per unit, its journal entries whose files are present with the recorded sizes, newest first
+        within a journal (a unit is normally journalled once; twice after a rewrite or a change of ranks)."""
+        found: dict[int, list[dict[str, Any]]] = {}
         for jp in self._journals():
             header, entries, _ = _read_journal(jp)
             if check_headers and header is not None:
                 self._check_same(str(jp), header.get("fingerprint"), header.get("settings"),
                                  header.get("format_version"))
-            for e in entries:
+            for e in reversed(entries):
                 if _files_present(self.path, e["files"]) is None:
-                    found[int(e["unit"])] = e
-                elif found.get(int(e["unit"]), {}).get("file") == e["file"]:
-                    found.pop(int(e["unit"]))
+                    found.setdefault(int(e["unit"]), []).append(e)
         return found
 
-    def _cleanup(self, entries: dict[int, dict[str, Any]], all_ranks: bool) -> None:
+    def _pick(self, unit: int, candidates: list[dict[str, Any]], check_hashes: bool) -> dict[str, Any]:
+        if not check_hashes:
+            return candidates[0]
+        for e in candidates:
+            if all(file_hash(self.path / f["path"]) == f["hash"] for f in e["files"]):
+                return e
+        raise CacheError(f"{self.path}: shard {candidates[0]['file']} does not match its journalled hash; "
+                         f"delete that shard and {_RESUME_HINT}")
+
+    def _cleanup(self, entries: dict[int, list[dict[str, Any]]], all_ranks: bool) -> None:
         own = f"{TMP_PREFIX}r{self.rank}-"
         for p in self.path.iterdir():
             if p.name.startswith(TMP_PREFIX):
@@ -470,8 +478,7 @@ class CacheWriter:
             elif all_ranks and p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"):
                 _remove(p)
             elif all_ranks and (m := _UNIT_RE.match(p.name)):
-                e = entries.get(int(m.group(1)))
-                if e is None or e["file"] != p.name:
+                if all(e["file"] != p.name for e in entries.get(int(m.group(1)), [])):
                     _remove(p)
 
     def _append(self, obj: dict[str, Any]) -> None:
@@ -533,24 +540,16 @@ class CacheWriter:
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise CacheError(f"{self.path}: {len(missing)} of {num_units} units are not written or not "
-                             f"intact "
-                             f"(units {shown}); {_RESUME_HINT}")
+                             f"intact (units {shown}); {_RESUME_HINT}")
         extra = sorted(u for u in entries if u >= num_units)
         if extra:
             raise CacheError(f"{self.path}: journals hold units {extra[:10]} beyond num_units={num_units}; "
                              f"use another --out or delete the folder")
-        shards = [entries[u] for u in range(num_units)]
-        if check_hashes:
-            for e in shards:
-                for f in e["files"]:
-                    if file_hash(self.path / f["path"]) != f["hash"]:
-                        raise CacheError(f"{self.path}: shard {e['file']} ({f['path']}) does not match its "
-                                         f"journalled hash; delete it and {_RESUME_HINT}")
+        shards = [self._pick(u, entries[u], check_hashes) for u in range(num_units)]
         seq_ids = np.array([s for e in shards for s in e["seq_ids"]], dtype=np.int64)
         if len(np.unique(seq_ids)) != len(seq_ids):
             raise CacheError(f"{self.path}: some seq_id appears in more than one unit; units must be "
-                             f"disjoint "
-                             f"ranges of sequences (use another --out or delete the folder)")
+                             f"disjoint ranges of sequences (use another --out or delete the folder)")
         self._cleanup(entries, all_ranks=True)
         attached = self._copy_attachments(attachments or {})
         lengths = np.array([x for e in shards for x in e["lengths"]], dtype=np.int64)

@@ -11,6 +11,7 @@ that each chunk it touches exists with its journalled size, and raises CacheErro
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -116,23 +117,40 @@ class ZarrShard:
         self._check_chunks(name, start, stop)
         return np.asarray(self.arrays[name][start:stop])
 
+    def _read_many(self, reads: list[tuple[str, int, int]]) -> list[np.ndarray]:
+        """Several slices in one round trip through zarr's event loop (one call per slice costs ~1 ms)."""
+        from zarr.core.sync import sync
+
+        for name, start, stop in reads:
+            self._check_chunks(name, start, stop)
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(self.arrays[name].async_array.getitem(slice(start, stop))
+                                          for name, start, stop in reads))
+
+        return [np.asarray(x) for x in sync(gather())]
+
     def record(self, i: int) -> CacheRecord:
         t0, t1 = (int(x) for x in self.small["tok_offsets"][i:i + 2])
         r0, r1 = (int(x) for x in self.small["row_offsets"][i:i + 2])
-        off = ids = counts = None
+        reads = [("input_ids", t0, t1), ("loss_mask", t0, t1), ("topk_ids", r0, r1),
+                 ("topk_logprobs", r0, r1), ("topk_shift", r0, r1), ("tail_mass", r0, r1)]
+        off = None
         if self.has_samples:
             so = self.sample_row_offsets[r0:r1 + 1]
             off = so - so[0]
-            ids = self._read("sample_ids", int(so[0]), int(so[-1]))
-            counts = self._read("sample_counts", int(so[0]), int(so[-1]))
+            reads += [("sample_ids", int(so[0]), int(so[-1])), ("sample_counts", int(so[0]), int(so[-1]))]
+        got = self._read_many(reads)
         return CacheRecord(
             seq_id=int(self.small["seq_id"][i]),
-            input_ids=self._read("input_ids", t0, t1),
-            loss_mask=self._read("loss_mask", t0, t1).astype(np.bool_, copy=False),
+            input_ids=got[0],
+            loss_mask=got[1].astype(np.bool_, copy=False),
             assistant_start=int(self.small["assistant_start"][i]),
-            topk_ids=self._read("topk_ids", r0, r1),
-            topk_logprobs=self._read("topk_logprobs", r0, r1),
-            topk_shift=self._read("topk_shift", r0, r1),
-            tail_mass=self._read("tail_mass", r0, r1),
-            sample_offsets=off, sample_ids=ids, sample_counts=counts,
+            topk_ids=got[2],
+            topk_logprobs=got[3],
+            topk_shift=got[4],
+            tail_mass=got[5],
+            sample_offsets=off,
+            sample_ids=got[6] if self.has_samples else None,
+            sample_counts=got[7] if self.has_samples else None,
         )

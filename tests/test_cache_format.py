@@ -356,3 +356,26 @@ def test_cli_info_and_verify(tmp_path):
     assert out.exit_code == 1 and "unit-000002.arrow" in out.stdout
     for cmd in ("info", "verify"):
         assert runner.invoke(app, ["cache", cmd, "--help"]).exit_code == 0
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "zarr"])
+def test_empty_unit_and_rewritten_unit(tmp_path, fmt):
+    s = CacheSettings(**SMALL, samples=2, format=fmt)
+    units = make_units(s, num_units=3)
+    c = tmp_path / "c"
+    with CacheWriter(c, FP, s) as w:
+        w.write_unit(0, units[0])
+        w.write_unit(1, [])
+        w.write_unit(2, units[1])
+        w.write_unit(2, units[2])  # rewritten: the newest journal entry describes the file
+        u0 = c / f"unit-000000.{fmt}"
+        flip_byte(next(p for p in u0.rglob("*") if "topk_ids/c/0/" in p.as_posix()) if fmt == "zarr" else u0)
+        with pytest.raises(CacheError, match=f"unit-000000.{fmt} does not match its journalled hash"):
+            w.finalize(3)
+        w.write_unit(0, units[0])
+        w.finalize(3)
+    r = open_cache(c)
+    assert len(r) == 10 and list(r.num_supervised[5:]) == [int(x.loss_mask.sum()) for x in units[2]]
+    for a, b in zip(r, units[0] + units[2]):
+        assert_same(a, b)
+    assert verify_cache(c) == []
