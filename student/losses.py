@@ -97,6 +97,21 @@ class DistillTargets:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def map_ids(self, mapper: Callable[[Tensor], Tensor]) -> DistillTargets:
+        """Token ids -> head rows (e.g. ``model.map_to_compact`` of a student with a compacted vocabulary,
+        which returns -1 for ids it lacks). UserError if a label, top-k or sampled id has no row."""
+        labels, topk_ids = mapper(self.labels), mapper(self.topk_ids)
+        sample_ids = None
+        lacking = bool((labels < 0).any() or (topk_ids < 0).any())
+        if self.sample_ids is not None:
+            real = self.sample_counts > 0
+            sample_ids = torch.where(real, mapper(self.sample_ids), torch.zeros_like(self.sample_ids))
+            lacking = lacking or bool((sample_ids < 0).any())
+        if lacking:
+            raise UserError("the cache holds token ids that the student's compacted vocabulary lacks; build "
+                            "the vocab_map from this cache (student.modeling.compact_ids_from_cache)")
+        return replace(self, labels=labels, topk_ids=topk_ids, sample_ids=sample_ids)
+
     def rows(self, start: int, stop: int) -> DistillTargets:
         sliced = {}
         for f in fields(self):

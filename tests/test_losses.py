@@ -285,3 +285,31 @@ def test_loss_config_validation():
     for bad in (dict(kind="forward"), dict(alpha=1.5), dict(temperature=0), dict(chunk_size=0)):
         with pytest.raises(UserError):
             LossConfig(**bad)
+
+
+def test_map_ids_for_a_compacted_head_equals_full_head_without_the_missing_rows(gen):
+    # A compacted student keeps only the rows in vocab_map; its loss on mapped targets must equal the
+    # full-vocabulary loss with the other rows' logits at -inf (what to_full_vocab produces).
+    n, v, d = 6, 40, 8
+    vocab_map = torch.tensor(sorted(torch.randperm(v, generator=gen)[:25].tolist()))
+    lookup = torch.full((v,), -1, dtype=torch.int64)
+    lookup[vocab_map] = torch.arange(len(vocab_map))
+    z = torch.full((n, v), -30.0)
+    z[:, vocab_map] = torch.randn(n, len(vocab_map), generator=gen) * 2  # teacher mass on mapped ids only
+    labels = vocab_map[torch.randint(0, len(vocab_map), (n,), generator=gen)]
+    t = make_targets(z, labels, 5, 2.0, draw_samples(z, 12, gen))
+    hidden = torch.randn(n, d, generator=gen)
+    head = torch.randn(len(vocab_map), d, generator=gen)
+    for kind in KD_KINDS:
+        mapped = t.map_ids(lambda ids: lookup[ids])
+        compact = chunked_distill_loss(hidden, head, mapped, kind=kind, chunk_size=4)
+        full_logits = torch.full((n, v), -1e4)
+        full_logits[:, vocab_map] = hidden @ head.T
+        ref = distill_loss_sums(full_logits, t, kind, 2.0)
+        torch.testing.assert_close(compact.ce, ref.ce)
+        torch.testing.assert_close(compact.kd, ref.kd, rtol=1e-5, atol=1e-5)
+    outside = int(torch.nonzero(lookup < 0)[0])
+    bad = DistillTargets(labels=torch.tensor([outside]), topk_ids=t.topk_ids[:1],
+                         topk_logprobs=t.topk_logprobs[:1], shift=t.shift[:1], tail=t.tail[:1])
+    with pytest.raises(UserError, match="vocab_map"):
+        bad.map_ids(lambda ids: lookup[ids])

@@ -115,3 +115,19 @@ def test_adamw_decoupled_decay_and_set_lr():
         torch.testing.assert_close(dict(m.named_parameters())[name], before[name])
     set_lr(opt, 0.125)
     assert all(g["lr"] == 0.125 for g in opt.param_groups)
+
+
+def test_decay_groups_of_the_real_student():
+    from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
+
+    m = CausalFNetForCausalLM(CausalFNetConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2,
+                                               intermediate_size=16, max_position_embeddings=32,
+                                               stft_window_size=4))
+    assert m.lm_head.weight is m.embeddings.word_embeddings.weight
+    decay, no_decay = split_decay_params(m)
+    names = {id(p): n for n, p in m.named_parameters()}
+    matrices = {n for n, p in m.named_parameters() if p.ndim == 2 and "embeddings" not in n}
+    assert {names[id(p)] for p in decay} == matrices
+    assert {"embeddings.word_embeddings.weight", "embeddings.pos_embeddings.weight"} <= {
+        names[id(p)] for p in no_decay}
+    assert all(p.ndim < 2 for p in no_decay if "embeddings" not in names[id(p)])
