@@ -283,3 +283,37 @@ def test_batch_to_device_and_pinning(reader):
     assert torch.equal(moved.input_ids, b.input_ids)
     if torch.cuda.is_available():
         assert b.pin_memory().topk_ids.is_pinned()
+
+
+def test_teacher_as_student_has_zero_kd_through_stage_one(tmp_path, tiny_qwen_dir, qwen_tokenizer_dir,
+                                                          gsm8k_slice):
+    """Stage one (real teacher pass, real tokenizer, GSM8K) -> cache -> batch -> loss. With the teacher itself
+    as the student, KD is ~0 and top-1 agreement is total; one position off, it is not."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+
+    cfg = TeacherCacheConfig(teacher=str(tiny_qwen_dir), tokenizer=str(qwen_tokenizer_dir),
+                             dataset=str(gsm8k_slice), out=tmp_path / "cache", limit=2, topk=8, samples=4,
+                             temperatures=(1.0, 2.0), max_length=120, overflow="truncate",
+                             logprob_dtype="float32", device="cpu", progress=False)
+    run_teacher_cache(cfg)
+    reader = open_cache(tmp_path / "cache")
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    ds = CacheDataset(reader)
+    sampler = TokenBudgetBatchSampler.from_dataset(ds, 4096)
+    (batch,) = list(make_dataloader(ds, sampler, Collator.from_reader(reader)))
+    assert batch.input_ids.shape[0] == 2
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()
+                             ).last_hidden_state  # (B, Lmax, d)
+    head = model.lm_head.weight
+    ti = reader.temperature_index(2.0)
+    targets = DistillTargets.from_batch(batch, ti)
+    for kind in ("topk_tail", "topk_renorm", "reverse_kl"):
+        sums = chunked_distill_loss(gather_rows(hidden, batch.pred_pos), head, targets, kind=kind,
+                                    temperature=2.0, chunk_size=64)
+        assert sums.kd.item() / batch.num_supervised < 1e-4, kind
+        assert int(sums.top1_agree) == batch.num_supervised
+    shifted = chunked_distill_loss(gather_rows(hidden, batch.pred_pos + 1), head, targets, temperature=2.0)
+    assert shifted.kd.item() / batch.num_supervised > 0.05
