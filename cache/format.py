@@ -43,6 +43,7 @@ INDEX = "index.npz"
 TMP_PREFIX = ".tmp-"
 _UNIT_RE = re.compile(r"^unit-(\d{6,})\.(arrow|zarr)$")
 _JOURNAL_RE = re.compile(r"^journal\.rank(\d+)\.jsonl$")
+_LEFTOVER_RE = re.compile(r"^\..+(\.tmp|\.old-\d+)$")  # of atomic_write_bytes / atomic_replace_dir
 _RESERVED = {MANIFEST, INDEX}
 _RESUME_HINT = "rerun the same teacher-cache command to resume"
 
@@ -475,7 +476,7 @@ class CacheWriter:
             if p.name.startswith(TMP_PREFIX):
                 if all_ranks or p.name.startswith(own):
                     _remove(p)
-            elif all_ranks and p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"):
+            elif all_ranks and _LEFTOVER_RE.match(p.name):
                 _remove(p)
             elif all_ranks and (m := _UNIT_RE.match(p.name)):
                 if all(e["file"] != p.name for e in entries.get(int(m.group(1)), [])):
@@ -766,7 +767,7 @@ def open_cache(path: str | os.PathLike, verify_hashes: VerifyMode = "lazy") -> C
 # Verify
 
 
-def _record_defects(r: CacheRecord, k: int, nT: int, samples: int, vocab: int) -> list[str]:
+def _record_defects(r: CacheRecord, k: int, nT: int, samples: int, vocab: int, dtype: str) -> list[str]:
     out = []
     L = r.input_ids.shape[0]
     n = int(r.loss_mask.sum()) if r.loss_mask.shape == (L,) else -1
@@ -778,6 +779,10 @@ def _record_defects(r: CacheRecord, k: int, nT: int, samples: int, vocab: int) -
             out.append(f"{name} has shape {a.shape}, expected ({n}, {cols})")
     if out:
         return out
+    for name, want in (("input_ids", np.int32), ("topk_ids", np.int32), ("topk_logprobs", dtype),
+                       ("topk_shift", np.float32), ("tail_mass", np.float32)):
+        if getattr(r, name).dtype != np.dtype(want):
+            out.append(f"{name} has dtype {getattr(r, name).dtype}, expected {np.dtype(want)}")
     if L and (r.input_ids.min() < 0 or r.input_ids.max() >= vocab):
         out.append(f"input_ids outside [0, {vocab})")
     if n and (r.topk_ids.min() < 0 or r.topk_ids.max() >= vocab):
@@ -844,6 +849,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
     except CacheError as e:
         return defects + [str(e)] if not defects else defects
     k, nT, samples, vocab = reader.topk, len(reader.temperatures), reader.samples, reader.vocab_size
+    dt = reader.settings.dtype
     n_tok = n_sup = 0
     for si, s in enumerate(m["shards"]):
         if si in bad_shards:
@@ -855,7 +861,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
                 defects.append(str(e))
                 break
             where = f"shard {s['file']} record {i} (seq_id {r.seq_id})"
-            defects += [f"{where}: {d}" for d in _record_defects(r, k, nT, samples, vocab)]
+            defects += [f"{where}: {d}" for d in _record_defects(r, k, nT, samples, vocab, dt)]
             if r.input_ids.shape[0] != reader.lengths[i] or r.num_supervised != reader.num_supervised[i]:
                 defects.append(f"{where}: length/supervised count disagree with the index")
             if r.seq_id != reader.seq_ids[i]:

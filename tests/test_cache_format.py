@@ -240,9 +240,10 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, fmt):
     torn = json.dumps(e2, separators=(",", ":")).encode()[:40]
     j.write_bytes(b"".join(lines[:3]) + torn)
     (c / f".tmp-r0-unit-000004.{fmt}").write_bytes(b"partial")
+    (c / ".index.npz.x1y2.tmp").write_bytes(b"partial")
     with CacheWriter(c, FP, s) as w:
         assert w.done_units() == {0, 1}
-        assert not (c / f".tmp-r0-unit-000004.{fmt}").exists()
+        assert not (c / f".tmp-r0-unit-000004.{fmt}").exists() and not (c / ".index.npz.x1y2.tmp").exists()
         assert not (c / f"unit-000002.{fmt}").exists() and not (c / f"unit-000003.{fmt}").exists()
         for u in sorted(set(range(4)) - w.done_units()):
             w.write_unit(u, units[u])
