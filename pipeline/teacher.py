@@ -105,18 +105,23 @@ def local_model_identity(folder: Path) -> dict[str, Any]:
     return {"kind": "local", "hash": json_hash({p.name: file_hash(p) for p in files})}
 
 
-def load_teacher(name: str, *, device: str = "auto", dtype: str = "auto") -> Teacher:
-    """Load any causal LM from a local folder or a Hub id, in eval mode, on ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+def check_teacher_source(name: str) -> None:
+    """Fail early, with one line, when a local teacher folder is missing or not a model folder."""
     if looks_local(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
             raise UserError(f"teacher folder {folder} does not exist; pass a model folder or a Hub id")
         if not (folder / "config.json").exists():
             raise UserError(f"teacher folder {folder} has no config.json; pass a save_pretrained folder")
+
+
+def load_teacher(name: str, *, device: str = "auto", dtype: str = "auto") -> Teacher:
+    """Load any causal LM from a local folder or a Hub id, in eval mode, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    check_teacher_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
     except OSError as e:

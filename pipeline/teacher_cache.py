@@ -33,6 +33,7 @@ from pipeline.data import (
 from pipeline.teacher import (
     TargetSettings,
     Teacher,
+    check_teacher_source,
     check_token_ids,
     load_teacher,
     teacher_targets,
@@ -184,6 +185,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
                                              timeout=datetime.timedelta(hours=6))
     writer = None
     try:
+        check_teacher_source(cfg.teacher)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
         eos_id, pad_id = special_ids(tokenizer)
         data = load_tokenized(tokenizer, cfg.data_config())
