@@ -128,6 +128,7 @@ class LossSums:
     kd: Tensor
     num_rows: int
     top1_agree: Tensor  # how many rows have student argmax == teacher top-1 (int64 scalar)
+    label_correct: Tensor  # how many rows have student argmax == label (int64 scalar)
 
 
 def teacher_logprobs(targets: DistillTargets, temperature: float) -> Tensor:
@@ -174,8 +175,9 @@ def distill_loss_sums(logits: Tensor, targets: DistillTargets, kind: str = "topk
     """Unchunked reference: CE sum (T = 1), KD sum (at ``temperature``) and top-1 agreement, logits (N, V)."""
     ce = F.cross_entropy(logits.float(), targets.labels, reduction="sum")
     kd = kd_sum(logits, targets, kind, temperature)
-    agree = (logits.argmax(-1) == targets.topk_ids[:, 0]).sum()
-    return LossSums(ce=ce, kd=kd, num_rows=len(targets), top1_agree=agree)
+    pred = logits.argmax(-1)
+    return LossSums(ce=ce, kd=kd, num_rows=len(targets), top1_agree=(pred == targets.topk_ids[:, 0]).sum(),
+                    label_correct=(pred == targets.labels).sum())
 
 
 def combine_loss(sums: LossSums, *, alpha: float, temperature: float,
@@ -189,13 +191,13 @@ def combine_loss(sums: LossSums, *, alpha: float, temperature: float,
 
 
 def _chunk_terms(h: Tensor, w: Tensor, targets: DistillTargets, kind: str, temperature: float,
-                 kd_weight_nonzero: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 kd_weight_nonzero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with torch.autocast(device_type=h.device.type, enabled=False):
         logits = F.linear(h, w.to(h.dtype)).float()  # (c, V)
         ce = F.cross_entropy(logits, targets.labels, reduction="sum")
         kd = kd_sum(logits, targets, kind, temperature) if kd_weight_nonzero else logits.new_zeros(())
-        agree = (logits.detach().argmax(-1) == targets.topk_ids[:, 0]).sum()
-    return ce, kd, agree
+        pred = logits.detach().argmax(-1)
+    return ce, kd, (pred == targets.topk_ids[:, 0]).sum(), (pred == targets.labels).sum()
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -205,20 +207,22 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_total = hidden.new_zeros((), dtype=torch.float32)
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         agree = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         for a in range(0, hidden.shape[0], chunk_size):
             b = min(a + chunk_size, hidden.shape[0])
-            ce, kd, ag = _chunk_terms(hidden[a:b], weight, targets.rows(a, b), kind, temperature, with_kd)
+            ce, kd, ag, co = _chunk_terms(hidden[a:b], weight, targets.rows(a, b), kind, temperature, with_kd)
             ce_total += ce
             kd_total += kd
             agree += ag
+            correct += co
         ctx.save_for_backward(hidden, weight)
         ctx.targets, ctx.kind, ctx.temperature, ctx.chunk_size, ctx.with_kd = (
             targets, kind, temperature, chunk_size, with_kd)
-        ctx.mark_non_differentiable(agree)
-        return ce_total, kd_total, agree
+        ctx.mark_non_differentiable(agree, correct)
+        return ce_total, kd_total, agree, correct
 
     @staticmethod
-    def backward(ctx, grad_ce: Tensor, grad_kd: Tensor, _grad_agree: Tensor):
+    def backward(ctx, grad_ce: Tensor, grad_kd: Tensor, _grad_agree: Tensor, _grad_correct: Tensor):
         hidden, weight = ctx.saved_tensors
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -227,7 +231,8 @@ class _ChunkedDistill(torch.autograd.Function):
             b = min(a + ctx.chunk_size, hidden.shape[0])
             with torch.enable_grad():
                 h = hidden[a:b].detach().requires_grad_(ctx.needs_input_grad[0])
-                ce, kd, _ = _chunk_terms(h, w, ctx.targets.rows(a, b), ctx.kind, ctx.temperature, ctx.with_kd)
+                rows = ctx.targets.rows(a, b)
+                ce, kd, _, _ = _chunk_terms(h, w, rows, ctx.kind, ctx.temperature, ctx.with_kd)
                 total = ce * grad_ce + (kd * grad_kd if ctx.with_kd else 0.0)
                 pairs = ((h, ctx.needs_input_grad[0]), (w, ctx.needs_input_grad[1]))
                 inputs = [x for x, need in pairs if need]
@@ -259,9 +264,9 @@ def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTa
         raise ValueError(f"{hidden.shape[0]} hidden rows but {len(targets)} target rows")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
-    ce, kd, agree = _ChunkedDistill.apply(hidden, head_weight, targets, kind, float(temperature),
+    ce, kd, agree, correct = _ChunkedDistill.apply(hidden, head_weight, targets, kind, float(temperature),
                                           int(chunk_size), bool(with_kd))
-    return LossSums(ce=ce, kd=kd, num_rows=hidden.shape[0], top1_agree=agree)
+    return LossSums(ce=ce, kd=kd, num_rows=hidden.shape[0], top1_agree=agree, label_correct=correct)
 
 
 def loss_fn_for(cfg: LossConfig) -> Callable[[Tensor, Tensor, DistillTargets], LossSums]:

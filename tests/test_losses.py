@@ -217,6 +217,8 @@ def test_chunked_equals_unchunked_value_and_gradient(gen, kind, n, chunk):
     torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
     assert int(s1.top1_agree) == int(s0.top1_agree)
+    correct = int(((hidden @ weight.T).argmax(-1) == t.labels).sum())
+    assert int(s1.label_correct) == int(s0.label_correct) == correct
 
 
 def test_chunked_never_saves_full_logits(gen):

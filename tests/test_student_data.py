@@ -317,3 +317,37 @@ def test_teacher_as_student_has_zero_kd_through_stage_one(tmp_path, tiny_qwen_di
         assert int(sums.top1_agree) == batch.num_supervised
     shifted = chunked_distill_loss(gather_rows(hidden, batch.pred_pos + 1), head, targets, temperature=2.0)
     assert shifted.kd.item() / batch.num_supervised > 0.05
+
+
+def test_two_ranks_and_accumulation_give_the_one_big_batch_gradient(reader):
+    """(1 rank, 4 micro-batches) == (2 ranks x 2 micro-batches, summed) == the whole step as one batch,
+    each normalised by the step's supervised-token count from the plan."""
+    ds, collate = CacheDataset(reader), Collator.from_reader(reader)
+    kind = "sampled" if reader.samples else "topk_tail"
+    emb0 = torch.randn(VOCAB, 8, generator=torch.Generator().manual_seed(0))
+
+    def grad(batches, normalizer):
+        emb = emb0.clone().requires_grad_()
+        for b in batches:
+            hidden = emb[b.input_ids]  # (B, Lmax, d): a stand-in model with the head tied to it
+            sums = chunked_distill_loss(gather_rows(hidden, b.pred_pos), emb, DistillTargets.from_batch(b, 1),
+                                        kind=kind, temperature=2.0, chunk_size=7)
+            (0.3 * sums.ce + 0.7 * 4 * sums.kd).div(normalizer).backward()
+        return emb.grad
+
+    kw = dict(seed=11, micro_batches_per_step=4)
+    one = TokenBudgetBatchSampler.from_dataset(ds, 60, **kw)
+    step = one.steps()[0]
+    assert len(step.micro_batches) == 4
+    g_one = grad([collate([ds[i] for i in mb]) for mb in step.micro_batches], step.num_supervised)
+    g_ranks = 0
+    for r in range(2):
+        mine = TokenBudgetBatchSampler.from_dataset(ds, 60, world_size=2, rank=r, **kw).steps()[0]
+        assert mine.num_supervised == step.num_supervised and len(mine.micro_batches) == 2
+        batches = [collate([ds[i] for i in mb]) for mb in mine.micro_batches]
+        g_ranks = g_ranks + grad(batches, mine.num_supervised)
+    whole = collate([ds[i] for mb in step.micro_batches for i in mb])
+    assert whole.num_supervised == step.num_supervised
+    g_whole = grad([whole], step.num_supervised)
+    torch.testing.assert_close(g_ranks, g_one, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_whole, g_one, rtol=1e-5, atol=1e-7)
