@@ -380,3 +380,23 @@ def test_empty_unit_and_rewritten_unit(tmp_path, fmt):
     for a, b in zip(r, units[0] + units[2]):
         assert_same(a, b)
     assert verify_cache(c) == []
+
+
+def test_journal_torn_line_of_other_rank_skipped_corrupt_middle_line_refused(tmp_path):
+    s = CacheSettings(**SMALL)
+    units = make_units(s, num_units=2)
+    with CacheWriter(tmp_path, FP, s, rank=1, world_size=2) as w1:
+        w1.write_unit(1, units[1])
+    j1 = tmp_path / "journal.rank1.jsonl"
+    intact = j1.read_bytes()
+    j1.write_bytes(intact + b'{"type":"unit","unit":3,"fi')
+    with CacheWriter(tmp_path, FP, s, rank=0, world_size=2) as w0:
+        assert w0.done_units() == {1}
+        assert j1.read_bytes().endswith(b'"fi')  # another rank's journal is never edited
+        w0.write_unit(0, units[0])
+        w0.finalize(2)
+    assert len(open_cache(tmp_path)) == 10
+    lines = intact.splitlines(keepends=True)
+    j1.write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
+    with pytest.raises(CacheError, match=r"journal\.rank1\.jsonl line 2 is corrupt"):
+        CacheWriter(tmp_path, FP, s, rank=0, world_size=2)
