@@ -24,10 +24,13 @@ def _register() -> None:
     from cache import cli as cache_cli
     from pipeline import demo_cli, teacher_cli
     from student import cli as student_cli
+    from student import evaluate, train
 
     cache_cli.register(cache_app)
     teacher_cli.register(app)
     student_cli.register(app)
+    train.register(app)
+    evaluate.register(app)
     demo_cli.register(app)
 
 
