@@ -30,7 +30,7 @@ class TargetSettings:
     samples: int = 0
     seed: int = 0
     logprob_dtype: str = "float32"
-    chunk_positions: int = 128
+    chunk_positions: int = 32
 
     def __post_init__(self) -> None:
         if self.topk <= 0:
@@ -147,40 +147,53 @@ def check_token_ids(tokenizer_len: int, max_id: int, vocab_size: int) -> None:
                         "with --tokenizer")
 
 
-def sparse_from_logits(z: torch.Tensor, topk: int, temperatures: tuple[float, ...]
+def sparse_from_logits(z: torch.Tensor, topk: int, temperatures: tuple[float, ...],
+                       buf: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From fp32 logits ``z`` (P, V): top-k ids (P, k) by descending probability, their log p_1 (P, k), the
-    temperature shifts (P, nT), the exact tail masses (P, nT) and LSE(z) (P, 1)."""
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (P, 1)
+    temperature shifts (P, nT), the exact tail masses (P, nT) and the row maxima (P, 1).
+
+    With m the row max, S_T = sum_v exp((z_v - m) / T) over the vocabulary and S_T,tail the same sum over the
+    ids outside the top-k: LSE(z/T) = m/T + log S_T and tail_T = S_T,tail / S_T = exp(LSE_tail(z/T) -
+    LSE(z/T)), with no cancellation. ``buf`` is scratch space of at least z's shape."""
     top_z, top_ids = torch.topk(z, topk, dim=-1, sorted=True)  # (P, k)
-    shifts, tails = [], []
-    for t in temperatures:
-        zt = z.clone() if t == 1.0 else z / t  # (P, V)
-        lse_t = lse[:, 0] if t == 1.0 else torch.logsumexp(zt, dim=-1)  # (P,)
-        lse_tail = torch.logsumexp(zt.scatter_(1, top_ids, float("-inf")), dim=-1)  # (P,)
-        shifts.append(lse[:, 0] / t - lse_t)
-        tails.append(torch.exp(lse_tail - lse_t))
-        del zt
-    return top_ids, top_z - lse, torch.stack(shifts, 1), torch.stack(tails, 1), lse
+    m = top_z[:, :1]  # (P, 1)
+    buf = torch.empty_like(z) if buf is None else buf[: z.shape[0]]
+    lse = torch.empty_like(m)
+    shifts, tails = {}, {}
+    for t in (1.0, *(t for t in temperatures if t != 1.0)):
+        torch.sub(z, m, out=buf)
+        if t != 1.0:
+            buf.div_(t)
+        total = buf.exp_().sum(-1, keepdim=True)  # (P, 1)
+        tail = buf.scatter_(1, top_ids, 0.0).sum(-1, keepdim=True) / total
+        lse_t = m / t + total.log()
+        if t == 1.0:
+            lse = lse_t
+        shifts[t], tails[t] = lse / t - lse_t, tail
+    shift = torch.cat([shifts[t] for t in temperatures], 1)  # (P, nT)
+    tail = torch.cat([tails[t] for t in temperatures], 1)  # (P, nT)
+    return top_ids, top_z - lse, shift, tail, m
 
 
 def sample_seed(seed: int, seq_id: int, position: int) -> int:
     return xxhash.xxh64_intdigest(f"{seed}/{seq_id}/{position}".encode()) & ((1 << 63) - 1)
 
 
-def draw_samples(z: torch.Tensor, lse: torch.Tensor, seeds: list[int], n: int
+def draw_samples(z: torch.Tensor, m: torch.Tensor, seeds: list[int], n: int, buf: torch.Tensor | None = None
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` draws with replacement from each row of softmax(``z``) (P, V), ``lse`` = LSE(z) (P, 1).
+    """``n`` draws with replacement from each row of softmax(``z``) (P, V); ``m`` (P, 1) is the row max.
 
-    Inverse CDF (fp64) on uniforms from a CPU generator seeded per row: the draws depend on the row's
-    distribution and seed only, not on batching, rank or device. Returns (unique ids ascending, counts) per
-    row."""
+    Inverse CDF (cumulative sums in fp64) on uniforms from a CPU generator seeded per row: the draws depend
+    on the row's distribution and seed only, not on batching, rank or device. Returns (unique ids ascending,
+    counts) per row."""
     uniforms = torch.empty(len(seeds), n, dtype=torch.float64)
     gen = torch.Generator()
     for r, s in enumerate(seeds):
         gen.manual_seed(s)
         uniforms[r] = torch.rand(n, generator=gen, dtype=torch.float64)
-    cdf = torch.cumsum(torch.exp((z - lse).double()), dim=-1)  # (P, V)
+    buf = torch.empty_like(z) if buf is None else buf[: z.shape[0]]
+    cdf = torch.cumsum(torch.sub(z, m, out=buf).exp_(), dim=-1, dtype=torch.float64)  # (P, V), unnormalised
     targets = uniforms.to(cdf.device) * cdf[:, -1:]  # (P, n)
     draws = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1).cpu()  # (P, n)
     out = []
@@ -221,13 +234,16 @@ def teacher_targets(teacher: Teacher, seqs: list[TokenizedSeq], settings: Target
     head = model.get_output_embeddings()
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     samples: list[tuple[np.ndarray, np.ndarray]] = []
+    buf = None
     for lo in range(0, h.shape[0], settings.chunk_positions):
         z = _softcap(model, head(h[lo: lo + settings.chunk_positions]).float())  # (p, V) fp32
-        top_ids, top_logp, shift, tail, lse = sparse_from_logits(z, settings.topk, settings.temperatures)
+        buf = torch.empty_like(z) if buf is None else buf
+        top_ids, top_logp, shift, tail, m = sparse_from_logits(z, settings.topk, settings.temperatures, buf)
         for acc, x in zip(parts, (top_ids, top_logp, shift, tail)):
             acc.append(x.cpu())
         if settings.samples:
-            samples.extend(draw_samples(z, lse, seeds[lo: lo + settings.chunk_positions], settings.samples))
+            rows_seeds = seeds[lo: lo + settings.chunk_positions]
+            samples.extend(draw_samples(z, m, rows_seeds, settings.samples, buf))
     top_ids, top_logp, shift, tail = (torch.cat(p) for p in parts)
     out, lo = [], 0
     for s in seqs:
