@@ -83,9 +83,9 @@ def test_full_vocabulary_k_has_zero_tail(teacher, seqs, qwen_tokenizer):
 
 def test_batching_and_chunking_do_not_change_content(teacher, seqs, qwen_tokenizer):
     pad = qwen_tokenizer.pad_token_id
-    a = teacher_targets(teacher, seqs, TargetSettings(topk=8, samples=32, chunk_positions=64), pad)
-    b = [teacher_targets(teacher, [s], TargetSettings(topk=8, samples=32, chunk_positions=7), pad)[0]
-         for s in seqs]
+    a = teacher_targets(teacher, seqs[:3], TargetSettings(topk=8, samples=32, chunk_positions=64), pad)
+    b = [teacher_targets(teacher, [s], TargetSettings(topk=8, samples=32, chunk_positions=19), pad)[0]
+         for s in seqs[:3]]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
         np.testing.assert_allclose(x.topk_logprobs, y.topk_logprobs, rtol=1e-5, atol=1e-4)

@@ -113,6 +113,7 @@ def test_cache_content_through_the_reader(reference, tiny_qwen_dir, qwen_tokeniz
             np.testing.assert_allclose(r.topk_logprobs, ref_v.numpy(), rtol=1e-5, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(reference, tmp_path, tiny_qwen_dir,
                                                          qwen_tokenizer_dir, gsm8k_slice):
     out = tmp_path / "cache"
@@ -137,15 +138,13 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(reference, tmp_path, ti
     with pytest.raises(UserError):
         open_cache(out)
 
-    cmd = cli_command() + cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens=1000)
-    again = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert "resumed" in again.stdout
-    skipped = int(again.stdout.split(" written now, ")[1].split(" resumed")[0])
-    assert 1 <= skipped < reference[1]["shards"]
+    again = run_teacher_cache(config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens=1000))
+    assert 1 <= again["units_skipped"] < again["shards"] == reference[1]["shards"]
+    assert again["units_skipped"] + again["units_written"] == again["shards"]
     assert_same_cache(out, reference[0])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equals_one(reference, tmp_path, tiny_qwen_dir, qwen_tokenizer_dir,
                                            gsm8k_slice):
     out = tmp_path / "cache"
