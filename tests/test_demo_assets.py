@@ -147,6 +147,17 @@ def test_chat_template_matches_qwen2(demo_tokenizer, qwen_tokenizer, generation_
         assert ours == theirs
 
 
+def test_stage_one_reads_the_demo_data(tiny_assets, demo_tokenizer):
+    from pipeline.data import DataConfig, load_examples, load_tokenized
+
+    folder = str(tiny_assets.train_jsonl.parent)
+    rows = [json.loads(line) for line in tiny_assets.test_jsonl.read_text().splitlines()]
+    examples = load_examples(folder, "test")
+    assert [(e.question, e.answer) for e in examples] == [(r["question"], r["answer"]) for r in rows]
+    data = load_tokenized(demo_tokenizer, DataConfig(dataset=folder, split="train"))
+    assert len(data.seqs) == 150 and data.dropped == 0
+
+
 def test_loss_mask_covers_the_answer_and_im_end(demo_tokenizer, tiny_assets):
     rows = [json.loads(line) for line in tiny_assets.test_jsonl.read_text().splitlines()[:4]]
     for row, (ids, mask) in zip(rows, encode_chat_rows(demo_tokenizer, rows, 512)):
@@ -207,7 +218,16 @@ def test_assets_layout_and_reuse(tiny_assets):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 
+def _stub_teacher(tokenizer, train_rows, val_rows, out_dir, cfg, log=None) -> dict:
+    """Stands in for the teacher where only the builder's caching is under test (the real one is above)."""
+    from pathlib import Path
+
+    Path(out_dir, "config.json").write_text(json.dumps({"steps": cfg.steps, "rows": len(train_rows)}))
+    return {"val": {"ce": 1.0, "ppl": 2.7}, "uniform_ce": 6.0}
+
+
 def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets_mod, "train_teacher", _stub_teacher)
     out = tmp_path / "assets"
     small = {"n_train": 24, "n_test": 6, "teacher_steps": 2}
     first = build_demo_assets(out, seed=1, **small)
@@ -229,7 +249,13 @@ def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["assets"]
     assert build_demo_assets(out, seed=2, **small).stats["reused"] is True
 
-    assert build_demo_assets(out, seed=2, n_train=25, n_test=6, teacher_steps=2).stats["reused"] is False
+    for changed in ({"n_train": 25}, {"n_test": 7}, {"teacher_steps": 3}):
+        sizes = {**small, **changed}
+        rebuilt = build_demo_assets(out, seed=2, **sizes)
+        assert rebuilt.stats["reused"] is False
+        written = json.loads((rebuilt.teacher_dir / "config.json").read_text())
+        assert written == {"steps": sizes["teacher_steps"], "rows": sizes["n_train"]}
+    assert build_demo_assets(out, scale=0.5, seed=2, **small).stats["reused"] is False
 
 
 def test_assets_refuse_a_foreign_folder_and_bad_scale(tmp_path):

@@ -22,7 +22,7 @@ from cache.util import UserError
 @dataclass(frozen=True)
 class TeacherConfig:
     hidden_size: int = 128
-    num_layers: int = 3
+    num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
@@ -53,28 +53,22 @@ class TeacherConfig:
 
 
 def encode_chat_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Chat-format and tokenize ``{"question", "answer"}`` rows.
+    """Chat-format and tokenize ``{"question", "answer"}`` rows exactly as stage one does.
 
     Returns ``(input_ids int64 [L], loss_mask bool [L])`` per row; the sequence ends with ``<|im_end|>`` and
     ``loss_mask`` marks the assistant's tokens and that ``<|im_end|>``. Rows longer than ``max_length`` are
     dropped.
     """
-    eos = tokenizer.eos_token_id
+    from pipeline.data import format_example
+
     out = []
     for row in rows:
-        user = [{"role": "user", "content": row["question"]}]
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["answer"]}],
-                                             tokenize=False)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        end = len(ids) - ids[::-1].index(eos)   # cut the template's trailing newline after <|im_end|>
-        ids = np.asarray(ids[:end], dtype=np.int64)
+        ids, start = format_example(tokenizer, row["question"], row["answer"])
         if len(ids) > max_length:
             continue
         mask = np.zeros(len(ids), dtype=bool)
-        mask[n_prompt:] = True
-        out.append((ids, mask))
+        mask[start:] = True
+        out.append((np.asarray(ids, dtype=np.int64), mask))
     return out
 
 
@@ -152,7 +146,7 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
     """
     import torch
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     pad_id = tokenizer.pad_token_id
     train = encode_chat_rows(tokenizer, train_rows, cfg.max_length)
     val = encode_chat_rows(tokenizer, val_rows, cfg.max_length)[: cfg.eval_rows]
@@ -178,7 +172,7 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        curve.append(float(loss))
+        curve.append(loss.item())
         train_tokens += n
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
             log(f"teacher step {step + 1}/{cfg.steps} loss {curve[-1]:.3f}")
@@ -188,7 +182,7 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
     model.generation_config.pad_token_id = pad_id
     model.generation_config.bos_token_id = pad_id
     model.save_pretrained(out_dir)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "config": asdict(cfg),
         "vocab_size": len(tokenizer),
@@ -200,4 +194,5 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
         "train_supervised_tokens": train_tokens,
         "train_rows": len(train),
         "wall_s": wall,
+        "cpu_s": cpu,
     }
