@@ -1,7 +1,386 @@
-"""Placeholder until its issue lands: this module's owner replaces it whole."""
+"""``fnet-distill eval``: greedy GSM8K accuracy of a student checkpoint or of any Hugging Face causal LM.
+
+The prompt is the one the teacher cache trains on: the tokenizer's chat template with its default system
+prompt, the user question and the assistant generation prompt. Decoding is greedy and stops at the first
+stop token (``<|im_end|>``, the tokenizer's eos and the model's own generation eos ids). The model type comes
+from ``config.json``: ``causal_stft_fnet`` runs the student's batched incremental decoder
+(``generate_fast``), anything else runs ``AutoModelForCausalLM`` + ``generate`` with left padding. Scoring is
+``student.gsm8k_eval`` (strict ``#### N`` and flexible last-number match); per-example records go to a JSONL
+file written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import typer
 
+from cache.util import UserError, atomic_write_bytes
+
+STUDENT_MODEL_TYPE = "causal_stft_fnet"
+STOP_TOKEN = "<|im_end|>"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+# prompts (token id lists) -> new token ids per prompt (anything after a stop token is ignored)
+GenerateFn = Callable[[list[list[int]]], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    dataset: str = "openai/gsm8k"
+    split: str = "test"
+    config_name: str = "main"
+    limit: int | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    tokenizer: str | None = None
+    out: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit must be a positive number of rows, got {self.limit}")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.out is not None and Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is a folder; pass a file name such as {self.out}/eval.jsonl")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy and speed of one evaluation. ``wall_s`` covers prompt formatting, generation and scoring
+    (not model loading); ``tokens_per_s`` counts generated tokens, the stop token included."""
+
+    n: int
+    strict_acc: float
+    flexible_acc: float
+    tokens_per_s: float
+    wall_s: float
+    outputs_path: Path | None
+    strict_correct: int
+    flexible_correct: int
+    new_tokens: int
+    model_kind: str
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.n / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outputs_path"] = None if self.outputs_path is None else str(self.outputs_path)
+        d["examples_per_s"] = self.examples_per_s
+        return d
+
+
+# ------------------------------------------------------------------------------------ model and tokenizer
+
+
+def model_type(model: str) -> str:
+    """``model_type`` from the config of a local folder or a Hub id."""
+    from pipeline.teacher import looks_local
+
+    if looks_local(model):
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"model folder {folder} does not exist; pass a student checkpoint or a causal LM "
+                            "folder made by save_pretrained")
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"model folder {folder} has no config.json; pass a folder made by "
+                            "save_pretrained")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        if not isinstance(kind, str):
+            raise UserError(f"{cfg_path} has no model_type; re-save the model with save_pretrained")
+        return kind
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the config of {model!r} from the Hugging Face Hub "
+                        f"({str(e).splitlines()[0]}); if the Hub is unreachable, pass a local model folder "
+                        "with --model") from None
+
+
+def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
+    """The tokenizer given with ``--tokenizer``, else the model's own (a local folder must contain one)."""
+    import student.modeling  # noqa: F401  registers causal_stft_fnet, whose config AutoTokenizer reads
+    from pipeline.data import load_tokenizer
+    from pipeline.teacher import looks_local
+
+    if tokenizer is None:
+        if looks_local(model) and not any((Path(model).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"model folder {model} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); pass "
+                            "the tokenizer the model was trained with, e.g. --tokenizer path/to/tokenizer")
+        tokenizer = str(model)
+    return load_tokenizer(str(tokenizer))
+
+
+def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, str]:
+    """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf"."""
+    from pipeline.teacher import resolve_device, resolve_dtype
+
+    kind_name = model_type(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if kind_name == STUDENT_MODEL_TYPE:
+        from student.modeling import CausalFNetForCausalLM as cls
+
+        kind = "student"
+    else:
+        from transformers import AutoModelForCausalLM as cls
+
+        kind = "hf"
+    try:
+        loaded = cls.from_pretrained(str(model), dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load a causal LM (model_type {kind_name!r}) from {model} "
+                        f"({str(e).splitlines()[0]}); pass a student checkpoint or a causal LM "
+                        "folder") from None
+    return loaded.to(dev).eval(), kind
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """``<|im_end|>`` (when the tokenizer has it), the tokenizer's eos and the model's generation eos ids."""
+    ids = {int(tokenizer.eos_token_id)}
+    im_end = tokenizer.convert_tokens_to_ids(STOP_TOKEN)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
+    return sorted(ids)
+
+
+def prompt_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
+    """The chat prompt of one example, exactly the prompt part of the training sequence."""
+    from pipeline.data import format_example
+
+    ids, start = format_example(tokenizer, question, answer)
+    return ids[:start]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu") -> tuple[Any, Any]:
+    """Token id lists -> input_ids (B, T) left-padded with ``pad_id`` and attention_mask (B, T)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_limit(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def make_generate_fn(model: Any, kind: str, *, stop_ids: Sequence[int], pad_id: int,
+                     max_new_tokens: int) -> GenerateFn:
+    """Batched greedy generation: the student's incremental decoder, or HF ``generate`` for any other LM.
+    Prompts are left-padded; each returned row holds the new tokens only."""
+    import torch
+
+    device = next(model.parameters()).device
+    if kind == "hf":
+        from transformers import GenerationConfig
+
+        # A fresh config: the checkpoint's own sampling / repetition-penalty defaults must not leak in.
+        model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                                                   eos_token_id=list(stop_ids), pad_token_id=pad_id)
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        ids, mask = left_pad(prompts, pad_id, device)  # (B, T)
+        if kind == "student":
+            out = model.generate_fast(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids),
+                                      pad_token_id=pad_id)  # (B, T + new)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask)  # (B, T + new)
+        return out[:, ids.shape[1]:].tolist()
+
+    return generate
+
+
+# -------------------------------------------------------------------------------------------- scoring
+
+
+def cut_at_stop(new_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], int, bool]:
+    """(tokens before the first stop token, tokens generated including that stop token, whether it
+    stopped)."""
+    stops = set(stop_ids)
+    for i, t in enumerate(new_ids):
+        if t in stops:
+            return list(new_ids[:i]), i + 1, True
+    return list(new_ids), len(new_ids), False
+
+
+def score_record(row: int, question: str, answer: str, output: str, new_tokens: int,
+                 stopped: bool) -> dict[str, Any]:
+    """One JSONL record: the example, the model output, both extracted answers and both verdicts."""
+    from student.gsm8k_eval import extract_reference, score_output
+
+    ref = extract_reference(answer)
+    s = score_output(output, ref)
+    return {
+        "row": row, "question": question, "reference": str(ref), "output": output,
+        "strict_answer": None if s.strict_answer is None else str(s.strict_answer),
+        "flexible_answer": None if s.flexible_answer is None else str(s.flexible_answer),
+        "strict_correct": s.strict, "flexible_correct": s.flexible,
+        "new_tokens": new_tokens, "stopped": stopped,
+    }
+
+
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(path, body.encode("utf-8"))
+
+
+def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: GenerateFn, *,
+                      stop_ids: Sequence[int], batch_size: int = 16, max_prompt_tokens: int | None = None,
+                      out: Path | None = None, progress: bool = True, model_kind: str = "") -> EvalResult:
+    """Generate for every example (``pipeline.data.Example``) in length-sorted batches, score, write the
+    records (dataset order) to ``out`` if given, and return the totals. ``max_prompt_tokens`` refuses a
+    prompt that would run the model past its positions."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    prompts = [prompt_ids(tokenizer, ex.question, ex.answer) for ex in examples]
+    if max_prompt_tokens is not None:
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if len(prompts[longest]) > max_prompt_tokens:
+            raise UserError(f"row {examples[longest].row} has a {len(prompts[longest])}-token prompt; with "
+                            f"--max-new-tokens the model would run past its position limit (at most "
+                            f"{max_prompt_tokens} prompt tokens fit); lower --max-new-tokens or --limit "
+                            "the rows")
+    order = sorted(range(len(examples)), key=lambda i: (-len(prompts[i]), i))
+    records: list[dict[str, Any] | None] = [None] * len(examples)
+    total_new = 0
+    bar = tqdm(total=len(examples), unit="ex", desc="eval", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            new_rows = generate([prompts[i] for i in batch])
+            for i, new_ids in zip(batch, new_rows, strict=True):
+                kept, used, stopped = cut_at_stop(new_ids, stop_ids)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                ex = examples[i]
+                records[i] = score_record(ex.row, ex.question, ex.answer, text, used, stopped)
+                total_new += used
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{total_new / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        bar.close()
+    if out is not None:
+        write_records(Path(out), records)
+    wall = time.perf_counter() - t0
+    n = len(records)
+    strict = sum(r["strict_correct"] for r in records)
+    flexible = sum(r["flexible_correct"] for r in records)
+    return EvalResult(n=n, strict_acc=strict / n, flexible_acc=flexible / n,
+                      tokens_per_s=total_new / wall if wall > 0 else 0.0, wall_s=wall,
+                      outputs_path=None if out is None else Path(out), strict_correct=strict,
+                      flexible_correct=flexible, new_tokens=total_new, model_kind=model_kind)
+
+
+def run_eval(cfg: EvalConfig) -> EvalResult:
+    from pipeline.data import load_examples
+
+    model_type(cfg.model)  # a missing or broken model folder fails before anything slow
+    examples = load_examples(cfg.dataset, cfg.split, config_name=cfg.config_name, limit=cfg.limit)
+    tokenizer = load_eval_tokenizer(cfg.model, cfg.tokenizer)
+    model, kind = load_eval_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    vocab = int(model.get_output_embeddings().weight.shape[0]) if kind == "hf" else \
+        int(model.config.output_vocab_size)
+    if len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model reads only {vocab} ids; "
+                        "pass the model's own tokenizer with --tokenizer")
+    stop_ids = stop_token_ids(tokenizer, model)
+    generate = make_generate_fn(model, kind, stop_ids=stop_ids, pad_id=int(tokenizer.pad_token_id),
+                                max_new_tokens=cfg.max_new_tokens)
+    limit = position_limit(model)
+    return evaluate_examples(
+        examples, tokenizer, generate, stop_ids=stop_ids, batch_size=cfg.batch_size,
+        max_prompt_tokens=None if limit is None else limit - cfg.max_new_tokens + 1,
+        out=cfg.out, progress=cfg.progress, model_kind=kind,
+    )
+
+
+def evaluate_model(model_dir: str | Path, dataset: str = "openai/gsm8k", split: str = "test",
+                   limit: int | None = None, *, max_new_tokens: int = 256, batch_size: int = 16,
+                   device: str = "auto", dtype: str = "auto", tokenizer: str | Path | None = None,
+                   out: str | Path | None = None, config_name: str = "main",
+                   progress: bool = True) -> EvalResult:
+    """Greedy GSM8K accuracy (strict and flexible) of a student checkpoint or any HF causal LM folder."""
+    cfg = EvalConfig(model=str(model_dir), dataset=str(dataset), split=split, config_name=config_name,
+                     limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                     dtype=dtype, tokenizer=None if tokenizer is None else str(tokenizer),
+                     out=None if out is None else Path(out), progress=progress)
+    return run_eval(cfg)
+
+
+def format_summary(result: EvalResult, model: str = "", split: str = "") -> str:
+    head = f"GSM8K {split} | {model} ({result.model_kind})" if model else "GSM8K"
+    lines = [
+        head,
+        f"  strict   (#### N)     : {result.strict_acc:7.2%}  ({result.strict_correct}/{result.n})",
+        f"  flexible (last number): {result.flexible_acc:7.2%}  ({result.flexible_correct}/{result.n})",
+        f"  {result.new_tokens} new tokens in {result.wall_s:.1f} s: {result.tokens_per_s:.1f} tok/s, "
+        f"{result.examples_per_s:.2f} examples/s",
+    ]
+    if result.outputs_path is not None:
+        lines.append(f"  outputs: {result.outputs_path}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def eval_command(
+    model: str = typer.Option(..., help="Student checkpoint folder or any causal LM (save_pretrained folder "
+                              "or Hub id); the type is read from config.json."),
+    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
+                                ".jsonl/.parquet file (or a folder with <split>.jsonl)."),
+    split: str = typer.Option("test", help="Dataset split (Hub) or file stem looked up in a local folder."),
+    limit: int = typer.Option(None, help="Evaluate only the first N rows."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per example."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch (left-padded, length-sorted)."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
+                              "float16."),
+    tokenizer: str = typer.Option(None, help="Tokenizer folder or Hub id; default: the model folder's own."),
+    out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
+                             "answers, verdicts) to this JSONL file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Greedy GSM8K accuracy (strict '#### N' and flexible last-number match) of a student or a teacher."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer, out=out,
+                            progress=progress)
+    typer.echo(json.dumps(result.to_json()) if json_out else format_summary(result, model, split))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval")(eval_command)
