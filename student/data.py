@@ -321,8 +321,10 @@ def _split_to_multiple(step: list[np.ndarray], world_size: int) -> list[np.ndarr
 
 def make_dataloader(dataset: CacheDataset, sampler: TokenBudgetBatchSampler, collator: Collator, *,
                     num_workers: int = 0, device: torch.device | str | None = None,
-                    persistent_workers: bool = False) -> DataLoader:
-    """DataLoader that takes its order from ``sampler`` and pins memory when the target device is CUDA."""
+                    persistent_workers: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    """DataLoader that takes its order from ``sampler`` and pins memory when the target device is CUDA.
+    ``generator`` (optional) supplies the workers' base seed instead of the global torch RNG."""
     pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                      pin_memory=pin, persistent_workers=persistent_workers and num_workers > 0)
+                      pin_memory=pin, persistent_workers=persistent_workers and num_workers > 0,
+                      generator=generator)
