@@ -230,6 +230,7 @@ def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, mon
     monkeypatch.setattr(assets_mod, "train_teacher", _stub_teacher)
     out = tmp_path / "assets"
     small = {"n_train": 24, "n_test": 6, "teacher_steps": 2}
+    (tmp_path / ".assets.build-999999999-abc").mkdir()
     first = build_demo_assets(out, seed=1, **small)
     train_1 = first.train_jsonl.read_text()
     assert first.stats["reused"] is False

@@ -79,6 +79,20 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
+def _remove_stale_builds(out: Path) -> None:
+    """Remove temporary build folders beside ``out`` left by builds whose process no longer exists."""
+    for leftover in out.parent.glob(f".{out.name}.build-*-*"):
+        pid = leftover.name[len(f".{out.name}.build-"):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _build(root: Path, settings: dict, log: Callable[[str], None]) -> dict:
     paths = _paths(root)
     t0 = time.perf_counter()
@@ -88,7 +102,8 @@ def _build(root: Path, settings: dict, log: Callable[[str], None]) -> dict:
     t1 = time.perf_counter()
     log(f"demo data: {len(train_rows)} train / {len(test_rows)} test problems")
     tokenizer = train_tokenizer((r["question"] + "\n" + r["answer"] for r in train_rows),
-                                paths["tokenizer_dir"], vocab_size=settings["vocab_size"])
+                                paths["tokenizer_dir"], vocab_size=settings["vocab_size"],
+                                model_max_length=settings["teacher"]["max_length"])
     tokenizer.save_pretrained(paths["teacher_dir"])
     t2 = time.perf_counter()
     log(f"demo tokenizer: {len(tokenizer)} tokens")
@@ -128,7 +143,8 @@ def build_demo_assets(out_dir: str | Path, scale: float = 1.0, seed: int = 0, n_
         raise UserError(f"{out} exists and does not hold demo assets; pass an empty or new folder")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    _remove_stale_builds(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
     try:
         stats = _build(tmp, settings, log)
         atomic_write_json(tmp / MARKER, {"key": key, "settings": settings, "stats": stats})
