@@ -256,7 +256,8 @@ def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, mon
         assert rebuilt.stats["reused"] is False
         written = json.loads((rebuilt.teacher_dir / "config.json").read_text())
         assert written == {"steps": sizes["teacher_steps"], "rows": sizes["n_train"]}
-    assert build_demo_assets(out, scale=0.5, seed=2, **small).stats["reused"] is False
+    assert build_demo_assets(out, scale=1, seed=2, **sizes).stats["reused"] is True
+    assert build_demo_assets(out, scale=0.5, seed=2, **sizes).stats["reused"] is False
 
 
 def test_assets_refuse_a_foreign_folder_and_bad_scale(tmp_path):

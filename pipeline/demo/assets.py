@@ -43,6 +43,7 @@ def demo_settings(scale: float = 1.0, seed: int = 0, n_train: int | None = None,
     """
     if not scale > 0:
         raise UserError(f"demo scale={scale} must be positive (1 is the default, 0.05 a quick smoke run)")
+    scale = float(scale)
     n_train = n_train if n_train is not None else max(32, round(BASE_TRAIN * scale))
     n_test = n_test if n_test is not None else max(16, round(BASE_TEST * scale))
     steps = teacher_steps if teacher_steps is not None else max(10, round(BASE_TEACHER_STEPS * scale))
