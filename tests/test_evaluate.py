@@ -152,6 +152,26 @@ def test_student_batched_outputs_equal_unbatched_hf_generate(student_dir, gsm8k_
     assert res.n == len(examples) and res.new_tokens == sum(r[1] for r in ref)
 
 
+def test_compacted_student_matches_its_own_generate(student_dir, gsm8k_slice, tmp_path):
+    # A vocabulary-compacted student reads and writes tokenizer ids; eval needs nothing special for it.
+    from transformers import AutoTokenizer
+
+    from student.modeling import compact_model
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    examples = load_examples(str(gsm8k_slice), limit=4)
+    full = CausalFNetForCausalLM.from_pretrained(student_dir).eval()
+    keep = {t for e in examples for t in prompt_ids(tok, e.question, e.answer) + tok.encode(e.answer)}
+    small = compact_model(full, sorted(keep | {IM_END, tok.pad_token_id} | set(range(0, 151_936, 97))))
+    small.save_pretrained(tmp_path / "compact")
+    tok.save_pretrained(tmp_path / "compact")
+    evaluate_model(tmp_path / "compact", str(gsm8k_slice), limit=4, max_new_tokens=NEW_TOKENS, batch_size=4,
+                   device="cpu", out=tmp_path / "c.jsonl", progress=False)
+    records = _read(tmp_path / "c.jsonl")
+    ref = _reference_outputs(small, tok, examples, stop_token_ids(tok, small), NEW_TOKENS)
+    assert [(r["output"], r["new_tokens"], r["stopped"]) for r in records] == ref
+
+
 @pytest.fixture(scope="module")
 def context_qwen_dir(tmp_path_factory) -> Path:
     """A random Qwen2ForCausalLM whose greedy output depends on the question (initializer_range 0.2 makes
@@ -294,6 +314,7 @@ def test_config_validation(field, value):
         EvalConfig(model="m", **{field: value})
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     import subprocess
     import sys
