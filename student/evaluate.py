@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +234,13 @@ def cut_at_stop(new_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[i
     return list(new_ids), len(new_ids), False
 
 
-def score_record(row: int, question: str, answer: str, output: str, new_tokens: int,
+def score_record(row: int, question: str, reference: Decimal | str, output: str, new_tokens: int,
                  stopped: bool) -> dict[str, Any]:
-    """One JSONL record: the example, the model output, both extracted answers and both verdicts."""
+    """One JSONL record: the example, the model output, both extracted answers and both verdicts.
+    ``reference`` is the reference number or the raw GSM8K answer field."""
     from student.gsm8k_eval import extract_reference, score_output
 
-    ref = extract_reference(answer)
+    ref = reference if isinstance(reference, Decimal) else extract_reference(reference)
     s = score_output(output, ref)
     return {
         "row": row, "question": question, "reference": str(ref), "output": output,
@@ -262,7 +264,12 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     prompt that would run the model past its positions."""
     from tqdm.auto import tqdm
 
+    from student.gsm8k_eval import extract_reference
+
+    if not examples:
+        raise UserError("no examples to evaluate; check --dataset, --split and --limit")
     t0 = time.perf_counter()
+    references = [extract_reference(ex.answer) for ex in examples]  # a bad row fails before generation
     prompts = [prompt_ids(tokenizer, ex.question, ex.answer) for ex in examples]
     if max_prompt_tokens is not None:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -283,7 +290,7 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
                 kept, used, stopped = cut_at_stop(new_ids, stop_ids)
                 text = tokenizer.decode(kept, skip_special_tokens=True)
                 ex = examples[i]
-                records[i] = score_record(ex.row, ex.question, ex.answer, text, used, stopped)
+                records[i] = score_record(ex.row, ex.question, references[i], text, used, stopped)
                 total_new += used
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{total_new / max(time.perf_counter() - t0, 1e-9):.0f}")

@@ -301,6 +301,19 @@ def test_dataset_errors_come_from_the_loader(student_dir, tmp_path):
         evaluate_model(student_dir, str(bad), progress=False)
 
 
+def test_bad_reference_is_refused_before_generating(qwen_tokenizer):
+    from pipeline.data import Example
+
+    def must_not_run(prompts):
+        raise AssertionError("generated before checking the references")
+
+    with pytest.raises(UserError, match="####"):
+        evaluate_examples([Example(0, "What is 2+2?", "4")], qwen_tokenizer, must_not_run, stop_ids=[IM_END],
+                          progress=False)
+    with pytest.raises(UserError, match="no examples"):
+        evaluate_examples([], qwen_tokenizer, must_not_run, stop_ids=[IM_END], progress=False)
+
+
 def test_prompt_past_the_position_limit_is_refused(qwen_tokenizer, gsm8k_slice):
     examples = load_examples(str(gsm8k_slice))
     with pytest.raises(UserError, match="--max-new-tokens"):
