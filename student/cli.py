@@ -1,7 +1,72 @@
-"""Commands of this stage (placeholder until its issue lands)."""
+"""Commands of the student stage: ``generate`` (``train-student`` and ``eval`` are added here later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+from cache.util import UserError
+
+
+def load_student(model_dir: Path, device: str = "cpu"):
+    """(model, tokenizer) from a checkpoint folder written with ``save_pretrained`` (tokenizer included)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from student.modeling import CausalFNetForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{model_dir} is not a model folder (no config.json); pass a folder written by "
+                        "train-student or save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"no tokenizer in {model_dir} ({e}); save the teacher's tokenizer into the model "
+                        "folder with tokenizer.save_pretrained") from e
+    try:
+        torch_device = torch.device(device)
+        model = CausalFNetForCausalLM.from_pretrained(model_dir).to(torch_device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"cannot load the student from {model_dir} on {device!r}: {e}") from e
+    return model, tokenizer
+
+
+def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_k: int | None = None, seed: int = 0) -> str:
+    """Chat-format ``prompt`` (one user turn, generation prompt added), decode with the rolling state,
+    stop at the tokenizer's eos; returns the new text without special tokens."""
+    import torch
+
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model.device)
+    room = model.config.max_position_embeddings - ids.shape[1]
+    if room <= 0:
+        raise UserError(f"the chat-formatted prompt has {ids.shape[1]} tokens but the model takes at most "
+                        f"{model.config.max_position_embeddings}; shorten the prompt")
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = model.generate_fast(ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
+                              top_k=top_k, eos_token_id=tokenizer.eos_token_id, generator=gen)
+    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("generate")
+    def generate(
+        model: Path = typer.Option(..., "--model", help="student checkpoint folder (weights + tokenizer)"),
+        prompt: str = typer.Option(..., "--prompt", help="user message; the chat template is applied"),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely ids (0 = all)"),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    ) -> None:
+        """Generate an answer with a trained student (fast rolling-state decoder)."""
+        m, tok = load_student(model, device)
+        typer.echo(generate_text(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k or None, seed=seed))

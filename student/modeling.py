@@ -33,9 +33,11 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from cache.util import UserError
 
-# Effective windows (min(W, T)) at or above this use the FFT convolution; below it, direct conv1d.
-# Measured by bench/bench_student.py (section "crossover"); see docs/student.md.
-FFT_CROSSOVER = {"cpu": 48, "cuda": 64}
+# Effective windows L = min(W, T) at or above this use the FFT convolution; below it, direct conv1d.
+# CPU: measured by bench/bench_student.py ("crossover"): conv1d won at every L up to 128 (d=256 and 512),
+# because the (F, d, d) frequency-domain kernel is memory-bound there, so CPU uses conv1d throughout.
+# CUDA: not measured yet (no GPU was available); a starting value, to be set from the same bench.
+FFT_CROSSOVER: dict[str, int | None] = {"cpu": None, "cuda": 64}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -125,10 +127,9 @@ def stft_kernel(weight: torch.Tensor, window: int) -> torch.Tensor:
     half = torch.fft.rfft2(p).real  # (d_out, W, d//2+1): columns 0..d//2 of Re FFT2
     if d // 2 + 1 == d:
         return half
-    # Hermitian symmetry of a real input: Re X[w, j] = Re X[-w mod W, d - j] for the remaining columns.
-    rows = (-torch.arange(window, device=p.device)) % window
-    cols = d - torch.arange(d // 2 + 1, d, device=p.device)
-    rest = half[:, rows][:, :, cols]  # (d_out, W, d - d//2 - 1)
+    # Hermitian symmetry of a real input: Re X[w, j] = Re X[-w mod W, d - j] gives the other columns.
+    negw = torch.cat([half[:, :1], half[:, 1:].flip(1)], dim=1)  # row w holds row -w mod W
+    rest = negw[:, :, 1:d - d // 2].flip(-1)  # (d_out, W, d - d//2 - 1): columns d//2+1 .. d-1
     return torch.cat([half, rest], dim=-1)  # (d_out, W, d)
 
 
@@ -137,37 +138,44 @@ def _fft_len(n: int) -> int:
 
 
 class _FFTCausalConv(torch.autograd.Function):
-    """out[b, t] = sum_s taps[:, L-1-s, :] @ x[b, t-s], via real FFTs over time (fp32).
+    """out[b, t] = sum_s taps[:, L-1-s, :] @ x[b, t-s], via real FFTs over time, frequency-major layout.
 
-    Saves only x and the taps; the frequency-domain kernel (F, d, d) is rebuilt in backward instead of kept.
+    Saves only x and the taps; the frequency-domain kernel (F, d, d) is rebuilt in backward, not kept.
     """
+
+    @staticmethod
+    def _kernel_freq(taps: torch.Tensor, n: int) -> torch.Tensor:
+        lagged = taps.flip(1).permute(1, 2, 0).contiguous()  # (L, d_in, d_out), lag s = L-1-w
+        return torch.fft.rfft(lagged, n=n, dim=0).contiguous()  # (F, d_in, d_out), frequency-major
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         # x (B, T, d_in), taps (d_out, L, d_in)
         T, L = x.shape[1], taps.shape[1]
         n = _fft_len(T + L - 1)
-        hf = torch.fft.rfft(taps.flip(1), n=n, dim=1).permute(1, 2, 0)  # (F, d_in, d_out)
-        xf = torch.fft.rfft(x, n=n, dim=1).transpose(0, 1)  # (F, B, d_in)
-        yf = torch.bmm(xf, hf).transpose(0, 1)  # (B, F, d_out)
+        hf = _FFTCausalConv._kernel_freq(taps, n)  # (F, d_in, d_out)
+        xf = torch.fft.rfft(x.transpose(0, 1).contiguous(), n=n, dim=0).contiguous()  # (F, B, d_in)
+        y = torch.fft.irfft(torch.bmm(xf, hf), n=n, dim=0)[:T]  # (T, B, d_out)
         ctx.save_for_backward(x, taps)
-        return torch.fft.irfft(yf, n=n, dim=1)[:, :T]  # (B, T, d_out)
+        return y.transpose(0, 1)  # (B, T, d_out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, taps = ctx.saved_tensors
         T, L = x.shape[1], taps.shape[1]
         n = _fft_len(T + L - 1)
-        gf = torch.fft.rfft(grad.to(x.dtype), n=n, dim=1).transpose(0, 1)  # (F, B, d_out)
+        gf = torch.fft.rfft(grad.to(x.dtype).transpose(0, 1).contiguous(), n=n, dim=0).contiguous()
         gx = gtaps = None
         if ctx.needs_input_grad[0]:
-            hf = torch.fft.rfft(taps.flip(1), n=n, dim=1).permute(1, 0, 2)  # (F, d_out, d_in)
-            gx = torch.fft.irfft(torch.bmm(gf, hf.conj()).transpose(0, 1), n=n, dim=1)[:, :T]  # (B, T, d_in)
+            hf = _FFTCausalConv._kernel_freq(taps, n)  # (F, d_in, d_out)
+            # gf @ conj(hf)^T as conj(conj(gf) @ hf^T): keeps the big operand a plain transposed view
+            gxf = torch.bmm(gf.conj().resolve_conj(), hf.transpose(1, 2)).conj()  # (F, B, d_in)
+            gx = torch.fft.irfft(gxf, n=n, dim=0)[:T].transpose(0, 1)  # (B, T, d_in)
         if ctx.needs_input_grad[1]:
-            xf = torch.fft.rfft(x, n=n, dim=1).transpose(0, 1)  # (F, B, d_in)
-            cf = torch.bmm(gf.transpose(1, 2), xf.conj())  # (F, d_out, d_in)
-            lags = torch.fft.irfft(cf, n=n, dim=0)[:L]  # (L, d_out, d_in), lag s
-            gtaps = lags.flip(0).transpose(0, 1)  # (d_out, L, d_in)
+            xf = torch.fft.rfft(x.transpose(0, 1).contiguous(), n=n, dim=0).contiguous()  # (F, B, d_in)
+            cf = torch.bmm(xf.transpose(1, 2).conj().resolve_conj().contiguous(), gf)  # (F, d_in, d_out)
+            lags = torch.fft.irfft(cf, n=n, dim=0)[:L]  # (L, d_in, d_out)
+            gtaps = lags.permute(2, 0, 1).flip(1)  # (d_out, L, d_in)
         return gx, gtaps
 
 
@@ -178,7 +186,8 @@ def causal_stft_mix(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | 
     L = min(W, T)
     taps = kernel[:, W - L:]  # (d_out, L, d): only the last min(W, T) taps reach a length-T sequence
     if impl == "auto":
-        impl = "fft" if L >= FFT_CROSSOVER.get(x.device.type, FFT_CROSSOVER["cuda"]) else "conv"
+        crossover = FFT_CROSSOVER.get(x.device.type, FFT_CROSSOVER["cuda"])
+        impl = "fft" if crossover is not None and L >= crossover else "conv"
     if impl == "fft":
         with torch.autocast(x.device.type, enabled=False):
             y = _FFTCausalConv.apply(x.float(), taps)  # (B, T, d_out)

@@ -1,0 +1,215 @@
+"""Student speed and memory: reference STFT formulation vs the fast path, kernel cost, conv/FFT crossover,
+and generation with full recompute vs the rolling state. Writes bench/results/student.json.
+
+    python bench/bench_student.py [--quick] [--out bench/results/student.json]
+
+Activation memory is the total size of the distinct tensor storages autograd saves for backward during one
+forward pass (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded; ``kernel_bytes`` is
+the part that depends on the weights only (the STFT kernels), the rest grows with batch x tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import student.modeling as modeling  # noqa: E402
+from cache.util import atomic_write_json  # noqa: E402
+from student.modeling import (  # noqa: E402
+    CausalFNetConfig,
+    CausalFNetForCausalLM,
+    causal_stft_mix,
+    stft_kernel,
+)
+from tests.test_modeling import reference_stft_mix  # noqa: E402  (the one reference formulation)
+
+VOCAB = 8192  # a compacted-vocabulary-sized head, so that the mixing layers (the subject) dominate
+
+
+def make_model(d: int, layers: int, ffn: int, W: int, max_pos: int, vocab: int = VOCAB
+               ) -> CausalFNetForCausalLM:
+    torch.manual_seed(0)
+    cfg = CausalFNetConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, intermediate_size=ffn,
+                           stft_window_size=W, max_position_embeddings=max_pos, hidden_dropout_prob=0.1)
+    return CausalFNetForCausalLM(cfg)
+
+
+def set_mixer(model: CausalFNetForCausalLM, kind: str) -> None:
+    """kind: 'reference' (research formulation), or a fast impl 'auto' | 'conv' | 'fft'."""
+    for block in model.encoder:
+        m = block.causal_stft
+        if kind == "reference":
+            m.forward = lambda x, m=m: reference_stft_mix(x, m.projection, m.window)
+        else:
+            m.__dict__.pop("forward", None)
+            m.impl = kind
+    model._bench_fast = kind != "reference"
+
+
+def saved_bytes(model, ids, blocks_only: bool) -> tuple[int, int]:
+    """(saved non-parameter bytes, of which STFT-kernel bytes) for one forward pass, distinct storages.
+    blocks_only: the embeddings + blocks (``hidden_states``), without the LM head and loss."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kernels: set[int] = set()
+    seen: dict[int, int] = {}
+    original = modeling.stft_kernel
+
+    def tracked(*args):
+        k = original(*args)
+        kernels.add(k.untyped_storage().data_ptr())
+        return k
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    modeling.stft_kernel = tracked
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), step_context(model):
+            if blocks_only:
+                out = model.hidden_states(ids)
+            else:
+                out = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+            del out
+    finally:
+        modeling.stft_kernel = original
+    return sum(seen.values()), sum(v for p, v in seen.items() if p in kernels)
+
+
+def step_context(model):
+    """The fast path runs as the trainer uses it: kernels built once per optimizer step."""
+    return model.shared_kernels() if getattr(model, "_bench_fast", False) else contextlib.nullcontext()
+
+
+def fwd_bwd_seconds(model, ids, reps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + reps):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with step_context(model):
+            F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten()).backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return min(times)
+
+
+def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps, kinds=("reference", "auto")
+                   ) -> list[dict]:
+    model = make_model(d, layers, ffn, W, max_pos=max(T, 8)).train()
+    rows = []
+    for B in batches:
+        ids = torch.randint(0, VOCAB, (B, T))
+        row = {"config": name, "d": d, "layers": layers, "ffn": ffn, "W": W, "T": T, "batch": B,
+               "vocab": VOCAB}
+        for kind in kinds:
+            set_mixer(model, kind)
+            n = ref_reps if kind == "reference" else reps
+            row[f"{kind}_s"] = fwd_bwd_seconds(model, ids, n, warmup=0 if kind == "reference" else 1)
+            for scope in ("model", "blocks"):
+                total, kern = saved_bytes(model, ids, blocks_only=scope == "blocks")
+                row[f"{kind}_{scope}_act_MB"] = (total - kern) / 2**20
+                row[f"{kind}_{scope}_kernel_MB"] = kern / 2**20
+            print(name, B, kind, f"{row[f'{kind}_s']:.2f}s", f"{row[f'{kind}_model_act_MB']:.1f}MB",
+                  f"blocks {row[f'{kind}_blocks_act_MB']:.1f}MB",
+                  f"kernels {row[f'{kind}_model_kernel_MB']:.1f}MB", flush=True)
+        row["speedup"] = row["reference_s"] / row["auto_s"]
+        row["act_ratio_model"] = row["reference_model_act_MB"] / row["auto_model_act_MB"]
+        row["act_ratio_blocks"] = row["reference_blocks_act_MB"] / row["auto_blocks_act_MB"]
+        w = model.encoder[0].causal_stft.projection.weight
+        t0 = time.perf_counter()
+        for block in model.encoder:
+            stft_kernel(block.causal_stft.projection.weight.detach(), W)
+        row["kernel_build_all_layers_s"] = time.perf_counter() - t0  # once more at exit for the gradient
+        row["projection_params_per_layer"] = w.numel()
+        rows.append(row)
+    return rows
+
+
+def bench_crossover(d: int, B: int, T: int, lengths: list[int]) -> list[dict]:
+    """Fast layer alone, fwd+bwd: direct conv1d vs FFT convolution for effective windows L = min(W, T)."""
+    rows = []
+    x = torch.randn(B, T, d, requires_grad=True)
+    for L in lengths:
+        k = torch.randn(d, L, d, requires_grad=True)
+        row = {"d": d, "B": B, "T": T, "L": L}
+        for impl in ("conv", "fft"):
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                causal_stft_mix(x, k, None, impl).sum().backward()
+                best = min(best, time.perf_counter() - t0)
+            row[f"{impl}_s"] = best
+        print("crossover", row, flush=True)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def bench_generation(prompt: int, new: int) -> dict:
+    """Batch 1, greedy, one thread (tiny per-token ops only lose to thread hand-offs on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = make_model(256, 4, 1024, 32, max_pos=1024).eval()
+    ids = torch.randint(0, VOCAB, (1, prompt))
+    out = {"config": "d256 L4 FFN1024 W32", "vocab": VOCAB, "prompt": prompt, "new_tokens": new, "threads": 1}
+    model.generate_fast(ids, max_new_tokens=2)  # builds the cached kernels once, as after loading
+    t0 = time.perf_counter()
+    model.generate_fast(ids, max_new_tokens=new)
+    out["rolling_tok_s"] = new / (time.perf_counter() - t0)
+    for kind in ("reference", "auto"):
+        set_mixer(model, kind)
+        seq = ids
+        t0 = time.perf_counter()
+        for _ in range(new):
+            nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        out[f"recompute_{kind}_tok_s"] = new / (time.perf_counter() - t0)
+    set_mixer(model, "auto")
+    out["speedup_vs_reference_recompute"] = out["rolling_tok_s"] / out["recompute_reference_tok_s"]
+    out["speedup_vs_fast_recompute"] = out["rolling_tok_s"] / out["recompute_auto_tok_s"]
+    print("generation", out, flush=True)
+    torch.set_num_threads(threads)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "student.json"))
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    res = {"machine": machine,
+           "memory_method": "distinct saved-for-backward tensor storages in one forward "
+                            "(saved_tensors_hooks), parameters excluded; *_act_MB excludes and *_kernel_MB "
+                            "counts the weight-only STFT kernels; 'blocks' = embeddings + blocks, no head"}
+    if args.quick:
+        res["training"] = bench_training("quick", 32, 2, 64, 8, 32, [2], 1, 1)
+        res["crossover"] = bench_crossover(32, 2, 64, [4, 16, 64])
+        res["generation"] = bench_generation(8, 16)
+    else:
+        res["generation"] = bench_generation(64, 256)
+        res["training"] = (bench_training("d256-W32-T256", 256, 4, 1024, 32, 256, [8], 1, 1)
+                           + bench_training("d512-W512-T128", 512, 4, 256, 512, 128, [2, 8], 1, 1))
+        res["crossover"] = (bench_crossover(256, 8, 256, [32, 128]) + bench_crossover(512, 2, 128, [64, 128]))
+    res["total_s"] = time.perf_counter() - t0
+    atomic_write_json(args.out, res)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
