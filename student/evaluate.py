@@ -274,10 +274,9 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     if max_prompt_tokens is not None:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if len(prompts[longest]) > max_prompt_tokens:
-            raise UserError(f"row {examples[longest].row} has a {len(prompts[longest])}-token prompt; with "
-                            f"--max-new-tokens the model would run past its position limit (at most "
-                            f"{max_prompt_tokens} prompt tokens fit); lower --max-new-tokens or --limit "
-                            "the rows")
+            raise UserError(f"row {examples[longest].row} has a {len(prompts[longest])}-token prompt, but "
+                            f"with this --max-new-tokens only {max(max_prompt_tokens, 0)} prompt tokens fit "
+                            "in the model's positions; lower --max-new-tokens")
     order = sorted(range(len(examples)), key=lambda i: (-len(prompts[i]), i))
     records: list[dict[str, Any] | None] = [None] * len(examples)
     total_new = 0
