@@ -436,7 +436,8 @@ class Run:
     sampler: Any
     loader: torch.utils.data.DataLoader
     micro_per_step: int  # micro-batches per optimizer step over all ranks
-    shared_params: list[nn.Parameter]  # STFT projection weights, reduced by hand under DDP
+    share_kernels: bool  # one STFT kernel per layer per optimizer step (model.shared_kernels())
+    shared_params: list[nn.Parameter]  # STFT projection weights, reduced by hand under DDP when shared
     state: TrainState = field(default_factory=TrainState)
     last_checkpoint_step: int | None = None
 
@@ -522,13 +523,19 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
         model = CausalFNetForCausalLM(mc)
     model.to(device).train()
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _seed_everything(cfg.seed * 1000 + dist.rank + 1)
 
     loss_cfg = cfg.loss_config()
     fwd: nn.Module = DistillForward(model, loss_cfg.kind, loss_cfg.temperature, loss_cfg.chunk_size,
                                     with_kd=loss_cfg.alpha < 1.0)
-    shared = [m.projection.weight for m in model.modules() if isinstance(m, CausalSTFT)]
+    # Compiled graphs would guard on the per-step kernel tensors and recompile every step, so with --compile
+    # each micro-batch derives its kernels inside the graph instead.
+    share = not cfg.compile
+    shared = [m.projection.weight for m in model.modules() if isinstance(m, CausalSTFT)] if share else []
     if dist.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -550,7 +557,7 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     loader = _make_loader(data.train, sampler, data.pad_id, cfg.num_workers, device)
     run = Run(cfg=cfg, dist=dist, device=device, precision=precision, data=data, model=model, forward=fwd,
               optimizer=optimizer, scaler=scaler, sampler=sampler, loader=loader, micro_per_step=micro,
-              shared_params=shared)
+              share_kernels=share, shared_params=shared)
     if saved is not None:
         _load_trainer_state(run, saved)
     return run
@@ -582,7 +589,7 @@ def accumulate(run: Run, batches: Sequence, normalizer: int, hooks: TrainHooks |
     lc = cfg.loss_config()
     sums = torch.zeros(7, dtype=torch.float64, device=run.device)
     ddp = dist.distributed
-    with run.model.shared_kernels():
+    with run.model.shared_kernels() if run.share_kernels else nullcontext():
         for i, batch in enumerate(batches):
             sync = nullcontext() if (not ddp or i == len(batches) - 1) else _no_sync(run.forward)
             with sync:

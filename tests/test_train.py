@@ -321,6 +321,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not (out / FINAL).exists()
 
 
+def test_grad_checkpointing_gives_the_same_gradients_and_bf16_autocast_trains(tmp_path, cache):
+    from student.data import Collator
+
+    batch = Collator(pad_id=PAD)([open_cache(cache)[i] for i in range(4)])
+    grads = []
+    for gc in (False, True):
+        run = setup(tiny(cache, tmp_path / f"gc-{gc}", grad_checkpointing=gc, layers=2))
+        assert all(b.gradient_checkpointing == gc for b in run.model.encoder)
+        accumulate(run, [batch], batch.num_supervised)
+        grads.append({n: p.grad.clone() for n, p in run.model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8, msg=name)
+    res = train_student(tiny(cache, tmp_path / "bf16", precision="bf16", steps=2))
+    assert np.isfinite(res.final_metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in params_of(res.out_dir / FINAL).values())
+
+
 # --------------------------------------------------------------------------------------------- learning
 
 
