@@ -491,9 +491,10 @@ def _make_loader(dataset, sampler, pad_id: int, num_workers: int, device: torch.
     from student.data import Collator, make_dataloader
 
     # A private generator: creating an iterator draws its worker base seed from it, not from the global RNG
-    # that dropout uses, so evaluations and resumes leave the training randomness untouched.
+    # that dropout uses, so evaluations and resumes leave the training randomness untouched. Workers persist
+    # across epochs (the batch sampler runs in the main process, so set_epoch still applies).
     return make_dataloader(dataset, sampler, Collator(pad_id=pad_id), num_workers=num_workers, device=device,
-                           generator=torch.Generator().manual_seed(0))
+                           persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
@@ -1106,8 +1107,10 @@ def train_student_command(
     """Train the causal STFT FNet student from a teacher cache (the teacher is never loaded).
 
     loss = alpha * CE(labels) + (1 - alpha) * tau^2 * KD, per supervised token of the whole optimizer step.
-    Works under torchrun (gloo on CPU, nccl on GPU). Stops with a non-zero exit on a NaN/inf loss, keeping
-    the last good checkpoint.
+
+    Works under torchrun (gloo on CPU, nccl on GPU). --resume continues OUT/checkpoint-last/ exactly.
+
+    A NaN/inf loss stops the run (exit 2) and keeps the last good checkpoint.
     """
     from transformers.utils import logging as hf_logging
 
