@@ -361,15 +361,18 @@ def test_student_converges_to_the_known_teacher(tmp_path):
 
 
 def test_compact_vocab_and_final_folder(tmp_path):
-    """A cache that uses only some ids: the compacted student has just those rows (plus eos/pad), trains,
-    and its final/ loads with from_pretrained and scores tokenizer ids."""
+    """Caches that use only some ids: the compacted student has rows for the training and validation caches'
+    ids (plus eos/pad), trains, evaluates on --val-cache, and its final/ loads with from_pretrained."""
     from student.modeling import CausalFNetForCausalLM
 
     c = write_bigram_cache(tmp_path / "c", n=12, k=3)
+    val = write_bigram_cache(tmp_path / "val", n=4, k=3, seed=7)  # same teacher and tokenizer, other data
     used = set()
-    for r in open_cache(c):
+    for r in [*open_cache(c), *open_cache(val)]:
         used |= set(r.input_ids.tolist()) | set(r.topk_ids.ravel().tolist())
-    res = train_student(tiny(c, tmp_path / "out", compact_vocab=True, steps=3, alpha=0.3))
+    res = train_student(tiny(c, tmp_path / "out", compact_vocab=True, steps=3, alpha=0.3, val_cache=val))
+    assert {"val_ce", "val_kl", "val_top1_agree"} <= res.final_metrics.keys()
+    assert res.final_metrics["val_tokens"] == sum(r.num_supervised for r in open_cache(val))
     model = CausalFNetForCausalLM.from_pretrained(res.out_dir / FINAL)
     assert model.config.vocab_map == sorted(used | {EOS, PAD}) and model.config.full_vocab_size == V
     logits = model(torch.tensor([[1, 2, 3]]), full_vocab_logits=True).logits
@@ -378,6 +381,7 @@ def test_compact_vocab_and_final_folder(tmp_path):
     assert cfg["config"]["compact_vocab"] is True and cfg["config"]["warmup"] == 1
     prov = json.loads((res.out_dir / FINAL / "provenance.json").read_text())
     assert prov["cache_fingerprint_digest"] == open_cache(c).fingerprint_digest and prov["step"] == 3
+    assert prov["val_cache_fingerprint_digest"] == open_cache(val).fingerprint_digest
     assert not any(k.startswith("_orig_mod.") for k in params_of(res.out_dir / FINAL))
 
 
