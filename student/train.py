@@ -641,7 +641,7 @@ def optimizer_step(run: Run) -> float:
 
 
 def step_loss(sums: Sequence[float], alpha: float, temperature: float) -> float:
-    ce, kd, rows = sums[0], sums[1], max(sums[4], 1.0)
+    ce, kd, rows = float(sums[0]), float(sums[1]), max(float(sums[4]), 1.0)
     return (alpha * ce + (1.0 - alpha) * temperature**2 * kd) / rows
 
 
@@ -892,7 +892,7 @@ def plot_curves(metrics: Path, png: Path) -> None:
     for key, rs in (("top1_agree", train), ("val_top1_agree", val), ("val_label_acc", val)):
         pts = [(r["step"], r[key]) for r in rs if r.get(key) is not None]
         if pts:
-            ax2.plot(*zip(*pts), label=key.replace("_", " "))
+            ax2.plot(*zip(*pts), label=key.replace("_", " ") if key.startswith("val") else f"train {key}")
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("fraction of supervised tokens")
     ax2.legend(fontsize=8)
@@ -967,9 +967,10 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
                     last_train = {
                         "event": "train", "step": st.step, "epoch": st.epoch, "tokens": st.tokens,
                         "supervised_tokens": st.supervised_tokens, "lr": lr,
-                        "loss": step_loss(window, lc.alpha, lc.temperature), "ce": window[0] / rows,
-                        "kd": window[1] / rows if lc.alpha < 1 else None, "top1_agree": window[2] / rows,
-                        "grad_norm": grad_norm, "tokens_per_s": window[5] / dt,
+                        "loss": step_loss(window, lc.alpha, lc.temperature), "ce": float(window[0] / rows),
+                        "kd": float(window[1] / rows) if lc.alpha < 1 else None,
+                        "top1_agree": float(window[2] / rows), "grad_norm": grad_norm,
+                        "tokens_per_s": float(window[5] / dt),
                         "steps_per_s": window_steps / dt, "elapsed_s": time.perf_counter() - t_start,
                     }
                     metrics.write(last_train)

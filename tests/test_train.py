@@ -338,6 +338,37 @@ def test_grad_checkpointing_gives_the_same_gradients_and_bf16_autocast_trains(tm
     assert all(p.dtype == torch.float32 for p in params_of(res.out_dir / FINAL).values())
 
 
+def test_evaluation_matches_a_full_logits_reference(tmp_path, cache):
+    """val_ce / val_kl (top-k + tail at T = 1) / val_top1_agree of the trained model, recomputed from plain
+    full-vocabulary logits of final/ over the held-out records."""
+    from student.modeling import CausalFNetForCausalLM
+
+    res = train_student(tiny(cache, tmp_path / "run", steps=5, val_fraction=0.25, dropout=0.1, lr=1e-2))
+    model = CausalFNetForCausalLM.from_pretrained(res.out_dir / FINAL).eval()
+    reader = open_cache(cache)
+    ce = kl = agree = rows = 0.0
+    for i in split_indices(len(reader), 0.25, seed=0)[1]:
+        r = reader[int(i)]
+        t = np.flatnonzero(r.loss_mask)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(r.input_ids.astype(np.int64))[None]).logits[0, t - 1].double()
+        logq = torch.log_softmax(logits, -1)  # (n, V)
+        ids = torch.from_numpy(r.topk_ids.astype(np.int64))
+        logp = torch.from_numpy(r.topk_logprobs.astype(np.float64))
+        tail_p = torch.from_numpy(r.tail_mass[:, 0].astype(np.float64))
+        q_tail = 1 - logq.gather(1, ids).exp().sum(1)
+        kl += float((logp.exp() * (logp - logq.gather(1, ids))).sum()
+                    + (tail_p * (tail_p.log() - q_tail.log())).sum())
+        ce += float(-logq[torch.arange(len(t)), torch.from_numpy(r.input_ids[t].astype(np.int64))].sum())
+        agree += float((logits.argmax(-1) == ids[:, 0]).sum())
+        rows += len(t)
+    m = res.final_metrics
+    assert m["val_tokens"] == rows
+    assert m["val_ce"] == pytest.approx(ce / rows, rel=1e-5)
+    assert m["val_kl"] == pytest.approx(kl / rows, rel=1e-4)
+    assert m["val_top1_agree"] == pytest.approx(agree / rows)
+
+
 # --------------------------------------------------------------------------------------------- learning
 
 
