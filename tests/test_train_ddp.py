@@ -51,9 +51,16 @@ def losses(out) -> list[tuple]:
              r.get("supervised_tokens")) for r in rows]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
     cache = write_bigram_cache(tmp_path / "cache", n=20)
-    torch.set_num_threads(1)
 
     one = tmp_path / "one"
     one.mkdir()
