@@ -363,3 +363,18 @@ def test_compacted_model_gives_the_same_probabilities_on_its_ids(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, small(ids).logits)
     with torch.no_grad():  # an id outside the map is read as a zero word vector, not an error
         assert torch.isfinite(loaded(torch.tensor([[1, 3]])).logits).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_values_and_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (2, 9))
+    eager = model(ids).logits
+    eager.square().mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)(ids).logits
+    compiled.square().mean().backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
