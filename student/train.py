@@ -38,7 +38,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
-from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_dir
+from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT = "checkpoint-last"
@@ -692,17 +692,6 @@ def evaluate(run: Run) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -751,6 +740,8 @@ def write_model_folder(run: Run, folder: Path) -> None:
 
 
 def _write_folder_atomically(run: Run, name: str, extra: Callable[[Path], None] | None = None) -> Path:
+    from cache.format import _fsync_tree  # the one fsync-a-folder helper (a candidate for cache.util)
+
     dst = run.cfg.out / name
     tmp = run.cfg.out / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
