@@ -45,11 +45,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_cache(path: Path, n: int, seed: int = 0) -> None:
-    """GSM8K-shaped synthetic cache: ~100 prompt + ~150 answer tokens, k=64, T=(1, 2), fp16 log-probs."""
+def write_cache(path: Path, n: int, seed: int = 0, id_pool: int | None = None) -> None:
+    """GSM8K-shaped synthetic cache: ~100 prompt + ~150 answer tokens, k=64, T=(1, 2), fp16 log-probs.
+    ``id_pool``: draw every id from a fixed random subset of that many ids (what --compact-vocab keeps)."""
     from cache.format import CacheRecord, CacheSettings, CacheWriter
 
     rng = np.random.default_rng(seed)
+    pool = np.sort(rng.choice(151_643, id_pool, replace=False)) if id_pool else None
+
+    def draw(shape):
+        return (pool[rng.integers(0, len(pool), shape)] if pool is not None
+                else rng.integers(0, 151_643, shape)).astype(np.int32)
+
     s = CacheSettings(topk=64, vocab_size=VOCAB, temperatures=(1.0, 2.0), dtype="float16")
     recs = []
     for i in range(n):
@@ -59,8 +66,7 @@ def write_cache(path: Path, n: int, seed: int = 0) -> None:
         mask[prompt:] = True
         lp = -np.sort(rng.exponential(2.0, size=(ans, 64)), axis=1)
         recs.append(CacheRecord(
-            seq_id=i, input_ids=rng.integers(0, 151_643, L, dtype=np.int32), loss_mask=mask,
-            assistant_start=prompt, topk_ids=rng.integers(0, VOCAB, (ans, 64), dtype=np.int32),
+            seq_id=i, input_ids=draw(L), loss_mask=mask, assistant_start=prompt, topk_ids=draw((ans, 64)),
             topk_logprobs=lp.astype(np.float16), topk_shift=rng.normal(size=(ans, 2)).astype(np.float32),
             tail_mass=rng.random((ans, 2), dtype=np.float32) * 0.1))
     with CacheWriter(path, fingerprint={"bench": "train"}, settings=s) as w:
@@ -90,7 +96,7 @@ def teacher_targets(teacher, batch, temps=(1.0, 2.0), k: int = 64):
     return batch
 
 
-def run_mode(mode: str, cache: Path, batch_tokens: int, steps: int, threads: int) -> dict:
+def run_mode(mode: str, cache: Path, batch_tokens: int, steps: int, threads: int, compact: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -99,7 +105,8 @@ def run_mode(mode: str, cache: Path, batch_tokens: int, steps: int, threads: int
     rss0 = rss_mib()
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(cache=cache, out=Path(out) / "run", steps=100, batch_tokens=batch_tokens, accum=1,
-                          num_workers=0, progress=False, device="cpu", precision="fp32", chunk_size=256)
+                          num_workers=0, progress=False, device="cpu", precision="fp32", chunk_size=256,
+                          compact_vocab=compact)
         run = setup(cfg)
         teacher = None
         if mode == "teacher":
@@ -125,7 +132,8 @@ def run_mode(mode: str, cache: Path, batch_tokens: int, steps: int, threads: int
                 teacher_times.append(t1 - t0)
                 tokens.append(sum(int(b.attention_mask.sum()) for b in micro))
     teacher_params = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
-    return {"mode": mode, "s_per_step": float(np.mean(times)), "steps_per_s": 1 / float(np.mean(times)),
+    return {"mode": mode, "student_vocab": run.model.config.vocab_size, "s_per_step": float(np.mean(times)),
+            "steps_per_s": 1 / float(np.mean(times)),
             "tokens_per_step": float(np.mean(tokens)), "tokens_per_s": float(np.sum(tokens) / np.sum(times)),
             "load_or_teacher_s_per_step": float(np.mean(teacher_times)),
             "measured_steps": len(times), "rss_after_imports_mib": rss0, "rss_after_models_mib": rss_model,
@@ -160,6 +168,9 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2, help="measured steps per mode (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compact-ids", type=int, default=40_000,
+                    help="also time (a) with --compact-vocab on a cache whose ids come from this many ids")
+    ap.add_argument("--compact", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=["cache", "teacher", "loader"], help=argparse.SUPPRESS)
     ap.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -168,7 +179,8 @@ def main() -> int:
         print(json.dumps(loader_throughput(args.cache, args.batch_tokens, args.workers, args.threads)))
         return 0
     if args.mode:
-        print(json.dumps(run_mode(args.mode, args.cache, args.batch_tokens, args.steps, args.threads)))
+        print(json.dumps(run_mode(args.mode, args.cache, args.batch_tokens, args.steps, args.threads,
+                                  args.compact)))
         return 0
 
     load_before = os.getloadavg()
@@ -182,6 +194,14 @@ def main() -> int:
             out = subprocess.run(base + ["--mode", mode], capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(mode, results[mode], flush=True)
+        if args.compact_ids:
+            small = Path(tmp) / "cache-compact"
+            write_cache(small, args.sequences, id_pool=args.compact_ids)
+            cmd = [*base, "--mode", "cache", "--compact"]
+            cmd[cmd.index(str(cache))] = str(small)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results["cache_compact"] = json.loads(out.stdout.strip().splitlines()[-1])
+            print("cache_compact", results["cache_compact"], flush=True)
         results["loader"] = []
         for workers in (0, 2):
             out = subprocess.run(base + ["--mode", "loader", "--workers", str(workers)], capture_output=True,
@@ -198,6 +218,10 @@ def main() -> int:
         "goal_speedup_3x_met": b["s_per_step"] / a["s_per_step"] >= 3,
         "goal_loader_headroom_10x_met": loader0 / a["tokens_per_s"] >= 10,
     }
+    if "cache_compact" in results:
+        c = results["cache_compact"]
+        summary["speedup_teacher_vs_cache_compact"] = b["s_per_step"] / c["s_per_step"]
+        summary["compact_vocab"] = c["student_vocab"]
     doc = {
         "benchmark": "train",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
