@@ -28,10 +28,11 @@ KD ?= topk_tail
 ALPHA ?= 0.5
 TEMPERATURE ?= 2
 TRAIN_ARGS ?=
+EVAL_ARGS ?=
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache train-student demo demo-gsm8k bench clean
+.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -61,7 +62,14 @@ val-cache: install ## stage one on the test split (the validation cache for stag
 
 train-student: install ## stage two: train the student from the cache (teacher never loaded)
 	$(CLI) train-student --cache $(CACHE_DIR) --out $(STUDENT_OUT) --steps $(STEPS) --kd $(KD) \
-	  --alpha $(ALPHA) --temperature $(TEMPERATURE) $(TRAIN_ARGS)
+	  --alpha $(ALPHA) --temperature $(TEMPERATURE) \
+	  $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02) $(TRAIN_ARGS)
+
+eval-student: install ## GSM8K accuracy of the trained student (greedy, strict + flexible)
+	$(CLI) eval --model $(STUDENT_OUT)/final --dataset $(DATASET) --split test --out $(STUDENT_OUT)/eval-test.jsonl $(EVAL_ARGS)
+
+eval-teacher: install ## the same evaluation on the teacher, for comparison
+	$(CLI) eval --model $(TEACHER) --dataset $(DATASET) --split test --out runs/eval/teacher-test.jsonl $(EVAL_ARGS)
 
 demo: install ## the whole pipeline offline on the embedded default, with a report
 	$(CLI) demo --out runs/demo --scale $(DEMO_SCALE)
