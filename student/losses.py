@@ -26,6 +26,7 @@ backward, so the (positions x vocab) logits never exist whole.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -190,58 +191,255 @@ def combine_loss(sums: LossSums, *, alpha: float, temperature: float,
     return (alpha * sums.ce + (1.0 - alpha) * temperature**2 * sums.kd) / normalizer
 
 
-def _chunk_terms(h: Tensor, w: Tensor, targets: DistillTargets, kind: str, temperature: float,
-                 kd_weight_nonzero: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = F.linear(h, w.to(h.dtype)).float()  # (c, V)
-        ce = F.cross_entropy(logits, targets.labels, reduction="sum")
-        kd = kd_sum(logits, targets, kind, temperature) if kd_weight_nonzero else logits.new_zeros(())
-        pred = logits.detach().argmax(-1)
-    return ce, kd, (pred == targets.topk_ids[:, 0]).sum(), (pred == targets.labels).sum()
+@dataclass
+class _RowStats:
+    """What forward keeps per row so that backward can write dL/dlogits in one fused expression.
+
+    With q = softmax(z / T) and p1 = softmax(z), the gradient of one chunk is
+    ``g_ce * (p1 - onehot(label)) + g_kd / T * (alpha * q + ...)`` on every column, then on ``cols``:
+    ``+ g_kd / T * beta`` (``p1_cols`` is None), or, for the tail kinds, the exact value
+    ``g_ce * p1_cols + g_kd / T * beta`` written over it. Writing the top-k columns instead of correcting
+    them avoids cancelling the huge ``alpha * q`` (alpha holds 1 / Q, Q the student's tail mass) there.
+    Rows in ``tail_rows`` (Q below ``_TAIL_FLOOR``) add ``tail_coef * r`` instead, with r the exact
+    softmax over their non-top-k logits.
+    """
+
+    lse1: Tensor  # (n,) logsumexp(z)
+    lse_t: Tensor  # (n,) logsumexp(z / T)
+    alpha: Tensor  # (n,)
+    beta: Tensor  # (n, j)
+    cols: Tensor  # (n, j) the columns beta lands on (top-k or sampled ids)
+    p1_cols: Tensor | None  # (n, j)
+    tail_rows: Tensor  # (f,) int64
+    tail_coef: Tensor  # (f,)
+
+
+# Below this student tail mass Q the shifted-domain sum loses the tail to underflow and q / Q is not
+# representable: such rows get the exact LSE over their non-top-k logits instead (rare, recomputed).
+_TAIL_FLOOR = 1e-20
+
+
+def _logits(h: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """fp32 (c, V) logits ``h @ w.T`` written into ``out`` (the matmul runs in h's dtype)."""
+    if h.dtype == torch.float32:
+        return torch.mm(h, w.t(), out=out)
+    return out.copy_(h @ w.t())
+
+
+def _scaled_logits(h: Tensor, w: Tensor, scale: float, shift: Tensor, out: Tensor) -> Tensor:
+    """fp32 (c, V) ``scale * (h @ w.T) - shift[:, None]`` into ``out``, one pass when h is fp32."""
+    if h.dtype == torch.float32:
+        return torch.addmm(shift[:, None].neg(), h, w.t(), alpha=scale, out=out)
+    return _logits(h, w, out).mul_(scale).sub_(shift[:, None])
+
+
+def _tail_exact(logits: Tensor, cols: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """log Q (f,) and r = softmax over the non-``cols`` entries of logits / T (f, V), as the reference."""
+    rest = F.log_softmax(logits / temperature, dim=-1).scatter_(1, cols, _NEG)  # (f, V)
+    log_tail = torch.logsumexp(rest, dim=-1)
+    return log_tail, rest.sub_(log_tail[:, None]).exp_()
+
+
+def _chunk_forward(h: Tensor, w: Tensor, t: DistillTargets, kind: str, temperature: float, with_kd: bool,
+                   buf: Tensor, buf2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, _RowStats]:
+    """CE and KD sums of one chunk, the two metric counts and the per-row gradient coefficients.
+
+    One fp32 (c, V) logits buffer (plus a second one when T is neither 1 nor 2): max and argmax in one
+    pass, exp in place, the T = 2 softmax numerators squared into the T = 1 ones."""
+    T = temperature
+    z = _logits(h, w, buf)  # (c, V)
+    m, pred = torch.max(z, dim=-1)
+    z_label = z.gather(1, t.labels[:, None])[:, 0]
+    need_kd = with_kd and kind != "topk_renorm"
+    cols = None
+    if with_kd:
+        if kind == "sampled" and t.sample_ids is None:
+            raise UserError("KD kind 'sampled' needs a cache written with samples; rebuild it with "
+                            "--samples N or choose another --kd")
+        cols = t.sample_ids if kind == "sampled" else t.topk_ids
+        z_cols = z.gather(1, cols)  # (c, j)
+    z.sub_(m[:, None])
+    log_tail_e = None
+    if need_kd:
+        if T == 1.0:
+            e_t = z.exp_()  # (c, V) exp((z - m) / T)
+        elif T == 2.0:
+            e_t = z.mul_(0.5).exp_()
+        else:
+            e_t = torch.mul(z, 1.0 / T, out=buf2).exp_()
+        s_t = e_t.sum(-1)
+        if kind != "sampled":
+            e_cols = e_t.gather(1, cols)
+            log_tail_e = e_t.scatter_(1, cols, 0.0).sum(-1).log()
+            e_t.scatter_(1, cols, e_cols)
+        if T == 1.0:
+            e1 = e_t
+        elif T == 2.0:
+            e1 = e_t.square_()
+        else:
+            e1 = z.exp_()
+        s1 = e1.sum(-1) if T != 1.0 else s_t
+    else:
+        s1 = z.exp_().sum(-1)
+    log_s1 = s1.log()
+    lse1 = m + log_s1
+    ce = ((m - z_label) + log_s1).sum()
+    agree, correct = (pred == t.topk_ids[:, 0]).sum(), (pred == t.labels).sum()
+    empty = torch.zeros(0, dtype=torch.int64, device=z.device)
+    if not with_kd:
+        zeros = lse1.new_zeros(len(lse1))
+        stats = _RowStats(lse1, lse1, zeros, zeros[:, None], t.labels[:, None], None, empty, zeros[:0])
+        return ce, z.new_zeros(()), agree, correct, stats
+    if kind == "topk_renorm":
+        logp = teacher_logprobs(t, T)
+        logp_r = logp - torch.logsumexp(logp, -1, keepdim=True)
+        zt = z_cols / T
+        logq_r = zt - torch.logsumexp(zt, -1, keepdim=True)
+        p_r = logp_r.exp()
+        kd = (p_r * (logp_r - logq_r)).sum()
+        beta = logq_r.exp() * p_r.sum(-1, keepdim=True) - p_r
+        zeros = lse1.new_zeros(len(lse1))
+        return ce, kd, agree, correct, _RowStats(lse1, lse1, zeros, beta, cols, None, empty, zeros[:0])
+    log_s_t = s_t.log()
+    lse_t = m / T + log_s_t
+    logq = (z_cols - m[:, None]) / T - log_s_t[:, None]  # (c, j) log q_T at the columns
+    if kind == "sampled":
+        counts = t.sample_counts.float()
+        target = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        kd = -(target * logq).sum()
+        return ce, kd, agree, correct, _RowStats(lse1, lse_t, target.sum(-1), -target, cols, None, empty,
+                                                 lse1.new_zeros(0))
+    log_q_tail = log_tail_e - log_s_t  # (c,)
+    tail_rows = torch.nonzero(~(log_q_tail > math.log(_TAIL_FLOOR)))[:, 0]
+    exact_r = None
+    if len(tail_rows):
+        exact_logits = _logits(h[tail_rows], w, z.new_empty(len(tail_rows), z.shape[1]))
+        exact_log_tail, exact_r = _tail_exact(exact_logits, cols[tail_rows], T)
+        log_q_tail = log_q_tail.index_put((tail_rows,), exact_log_tail)
+    kd, alpha, beta, coef = _tail_terms(kind, teacher_logprobs(t, T), t.tail.float().clamp(0.0, 1.0), logq,
+                                        log_q_tail)
+    if len(tail_rows):
+        tail_coef = coef[tail_rows]
+        coef = coef.index_fill(0, tail_rows, 0.0)
+    else:
+        tail_coef = coef[:0]
+    alpha_dense = alpha + torch.where(coef == 0, 0.0, coef * torch.exp(-log_q_tail))
+    at_cols = alpha[:, None] * logq.exp() + beta  # (c, k) the exact KD gradient at the top-k columns
+    p1_cols = ((z_cols - m[:, None]) - log_s1[:, None]).exp()
+    return ce, kd, agree, correct, _RowStats(lse1, lse_t, alpha_dense, at_cols, cols, p1_cols, tail_rows,
+                                             tail_coef)
+
+
+def _tail_terms(kind: str, logp: Tensor, tail_p: Tensor, logq: Tensor,
+                log_q_tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """KD sum of ``topk_tail`` / ``reverse_kl`` and its gradient w.r.t. z / T as
+    ``alpha * q + scatter(beta) + coef * (q / Q on the non-top-k rows)``. Shapes (c, k) and (c,)."""
+    q_k = logq.exp()
+    if kind == "topk_tail":
+        p = logp.exp()
+        kd = (p * (logp - logq)).sum() + (torch.xlogy(tail_p, tail_p) - tail_p * log_q_tail).sum()
+        return kd, p.sum(-1) + tail_p, -p, -tail_p
+    if kind == "reverse_kl":
+        q_tail = log_q_tail.exp()
+        log_p_tail = tail_p.clamp_min(_TINY).log()
+        kd = (q_k * (logq - logp)).sum() + (q_tail * (log_q_tail - log_p_tail)).sum()
+        a = q_k * (logq - logp + 1.0)
+        b = q_tail * (log_q_tail - log_p_tail + 1.0)
+        return kd, -(a.sum(-1) + b), a, b
+    raise UserError(f"unknown KD kind {kind!r}; use one of {', '.join(KD_KINDS)}")
+
+
+def _chunk_grad(h: Tensor, w: Tensor, st: _RowStats, labels: Tensor, temperature: float, g_ce: Tensor,
+                g_kd: Tensor, with_kd: bool, buf: Tensor, buf2: Tensor | None) -> Tensor:
+    """dL/dlogits (c, V) of one chunk for L = g_ce * CE + g_kd * KD, written into ``buf``."""
+    T = temperature
+    c_q = g_kd / T * st.alpha if with_kd else None  # (c,)
+    extra = None
+    if with_kd and len(st.tail_rows):
+        exact_logits = _logits(h[st.tail_rows], w, buf.new_empty(len(st.tail_rows), buf.shape[1]))
+        _, r = _tail_exact(exact_logits, st.cols[st.tail_rows], T)
+        extra = r.mul_((g_kd / T * st.tail_coef)[:, None])  # (f, V)
+    if not with_kd or not bool(st.alpha.any()):
+        g = _scaled_logits(h, w, 1.0, st.lse1, buf).exp_().mul_(g_ce)
+    elif T == 1.0:
+        g = _scaled_logits(h, w, 1.0, st.lse1, buf).exp_().mul_((g_ce + c_q)[:, None])
+    elif T == 2.0:
+        # p1 = q^2 * exp(2 lse_T - lse1): g = q * (g_ce * exp(2 lse_T - lse1) * q + c_q)
+        q = _scaled_logits(h, w, 0.5, st.lse_t, buf2).exp_()
+        g = torch.addcmul(c_q[:, None], q, (g_ce * (2 * st.lse_t - st.lse1).exp())[:, None], out=buf).mul_(q)
+    else:
+        q = _scaled_logits(h, w, 1.0 / T, st.lse_t, buf2)
+        g = torch.mul(q, T, out=buf).add_((T * st.lse_t - st.lse1)[:, None]).exp_().mul_(g_ce)
+        g.add_(q.exp_().mul_(c_q[:, None]))
+    if extra is not None:
+        g.index_add_(0, st.tail_rows, extra)
+    if with_kd and st.p1_cols is None:
+        g.scatter_add_(1, st.cols, st.beta * (g_kd / T))
+    elif with_kd:
+        g.scatter_(1, st.cols, st.p1_cols * g_ce + st.beta * (g_kd / T))
+    g.scatter_add_(1, labels[:, None], (-g_ce).expand(len(labels), 1))
+    return g
 
 
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: DistillTargets, kind: str, temperature: float,
                 chunk_size: int, with_kd: bool):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        w = weight.detach().to(hidden.dtype)
+        c = min(chunk_size, max(n, 1))
+        two = with_kd and kind != "topk_renorm" and temperature not in (1.0, 2.0)
+        buf = torch.empty(c, vocab, dtype=torch.float32, device=hidden.device)
+        buf2 = torch.empty_like(buf) if two else None
         ce_total = hidden.new_zeros((), dtype=torch.float32)
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         agree = torch.zeros((), dtype=torch.int64, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
-        for a in range(0, hidden.shape[0], chunk_size):
-            b = min(a + chunk_size, hidden.shape[0])
-            ce, kd, ag, co = _chunk_terms(hidden[a:b], weight, targets.rows(a, b), kind, temperature, with_kd)
-            ce_total += ce
-            kd_total += kd
-            agree += ag
-            correct += co
+        stats = []
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for a in range(0, n, chunk_size):
+                b = min(a + chunk_size, n)
+                ce, kd, ag, co, st = _chunk_forward(hidden[a:b].detach(), w, targets.rows(a, b), kind,
+                                                    temperature, with_kd, buf[: b - a],
+                                                    None if buf2 is None else buf2[: b - a])
+                ce_total += ce
+                kd_total += kd
+                agree += ag
+                correct += co
+                stats.append(st)
         ctx.save_for_backward(hidden, weight)
-        ctx.targets, ctx.kind, ctx.temperature, ctx.chunk_size, ctx.with_kd = (
-            targets, kind, temperature, chunk_size, with_kd)
+        ctx.stats, ctx.labels, ctx.temperature, ctx.chunk_size, ctx.with_kd = (
+            stats, targets.labels, temperature, chunk_size, with_kd)
         ctx.mark_non_differentiable(agree, correct)
         return ce_total, kd_total, agree, correct
 
     @staticmethod
     def backward(ctx, grad_ce: Tensor, grad_kd: Tensor, _grad_agree: Tensor, _grad_correct: Tensor):
         hidden, weight = ctx.saved_tensors
-        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        w = weight.detach().requires_grad_(ctx.needs_input_grad[1])
-        for a in range(0, hidden.shape[0], ctx.chunk_size):
-            b = min(a + ctx.chunk_size, hidden.shape[0])
-            with torch.enable_grad():
-                h = hidden[a:b].detach().requires_grad_(ctx.needs_input_grad[0])
-                rows = ctx.targets.rows(a, b)
-                ce, kd, _, _ = _chunk_terms(h, w, rows, ctx.kind, ctx.temperature, ctx.with_kd)
-                total = ce * grad_ce + (kd * grad_kd if ctx.with_kd else 0.0)
-                pairs = ((h, ctx.needs_input_grad[0]), (w, ctx.needs_input_grad[1]))
-                inputs = [x for x, need in pairs if need]
-                grads = torch.autograd.grad(total, inputs)
-            grads = list(grads)
-            if ctx.needs_input_grad[0]:
-                grad_h[a:b] = grads.pop(0)
-            if ctx.needs_input_grad[1]:
-                grad_w += grads.pop(0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        n, vocab = hidden.shape[0], weight.shape[0]
+        w = weight.detach().to(hidden.dtype)
+        c = min(ctx.chunk_size, max(n, 1))
+        two = ctx.with_kd and ctx.temperature != 1.0
+        buf = torch.empty(c, vocab, dtype=torch.float32, device=hidden.device)
+        buf2 = torch.empty_like(buf) if two else None
+        g_ce, g_kd = grad_ce.float(), grad_kd.float()
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for i, a in enumerate(range(0, n, ctx.chunk_size)):
+                b = min(a + ctx.chunk_size, n)
+                h = hidden[a:b].detach()
+                g = _chunk_grad(h, w, ctx.stats[i], ctx.labels[a:b], ctx.temperature, g_ce, g_kd, ctx.with_kd,
+                                buf[: b - a], None if buf2 is None else buf2[: b - a])  # (c, V)
+                g = g.to(hidden.dtype)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[a:b]) if g.dtype == grad_h.dtype else grad_h[a:b].copy_(g @ w)
+                if need_w:
+                    if g.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w.add_(g.t() @ h)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None

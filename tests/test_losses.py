@@ -315,3 +315,79 @@ def test_map_ids_for_a_compacted_head_equals_full_head_without_the_missing_rows(
                          topk_logprobs=t.topk_logprobs[:1], shift=t.shift[:1], tail=t.tail[:1])
     with pytest.raises(UserError, match="vocab_map"):
         bad.map_ids(lambda ids: lookup[ids])
+
+
+def _chunked_vs_reference(hidden, weight, t, kind, temperature, chunk, alpha=0.3):
+    def run(chunked: bool):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        if chunked:
+            sums = chunked_distill_loss(h, w, t, kind=kind, temperature=temperature, chunk_size=chunk)
+        else:
+            sums = distill_loss_sums(h @ w.T, t, kind, temperature)
+        loss = combine_loss(sums, alpha=alpha, temperature=temperature, normalizer=len(t))
+        return (sums, loss, *torch.autograd.grad(loss, [h, w]))
+
+    return run(True), run(False)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7, 1.5])
+def test_chunked_equals_unchunked_at_every_temperature_path(gen, kind, temperature):
+    # T = 1, T = 2 and any other T take different fused paths in the chunked loss.
+    n, v, d = 9, 41, 8
+    z = torch.randn(n, v, generator=gen) * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    t = make_targets(z, labels, 6, temperature, draw_samples(z, 8, gen))
+    hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
+    (s1, l1, gh1, gw1), (s0, l0, gh0, gw0) = _chunked_vs_reference(hidden, weight, t, kind, temperature, 4)
+    torch.testing.assert_close(s1.ce, s0.ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
+    assert int(s1.top1_agree) == int(s0.top1_agree)
+
+
+@pytest.mark.parametrize("kind", ["topk_tail", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_chunked_tail_bucket_when_the_student_tail_is_tiny_or_empty(gen, kind, temperature):
+    # logits = hidden (weight = identity). Rows put +-g on the teacher's top-k vs the rest, so the student
+    # tail mass Q spans ~1 down to far below fp32's range (exp(-120 / T)); the chunked loss must still
+    # equal the reference's exact LSE over the non-top-k logits, in value and gradient.
+    n, v, k = 8, 30, 5
+    z = torch.randn(n, v, generator=gen) * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    t = make_targets(z, labels, k, temperature)
+    in_k = torch.zeros(n, v, dtype=torch.bool).scatter(1, t.topk_ids, True)
+    gaps = torch.tensor([0.0, 2.0, 10.0, 20.0, 35.0, 60.0, 120.0, 200.0])[:, None]
+    hidden = torch.randn(n, v, generator=gen) + torch.where(in_k, gaps / 2, -gaps / 2)
+    weight = torch.eye(v)
+    (s1, l1, gh1, gw1), (s0, l0, gh0, gw0) = _chunked_vs_reference(hidden, weight, t, kind, temperature, 3)
+    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
+    full = make_targets(z, labels, v, temperature)  # k == V: an empty tail on both sides
+    (s1, l1, gh1, _), (s0, l0, gh0, _) = _chunked_vs_reference(hidden, weight, full, kind, temperature, 3)
+    assert torch.isfinite(s1.kd) and torch.isfinite(gh1).all()
+    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_bf16_hidden_gradients_follow_the_bf16_reference(gen):
+    # bf16 hidden states: the head matmul runs in bf16 and the rest in fp32, as an autograd reference that
+    # casts the same way; value and gradients stay close to the fp32 ones.
+    hidden, weight, t = _problem_for_chunks(gen, 11)
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.clone().requires_grad_()
+    sums = chunked_distill_loss(h, w, t, chunk_size=4)
+    gh, gw = torch.autograd.grad(sums.ce + sums.kd, [h, w])
+    h0 = hidden.bfloat16().requires_grad_()
+    w0 = weight.clone().requires_grad_()
+    ref = distill_loss_sums((h0 @ w0.bfloat16().T).float(), t)
+    gh0, gw0 = torch.autograd.grad(ref.ce + ref.kd, [h0, w0])
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    torch.testing.assert_close(sums.kd, ref.kd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gh.float(), gh0.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw, gw0, rtol=2e-2, atol=2e-2)
