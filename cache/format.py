@@ -34,6 +34,7 @@ from cache.util import (
     atomic_write_json,
     file_hash,
     fsync_dir,
+    fsync_tree,
 )
 from cache.util import json_hash as _json_hash
 
@@ -272,17 +273,6 @@ def _files_hash(files: list[dict[str, Any]]) -> str:
     return _json_hash([[f["path"], f["bytes"], f["hash"]] for f in files])
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -513,7 +503,7 @@ class CacheWriter:
             from cache.zarr_backend import write_zarr_unit
 
             write_zarr_unit(tmp, recs, self.settings)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             atomic_replace_dir(tmp, final)
         files = _tree_files(final, self.path)
         lengths = [int(r.input_ids.shape[0]) for r in recs]
@@ -597,7 +587,7 @@ class CacheWriter:
             tmp = self.path / f"{TMP_PREFIX}r{self.rank}-attach-{name}"
             _remove(tmp)
             shutil.copytree(src, tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             atomic_replace_dir(tmp, self.path / name)
             files = _tree_files(self.path / name, self.path)
             out[name] = {"dir": name, "files": files, "hash": _files_hash(files)}

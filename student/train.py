@@ -38,7 +38,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
-from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT = "checkpoint-last"
@@ -740,8 +740,6 @@ def write_model_folder(run: Run, folder: Path) -> None:
 
 
 def _write_folder_atomically(run: Run, name: str, extra: Callable[[Path], None] | None = None) -> Path:
-    from cache.format import _fsync_tree  # the one fsync-a-folder helper (a candidate for cache.util)
-
     dst = run.cfg.out / name
     tmp = run.cfg.out / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -750,7 +748,7 @@ def _write_folder_atomically(run: Run, name: str, extra: Callable[[Path], None] 
         write_model_folder(run, tmp)
         if extra is not None:
             extra(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         atomic_replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

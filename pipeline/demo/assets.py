@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cache.util import UserError, atomic_replace_dir, atomic_write_json, fsync_dir, json_hash
+from cache.util import UserError, atomic_replace_dir, atomic_write_json, fsync_tree, json_hash
 from pipeline.demo.problems import GENERATOR_VERSION, generate_splits, write_jsonl
 from pipeline.demo.teacher import TeacherConfig, train_teacher
 from pipeline.demo.tokenizer import train_tokenizer
@@ -60,17 +60,6 @@ def demo_settings(scale: float = 1.0, seed: int = 0, n_train: int | None = None,
 def _paths(root: Path) -> dict[str, Path]:
     return {"train_jsonl": root / "data" / "train.jsonl", "test_jsonl": root / "data" / "test.jsonl",
             "tokenizer_dir": root / "tokenizer", "teacher_dir": root / "teacher"}
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(folder)
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -149,7 +138,7 @@ def build_demo_assets(out_dir: str | Path, scale: float = 1.0, seed: int = 0, n_
     try:
         stats = _build(tmp, settings, log)
         atomic_write_json(tmp / MARKER, {"key": key, "settings": settings, "stats": stats})
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         atomic_replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
