@@ -72,13 +72,6 @@ def encode_chat_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[t
     return out
 
 
-def _lr_factor(step: int, cfg: TeacherConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _batch(encoded: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int):
     import torch
 
@@ -146,6 +139,8 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
     """
     import torch
 
+    from student.schedule import ScheduleConfig, lr_at, set_lr
+
     start, cpu_start = time.perf_counter(), time.process_time()
     pad_id = tokenizer.pad_token_id
     train = encode_chat_rows(tokenizer, train_rows, cfg.max_length)
@@ -159,12 +154,13 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = ScheduleConfig(lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio,
+                           warmup_steps=min(cfg.warmup_steps, cfg.steps), total_steps=cfg.steps)
     rng = np.random.default_rng(cfg.seed)
     curve: list[float] = []
     train_tokens = 0
     for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        set_lr(opt, lr_at(step, sched))
         picks = rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
         loss_sum, n, _ = _masked_ce(model, *_batch([train[i] for i in picks], pad_id))
         loss = loss_sum / n
