@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import EOS, PAD, V, write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache
+from cache.format import open_cache
 from cache.util import UserError
 from student.train import (
     CHECKPOINT,
@@ -29,76 +30,7 @@ from student.train import (
     train_student,
 )
 
-V = 40  # teacher and tokenizer vocabulary of the synthetic caches
-EOS, PAD = 38, 39
 EMB = "embeddings.word_embeddings.weight"
-
-
-def bigram_logits(seed: int = 0, scale: float = 2.5) -> np.ndarray:
-    """The known teacher: next-token logits depend on the previous token only. (V, V)"""
-    return np.random.default_rng(seed).normal(size=(V, V)) * scale
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-
-def teacher_rows(z: np.ndarray, k: int, temps: tuple[float, ...]) -> tuple:
-    """Top-k ids/log-probs at T=1, shifts and exact tails per temperature, for logits z (n, V), in float64."""
-    lp1 = log_softmax(z)
-    ids = np.argsort(-lp1, axis=1, kind="stable")[:, :k]
-    shift = np.stack([np.log(np.exp(z).sum(-1)) / T - np.log(np.exp(z / T).sum(-1)) for T in temps], 1)
-    tail = np.stack([1.0 - np.take_along_axis(np.exp(log_softmax(z / T)), ids, 1).sum(1) for T in temps], 1)
-    return ids, np.take_along_axis(lp1, ids, 1), shift, np.clip(tail, 0.0, 1.0)
-
-
-def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: int = 0, k: int = 8,
-                       temps: tuple[float, ...] = (1.0, 2.0), samples: int = 0, lengths=(10, 20),
-                       equal_length: int | None = None, tokenizer_hash: str = "bigram-tok") -> Path:
-    """Sequences drawn from the bigram teacher (prompt of 3-5 tokens, then the answer, ending with EOS);
-    teacher rows are its exact distributions. Written with the real CacheWriter in 2 units."""
-    rng = np.random.default_rng(seed)
-    M = bigram_logits(teacher_seed)
-    recs = []
-    for i in range(n):
-        L = equal_length or int(rng.integers(*lengths))
-        start = int(rng.integers(3, 6))
-        ids = [int(rng.integers(0, EOS))]
-        for _ in range(L - 2):
-            p = np.exp(log_softmax(M[ids[-1]]))
-            ids.append(int(rng.choice(V, p=p)))
-        ids.append(EOS)
-        ids = np.array(ids, dtype=np.int32)
-        mask = np.zeros(L, dtype=bool)
-        mask[start:] = True
-        t = np.flatnonzero(mask)
-        z = M[ids[t - 1]]  # (n, V): the teacher at position t - 1
-        tk, lp, shift, tail = teacher_rows(z, k, temps)
-        rec = dict(seq_id=i, input_ids=ids, loss_mask=mask, assistant_start=start,
-                   topk_ids=tk.astype(np.int32), topk_logprobs=lp.astype(np.float32),
-                   topk_shift=shift.astype(np.float32), tail_mass=tail.astype(np.float32))
-        if samples:
-            offs, s_ids, s_cnt = [0], [], []
-            for row in z:
-                u, c = np.unique(rng.choice(V, size=samples, p=np.exp(log_softmax(row))), return_counts=True)
-                s_ids.append(u)
-                s_cnt.append(c)
-                offs.append(offs[-1] + len(u))
-            rec.update(sample_offsets=np.array(offs, np.int64),
-                       sample_ids=np.concatenate(s_ids).astype(np.int32),
-                       sample_counts=np.concatenate(s_cnt).astype(np.int32))
-        recs.append(CacheRecord(**rec))
-    settings = CacheSettings(topk=k, vocab_size=V, samples=samples, temperatures=temps, dtype="float32")
-    fp = {"teacher": f"bigram-{teacher_seed}", "tokenizer_hash": tokenizer_hash, "data_seed": seed, "n": n,
-          "equal": equal_length, "samples": samples, "temps": list(temps)}
-    half = (n + 1) // 2
-    with CacheWriter(path, fingerprint=fp, settings=settings) as w:
-        w.write_unit(0, recs[:half])
-        w.write_unit(1, recs[half:])
-        w.finalize(2, tokenizer={"vocab_size": V, "eos_token_id": EOS, "pad_token_id": PAD,
-                                 "hash": tokenizer_hash})
-    return path
 
 
 def tiny(cache: Path, out: Path, **kw) -> TrainConfig:

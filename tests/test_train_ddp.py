@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_train import V, write_bigram_cache  # tests/ is on sys.path under pytest
+from helpers import V, write_bigram_cache  # tests/ is on sys.path under pytest
 
 import student.train as train
 from student.train import FINAL, METRICS, TrainConfig, train_student
