@@ -59,7 +59,7 @@ class StudentBudget:
     max_positions: int = 512
     dropout: float = 0.1
     steps: int = 300
-    batch_tokens: int = 4096
+    batch_tokens: int = 2048
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 30
@@ -67,7 +67,7 @@ class StudentBudget:
     kd: str = "topk_tail"
     alpha: float = 0.1
     temperature: float = 1.0
-    eval_points: int = 6
+    eval_points: int = 5
     compact_vocab: bool = False
 
 
@@ -124,7 +124,7 @@ class DemoConfig:
     def resolved_eval_limit(self) -> int:
         if self.eval_limit is not None:
             return self.eval_limit
-        return max(1, round((4 if self.tiny else 8 if self.gsm8k else 60) * self.scale))
+        return max(1, round((4 if self.tiny else 8 if self.gsm8k else 300) * self.scale))
 
     def resolved_student(self) -> StudentBudget:
         s = self.student
@@ -383,8 +383,9 @@ def _metrics_rows(student_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_kd_vs_ce(kd_dir: Path, ce_dir: Path, png: Path) -> None:
-    """Both students on one figure: train/val label CE (left), val KL to the teacher (right)."""
+def plot_kd_vs_ce(kd_dir: Path, ce_dir: Path, png: Path, teacher_ce: float | None = None) -> None:
+    """Both students on one figure: train/val label CE (left, with the teacher's val CE as a dashed line),
+    val KL to the teacher (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,6 +404,8 @@ def plot_kd_vs_ce(kd_dir: Path, ce_dir: Path, png: Path) -> None:
             kl = [(r["step"], r["val_kl"]) for r in val if r.get("val_kl") is not None]
             if kl:
                 ax2.plot(*zip(*kl), "s-", color=color, label=f"{label}: val KL(teacher || student)")
+    if teacher_ce is not None:
+        ax.axhline(teacher_ce, color="gray", ls="--", lw=1, label="teacher: val CE")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("label CE, nats per supervised token")
     ax.set_yscale("log")
@@ -504,7 +507,7 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     exact = {name: timed(f"eval {name}", lambda n=name, d=folder: eval_stage(cfg, assets, n, d))
              for name, folder in (("teacher", assets.teacher_dir), ("kd", cfg.out / "student-kd" / "final"),
                                   ("ce", cfg.out / "student-ce" / "final"))}
-    plot_kd_vs_ce(cfg.out / "student-kd", cfg.out / "student-ce", cfg.out / "curves.png")
+    plot_kd_vs_ce(cfg.out / "student-kd", cfg.out / "student-ce", cfg.out / "curves.png", teacher_val["ce"])
     wall["total"] = time.perf_counter() - t_start
 
     def student_row(r: dict[str, Any], name: str) -> dict[str, Any]:
