@@ -17,7 +17,9 @@ from student.losses import (
     chunked_distill_loss,
     combine_loss,
     distill_loss_sums,
+    grad_weights_for,
     kd_sum,
+    loss_fn_for,
 )
 
 
@@ -391,3 +393,46 @@ def test_chunked_bf16_hidden_gradients_follow_the_bf16_reference(gen):
     torch.testing.assert_close(sums.kd, ref.kd, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gh.float(), gh0.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gw, gw0, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_gradients_computed_in_forward_equal_the_reference(gen, kind, temperature):
+    # grad_weights: forward computes the gradients of alpha * CE + (1 - alpha) T^2 KD; backward only scales
+    # them by the normaliser. Same value and gradients as the unchunked reference.
+    hidden, weight, t = _problem_for_chunks(gen, 10)
+    cfg = LossConfig(kind=kind, alpha=0.3, temperature=temperature, chunk_size=4)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    sums = loss_fn_for(cfg)(h, w, t)
+    loss = combine_loss(sums, alpha=cfg.alpha, temperature=temperature, normalizer=10) * 2.0
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = distill_loss_sums(h0 @ w0.T, t, kind, temperature)
+    loss0 = combine_loss(ref, alpha=cfg.alpha, temperature=temperature, normalizer=10) * 2.0
+    gh0, gw0 = torch.autograd.grad(loss0, [h0, w0])
+    torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, gh0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, gw0, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_in_forward_fall_back_when_backward_weighs_differently(gen):
+    # A backward that does not weigh CE and KD as announced (here KD alone, then CE alone) must still get
+    # the true gradients: the chunked loss recomputes them instead of scaling the precomputed ones.
+    hidden, weight, t = _problem_for_chunks(gen, 9)
+    for pick in ("kd", "ce"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        sums = chunked_distill_loss(h, w, t, chunk_size=4, grad_weights=grad_weights_for(0.5, 2.0))
+        gh, gw = torch.autograd.grad(getattr(sums, pick), [h, w])
+        h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        gh0, gw0 = torch.autograd.grad(getattr(distill_loss_sums(h0 @ w0.T, t), pick), [h0, w0])
+        torch.testing.assert_close(gh, gh0, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gw, gw0, rtol=1e-4, atol=1e-6)
+    h = hidden.clone().requires_grad_()
+    with_ce_only = chunked_distill_loss(h, weight, t, chunk_size=4, with_kd=False, grad_weights=(1.0, 0.0))
+    (g,) = torch.autograd.grad(with_ce_only.ce * 3.0, [h])
+    h0 = hidden.clone().requires_grad_()
+    (g0,) = torch.autograd.grad(F.cross_entropy(h0 @ weight.T, t.labels, reduction="sum") * 3.0, [h0])
+    torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        no_grad = chunked_distill_loss(hidden, weight, t, chunk_size=4, grad_weights=(1.0, 1.0))
+    torch.testing.assert_close(no_grad.kd, distill_loss_sums(hidden @ weight.T, t).kd, rtol=1e-5, atol=1e-5)
