@@ -33,11 +33,13 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from cache.util import UserError
 
-# Effective windows L = min(W, T) at or above this use the FFT convolution; below it, direct conv1d.
-# CPU: measured by bench/bench_student.py ("crossover"): conv1d won at every L up to 128 (d=256 and 512),
-# because the (F, d, d) frequency-domain kernel is memory-bound there, so CPU uses conv1d throughout.
-# CUDA: not measured yet (no GPU was available); a starting value, to be set from the same bench.
-FFT_CROSSOVER: dict[str, int | None] = {"cpu": None, "cuda": 64}
+# "auto" uses the block FFT convolution when the effective window L = min(W, T) is at least
+# FFT_CROSSOVER[device] and there are at least FFT_MIN_TOKENS_PER_TAP * L tokens (B * T) in the call;
+# otherwise direct conv1d. The FFT route does ~4 d^2 multiplies per token instead of L d^2, plus a
+# kernel-side transform of ~2 L^2 d^2 per call that only enough tokens amortise. CPU values: measured by
+# bench/bench_student.py ("crossover", 2-core CPU). CUDA: not measured (no GPU was available).
+FFT_CROSSOVER: dict[str, int | None] = {"cpu": 16, "cuda": 64}
+FFT_MIN_TOKENS_PER_TAP = 4
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -115,67 +117,136 @@ class CausalFNetConfig(PretrainedConfig):
 # ---------------------------------------------------------------------------- the STFT layer, fast form
 
 
-def stft_kernel(weight: torch.Tensor, window: int) -> torch.Tensor:
+def stft_kernel(weight: torch.Tensor, window: int, taps: int | None = None) -> torch.Tensor:
     """Convolution kernel of the STFT layer: Re FFT2 of each output row of the projection weight.
 
-    weight (d_out, W*d) -> kernel (d_out, W, d) in fp32, oldest window position first. The same map
-    sends a kernel gradient back to a weight gradient (it is its own adjoint).
+    weight (d_out, W*d) -> kernel (d_out, taps, d) in fp32: the last ``taps`` (default W) window positions,
+    oldest first; a length-T sequence only reaches the last min(W, T). With ``taps=None`` the same map
+    sends a kernel gradient back to a weight gradient (it is its own adjoint; zero-pad a partial one).
     """
     d_out = weight.shape[0]
     p = weight.float().reshape(d_out, window, -1)  # (d_out, W, d)
     d = p.shape[-1]
+    L = window if taps is None else max(1, min(int(taps), window))
     half = torch.fft.rfft2(p).real  # (d_out, W, d//2+1): columns 0..d//2 of Re FFT2
-    if d // 2 + 1 == d:
+    if d // 2 + 1 == d and L == window:
         return half
-    # Hermitian symmetry of a real input: Re X[w, j] = Re X[-w mod W, d - j] gives the other columns.
-    negw = torch.cat([half[:, :1], half[:, 1:].flip(1)], dim=1)  # row w holds row -w mod W
-    rest = negw[:, :, 1:d - d // 2].flip(-1)  # (d_out, W, d - d//2 - 1): columns d//2+1 .. d-1
-    return torch.cat([half, rest], dim=-1)  # (d_out, W, d)
+    out = p.new_empty(d_out, L, d)
+    out[..., : d // 2 + 1] = half[:, window - L:]
+    if d // 2 + 1 < d:
+        # Hermitian symmetry of a real input: Re X[w, j] = Re X[-w mod W, d - j] gives the other columns.
+        neg = (-torch.arange(window - L, window, device=p.device)) % window
+        out[..., d // 2 + 1:] = half[:, neg, 1:d - d // 2].flip(-1)
+    return out
 
 
-def _fft_len(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+_DFT: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dft_matrices(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real forms of the length-n real DFT, F = n//2 + 1 frequencies, rows/columns ordered (f, re|im).
+
+    forward (2F, n): [Re; Im] of rfft as a matrix. inverse (n, 2F): irfft of a spectrum given as (f, re|im)
+    pairs (its weights c_f / n, c = 1 at f = 0 and n/2, else 2). Built in fp64, cached per size and dtype.
+    """
+    key = (n, device, dtype)
+    if key not in _DFT:
+        f = torch.arange(n // 2 + 1, dtype=torch.float64)
+        ang = 2 * np.pi * f[:, None] * torch.arange(n, dtype=torch.float64) / n  # (F, n)
+        pair = torch.stack([ang.cos(), -ang.sin()], 1)  # (F, 2, n)
+        c = torch.full_like(f, 2.0)
+        c[0] = 1.0
+        if n % 2 == 0:
+            c[-1] = 1.0
+        inverse = (pair * (c / n)[:, None, None]).reshape(-1, n).T
+        forward = pair.reshape(-1, n)
+        _DFT[key] = (forward.to(device, dtype).contiguous(), inverse.to(device, dtype).contiguous())
+    return _DFT[key]
+
+
+def _time_blocks(x: torch.Tensor, N: int) -> torch.Tensor:
+    """(B, T, d) -> (N, B, nb, d): time split into nb = ceil(T / N) blocks of N, zero-padded at the end."""
+    B, T, d = x.shape
+    nb = -(-T // N)
+    return F.pad(x, (0, 0, 0, nb * N - T)).view(B, nb, N, d).permute(2, 0, 1, 3)
+
+
+def _from_time_blocks(blocks: torch.Tensor, T: int) -> torch.Tensor:
+    """(N, B, nb, d) -> (B, T, d)."""
+    N, B, nb, d = blocks.shape
+    return blocks.permute(1, 2, 0, 3).reshape(B, nb * N, d)[:, :T]
 
 
 class _FFTCausalConv(torch.autograd.Function):
-    """out[b, t] = sum_s taps[:, L-1-s, :] @ x[b, t-s], via real FFTs over time, frequency-major layout.
+    """out[b, t] = sum_s taps[:, L-1-s, :] @ x[b, t-s] by block (overlap-add) FFT convolution.
 
-    Saves only x and the taps; the frequency-domain kernel (F, d, d) is rebuilt in backward, not kept.
+    Time is cut into blocks of N = L; each block's length-2N spectrum times the kernel's length-2N spectrum
+    is the block's full linear convolution, whose two halves land on this block and the next. The DFTs of
+    these short blocks are small real matmuls, and the per-frequency complex products are ONE real bmm,
+    (F, 2R, 2d_in) @ (F, 2d_in, d_out) with rows [Xr, -Xi] / [Xi, Xr] against [Hr; Hi], R = B * blocks.
+    Saves only x and the taps; the spectra are recomputed in backward.
     """
 
     @staticmethod
     def _kernel_freq(taps: torch.Tensor, n: int) -> torch.Tensor:
-        lagged = taps.flip(1).permute(1, 2, 0).contiguous()  # (L, d_in, d_out), lag s = L-1-w
-        return torch.fft.rfft(lagged, n=n, dim=0).contiguous()  # (F, d_in, d_out), frequency-major
+        d_out, L, d_in = taps.shape
+        fwd, _ = _dft_matrices(n, taps.device, taps.dtype)
+        h = torch.matmul(fwd[:, :L].flip(1), taps)  # (d_out, 2F, d_in): lag s = L-1-w, so flipped columns
+        return h.view(d_out, n // 2 + 1, 2 * d_in).permute(1, 2, 0)  # (F, [Hr; Hi], d_out), a strided view
+
+    @staticmethod
+    def _input_freq(x: torch.Tensor, N: int) -> torch.Tensor:
+        n = 2 * N
+        fwd, _ = _dft_matrices(n, x.device, x.dtype)
+        xb = _time_blocks(x, N)  # (N, B, nb, d)
+        R = xb.shape[1] * xb.shape[2]
+        xf = (fwd[:, :N] @ xb.reshape(N, -1)).view(n // 2 + 1, 2, R, -1)  # (F, re|im, R, d)
+        big = xf.new_empty(n // 2 + 1, 2, R, 2, xf.shape[-1])  # rows [Xr, -Xi] then [Xi, Xr]
+        big[:, 0, :, 0] = big[:, 1, :, 1] = xf[:, 0]
+        big[:, 1, :, 0] = xf[:, 1]
+        big[:, 0, :, 1] = xf[:, 1]
+        big[:, 0, :, 1].neg_()
+        return big.view(n // 2 + 1, 2 * R, -1)  # (F, 2R, 2d)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         # x (B, T, d_in), taps (d_out, L, d_in)
-        T, L = x.shape[1], taps.shape[1]
-        n = _fft_len(T + L - 1)
-        hf = _FFTCausalConv._kernel_freq(taps, n)  # (F, d_in, d_out)
-        xf = torch.fft.rfft(x.transpose(0, 1).contiguous(), n=n, dim=0).contiguous()  # (F, B, d_in)
-        y = torch.fft.irfft(torch.bmm(xf, hf), n=n, dim=0)[:T]  # (T, B, d_out)
+        B, T, _ = x.shape
+        d_out, N = taps.shape[0], taps.shape[1]
+        n = 2 * N
+        _, inv = _dft_matrices(n, x.device, x.dtype)
+        xf, hf = _FFTCausalConv._input_freq(x, N), _FFTCausalConv._kernel_freq(taps, n)
+        z = torch.bmm(xf, hf)  # (F, 2R, d_out)
+        zt = (inv @ z.view(n + 2, -1)).view(n, B, -1, d_out)  # (2N, B, nb, d_out): per-block full convolution
+        y = zt[:N].clone()
+        y[:, :, 1:] += zt[N:, :, :-1]  # second halves spill into the next block
         ctx.save_for_backward(x, taps)
-        return y.transpose(0, 1)  # (B, T, d_out)
+        return _from_time_blocks(y, T)  # (B, T, d_out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, taps = ctx.saved_tensors
-        T, L = x.shape[1], taps.shape[1]
-        n = _fft_len(T + L - 1)
-        gf = torch.fft.rfft(grad.to(x.dtype).transpose(0, 1).contiguous(), n=n, dim=0).contiguous()
+        B, T, d_in = x.shape
+        d_out, N = taps.shape[0], taps.shape[1]
+        n = 2 * N
+        fwd, inv = _dft_matrices(n, x.device, x.dtype)
+        gb = _time_blocks(grad.to(x.dtype), N)  # (N, B, nb, d_out)
+        R = B * gb.shape[2]
+        gz = gb.new_zeros(n, *gb.shape[1:])  # adjoint of the overlap-add: (2N, B, nb, d_out)
+        gz[:N] = gb
+        gz[N:, :, :-1] = gb[:, :, 1:]
+        g = (fwd @ gz.view(n, -1)).view(N + 1, 2 * R, d_out)  # (F, [Gr; Gi], d_out)
         gx = gtaps = None
         if ctx.needs_input_grad[0]:
-            hf = _FFTCausalConv._kernel_freq(taps, n)  # (F, d_in, d_out)
-            # gf @ conj(hf)^T as conj(conj(gf) @ hf^T): keeps the big operand a plain transposed view
-            gxf = torch.bmm(gf.conj().resolve_conj(), hf.transpose(1, 2)).conj()  # (F, B, d_in)
-            gx = torch.fft.irfft(gxf, n=n, dim=0)[:T].transpose(0, 1)  # (B, T, d_in)
+            gbig = torch.bmm(g, _FFTCausalConv._kernel_freq(taps, n).transpose(1, 2))  # (F, 2R, 2d_in)
+            top, bottom = gbig[:, :R], gbig[:, R:]
+            gxf = torch.stack([top[..., :d_in] + bottom[..., d_in:], bottom[..., :d_in] - top[..., d_in:]], 1)
+            gx = (inv[:N] @ gxf.view(n + 2, -1)).view(N, B, -1, d_in)  # (N, B, nb, d_in)
+            gx = _from_time_blocks(gx, T)
         if ctx.needs_input_grad[1]:
-            xf = torch.fft.rfft(x.transpose(0, 1).contiguous(), n=n, dim=0).contiguous()  # (F, B, d_in)
-            cf = torch.bmm(xf.transpose(1, 2).conj().resolve_conj().contiguous(), gf)  # (F, d_in, d_out)
-            lags = torch.fft.irfft(cf, n=n, dim=0)[:L]  # (L, d_in, d_out)
-            gtaps = lags.permute(2, 0, 1).flip(1)  # (d_out, L, d_in)
+            gh = torch.bmm(_FFTCausalConv._input_freq(x, N).transpose(1, 2), g)  # (F, 2d_in, d_out)
+            taps_first = (inv[:N].flip(0) @ gh.view(n + 2, -1)).view(N, d_in, d_out)  # (L, d_in, d_out)
+            gtaps = taps_first.permute(2, 0, 1)  # (d_out, L, d_in)
         return gx, gtaps
 
 
@@ -187,7 +258,8 @@ def causal_stft_mix(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | 
     taps = kernel[:, W - L:]  # (d_out, L, d): only the last min(W, T) taps reach a length-T sequence
     if impl == "auto":
         crossover = FFT_CROSSOVER.get(x.device.type, FFT_CROSSOVER["cuda"])
-        impl = "fft" if crossover is not None and L >= crossover else "conv"
+        enough = crossover is not None and L >= crossover and x.shape[0] * T >= FFT_MIN_TOKENS_PER_TAP * L
+        impl = "fft" if enough else "conv"
     if impl == "fft":
         with torch.autocast(x.device.type, enabled=False):
             y = _FFTCausalConv.apply(x.float(), taps)  # (B, T, d_out)
@@ -209,14 +281,15 @@ class CausalSTFT(nn.Module):
         self._cached: torch.Tensor | None = None
         self._cached_key: tuple | None = None
 
-    def kernel(self) -> torch.Tensor:
-        """(d_out, W, d) fp32. Shared within ``model.shared_kernels()``; cached per weight version when no
-        gradient is needed; otherwise recomputed with autograd."""
+    def kernel(self, length: int | None = None) -> torch.Tensor:
+        """(d_out, taps, d) fp32, the last taps of the window. Shared within ``model.shared_kernels()``;
+        cached (all W taps) per weight version when no gradient is needed; otherwise recomputed with
+        autograd, only the min(W, length) taps a length-``length`` sequence can reach."""
         if self._shared is not None:
             return self._shared
         w = self.projection.weight
         if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            return stft_kernel(w, self.window)
+            return stft_kernel(w, self.window, None if length is None else min(self.window, length))
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cached_key != key:
             self._cached = stft_kernel(w.detach(), self.window)
@@ -224,7 +297,12 @@ class CausalSTFT(nn.Module):
         return self._cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return causal_stft_mix(x, self.kernel(), self.projection.bias, self.impl)
+        k = self.kernel(x.shape[1])
+        if k.shape[1] < min(self.window, x.shape[1]):
+            raise UserError(f"a sequence of {x.shape[1]} positions needs {min(self.window, x.shape[1])} "
+                            f"kernel taps but shared_kernels(max_len=...) built {k.shape[1]}; pass the "
+                            "longest sequence length of the step as max_len")
+        return causal_stft_mix(x, k, self.projection.bias, self.impl)
 
     def step(self, x: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One new position. x (B, d), history (B, W-1, d) = the previous W-1 inputs, oldest first."""
@@ -296,16 +374,21 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     @contextlib.contextmanager
-    def shared_kernels(self) -> Iterator[None]:
+    def shared_kernels(self, max_len: int | None = None) -> Iterator[None]:
         """Compute each layer's STFT kernel once for everything inside the block (one optimizer step: all
-        micro-batches, gradient-checkpointing recomputes, ...). On exit the kernel gradients accumulated
-        inside are mapped back and added to the projection weights' ``.grad`` (call ``optimizer.step()``
-        after the block). Not for DistributedDataParallel, whose gradient hooks would miss that update."""
+        micro-batches, gradient-checkpointing recomputes, ...). ``max_len`` (the longest sequence of the
+        step) limits the kernels to the min(W, max_len) taps such sequences can reach, which is cheaper when
+        W is large; a longer sequence inside the block is then an error. On exit the kernel gradients
+        accumulated inside are mapped back and added to the projection weights' ``.grad`` (call
+        ``optimizer.step()`` after the block). Not for DistributedDataParallel, whose gradient hooks would
+        miss that update."""
         mixers = [m for m in self.modules() if isinstance(m, CausalSTFT)]
         for m in mixers:
             w = m.projection.weight
+            taps = None if max_len is None else min(m.window, int(max_len))
             with torch.no_grad():
-                m._shared = stft_kernel(w, m.window).requires_grad_(w.requires_grad)
+                m._shared = (stft_kernel(w, m.window) if taps is None else stft_kernel(w, m.window, taps)
+                             ).requires_grad_(w.requires_grad)
         try:
             yield
         finally:
@@ -313,7 +396,8 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
                 k, m._shared = m._shared, None
                 if k is not None and k.grad is not None:
                     w = m.projection.weight
-                    g = stft_kernel(k.grad, m.window).reshape(w.shape).to(w.dtype)
+                    kg = F.pad(k.grad, (0, 0, m.window - k.shape[1], 0))  # (d_out, W, d): zeros before taps
+                    g = stft_kernel(kg.reshape(w.shape), m.window).reshape(w.shape).to(w.dtype)
                     w.grad = g if w.grad is None else w.grad + g
 
 

@@ -81,7 +81,7 @@ def test_layer_is_the_convolution_with_that_kernel_written_out():
 
 
 @pytest.mark.parametrize("impl", ["conv", "fft", "auto"])
-@pytest.mark.parametrize("B,T,W", [(1, 9, 4), (3, 8, 8), (2, 6, 11), (2, 1, 3), (2, 13, 1)])
+@pytest.mark.parametrize("B,T,W", [(1, 9, 4), (3, 8, 8), (2, 6, 11), (2, 1, 3), (2, 13, 1), (2, 23, 5)])
 def test_fast_mix_matches_reference_values_and_gradients(impl, B, T, W):
     torch.manual_seed(2)
     d = 6
@@ -106,6 +106,38 @@ def test_fft_conv_gradients_pass_gradcheck():
 
     # the Function computes in the dtype it is given; fp64 here for gradcheck
     assert torch.autograd.gradcheck(_FFTCausalConv.apply, (x, k))
+    x = torch.randn(2, 11, 3, dtype=torch.float64, requires_grad=True)  # 4 blocks of 3, the last one short
+    assert torch.autograd.gradcheck(_FFTCausalConv.apply, (x, k))
+
+
+@pytest.mark.parametrize("W,d,taps", [(6, 5, 2), (6, 4, 6), (7, 8, 3), (5, 6, 1), (4, 3, 9)])
+def test_kernel_taps_are_the_last_rows_of_the_full_kernel(W, d, taps):
+    torch.manual_seed(4)
+    weight = torch.randn(3, W * d, dtype=torch.float64, requires_grad=True)
+    part = stft_kernel(weight, W, taps)
+    full = torch.fft.fft2(weight.reshape(3, W, d)).real  # (3, W, d)
+    torch.testing.assert_close(part.double(), full[:, W - min(W, taps):], atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(part)
+    got = torch.autograd.grad(part, weight, g)[0]
+    want = torch.autograd.grad(full[:, W - min(W, taps):], weight, g.double())[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["conv", "fft"])
+def test_shared_kernels_with_max_len_match_reference_gradients(impl):
+    model = tiny_model(stft_window_size=16, stft_impl=impl).train()
+    ref = use_reference(model).train()
+    batches = [torch.randint(0, 97, (2, 6)), torch.randint(0, 97, (3, 4))]
+    with model.shared_kernels(max_len=6):
+        assert all(b.causal_stft._shared.shape[1] == 6 for b in model.encoder)
+        for ids in batches:
+            model(ids).logits.square().mean().backward()
+        with pytest.raises(UserError, match="max_len"):
+            model(torch.randint(0, 97, (1, 7)))
+    for ids in batches:
+        ref(ids).logits.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_fast_path_builds_no_window_tensor():
