@@ -308,9 +308,8 @@ class CausalSTFT(nn.Module):
         """One new position. x (B, d), history (B, W-1, d) = the previous W-1 inputs, oldest first."""
         window = torch.cat([history, x[:, None].to(history.dtype)], dim=1)  # (B, W, d)
         k = self.kernel()  # (d_out, W, d)
-        y = window.flatten(1).float() @ k.flatten(1).T  # (B, d_out)
-        if self.projection.bias is not None:
-            y = y + self.projection.bias.float()
+        bias = None if self.projection.bias is None else self.projection.bias.float()
+        y = F.linear(window.flatten(1).float(), k.flatten(1), bias)  # (B, d_out): one matmul per layer
         return y.to(x.dtype), window[:, 1:]
 
 
