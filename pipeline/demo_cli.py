@@ -13,8 +13,8 @@ def demo_command(
                              "(assets/, cache-train/, cache-test/, student-kd/, student-ce/, eval-*.jsonl, "
                              "report.md, report.json, curves.png)."),
     scale: float = typer.Option(1.0, help="DEMO_SCALE: multiplies data sizes, teacher steps, student steps "
-                                "and evaluated problems (1 = the default budget, about 10 minutes on 2 CPU "
-                                "cores)."),
+                                "and evaluated problems (1 = the default budget: about 5 minutes on 2 shared "
+                                "CPU cores)."),
     gsm8k: bool = typer.Option(False, "--gsm8k", help="Run on a GSM8K slice with the real Qwen2 tokenizer "
                                "and a small random-init Qwen2 teacher (a smoke test of the real path; needs "
                                "--shared)."),
@@ -32,7 +32,7 @@ def demo_command(
     temperature: float = typer.Option(None, help="KD temperature of the KD run; default: the tuned value."),
     lr: float = typer.Option(None, help="Peak learning rate of both runs; default: the tuned value."),
     eval_limit: int = typer.Option(None, help="Test problems for the exact-answer evaluation of each model "
-                                   "(0 skips it); default scales with --scale."),
+                                   "(0 skips it); default: the whole test split (300 x --scale problems)."),
     max_new_tokens: int = typer.Option(160, help="Generation budget per problem in the exact-answer eval."),
     threads: int = typer.Option(1, help="torch CPU threads; 1 is robust on a shared machine (the demo's "
                                 "models are tiny), 0 keeps torch's default."),
