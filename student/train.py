@@ -368,10 +368,14 @@ class DistillForward(nn.Module):
 
     Returns ``(ce_sum, kd_sum, top1_agree, label_correct)`` over the batch's supervised rows."""
 
-    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int, with_kd: bool):
+    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int, with_kd: bool,
+                 grad_weights: tuple[float, float] | None = None):
         super().__init__()
         self.model = model
         self.kind, self.temperature, self.chunk_size, self.with_kd = kind, temperature, chunk_size, with_kd
+        # How the loss will weigh (CE, KD): lets the loss form its head gradients in the forward pass
+        # (one head matmul per chunk fewer); any other weighting falls back to recomputation.
+        self.grad_weights = grad_weights
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pred_pos: Tensor, targets) -> tuple:
         from student.data import gather_rows
@@ -381,7 +385,8 @@ class DistillForward(nn.Module):
         rows = gather_rows(hidden, pred_pos)  # (N, d)
         head = self.model.get_output_embeddings().weight  # (V, d)
         s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
-                                 chunk_size=self.chunk_size, with_kd=self.with_kd)
+                                 chunk_size=self.chunk_size, with_kd=self.with_kd,
+                                 grad_weights=self.grad_weights)
         return s.ce, s.kd, s.top1_agree, s.label_correct
 
 
@@ -530,9 +535,12 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _seed_everything(cfg.seed * 1000 + dist.rank + 1)
 
+    from student.losses import grad_weights_for
+
     loss_cfg = cfg.loss_config()
     fwd: nn.Module = DistillForward(model, loss_cfg.kind, loss_cfg.temperature, loss_cfg.chunk_size,
-                                    with_kd=loss_cfg.alpha < 1.0)
+                                    with_kd=loss_cfg.alpha < 1.0,
+                                    grad_weights=grad_weights_for(loss_cfg.alpha, loss_cfg.temperature))
     # Compiled graphs would guard on the per-step kernel tensors and recompile every step, so with --compile
     # each micro-batch derives its kernels inside the graph instead.
     share = not cfg.compile
