@@ -65,7 +65,7 @@ class StudentBudget:
     warmup: int = 30
     weight_decay: float = 0.1
     kd: str = "topk_tail"
-    alpha: float = 0.1
+    alpha: float = 0.5
     temperature: float = 1.0
     eval_points: int = 5
     compact_vocab: bool = False
