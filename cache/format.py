@@ -53,6 +53,10 @@ class CacheError(UserError):
     """A cache folder that is missing, incomplete, corrupt, locked or made with other settings."""
 
 
+class FingerprintMismatch(CacheError):
+    """The folder holds a (partial) cache made with another fingerprint, settings or format version."""
+
+
 def _code_version() -> str:
     from pipeline import __version__
 
@@ -405,14 +409,13 @@ class CacheWriter:
 
     def _check_same(self, where: str, fingerprint: Any, settings: Any, version: Any) -> None:
         if version != FORMAT_VERSION:
-            raise CacheError(f"{where} has cache format_version {version!r}, this code writes "
-                             f"{FORMAT_VERSION}; "
-                             f"use another --out or delete the folder")
+            raise FingerprintMismatch(f"{where} has cache format_version {version!r}, this code writes "
+                                      f"{FORMAT_VERSION}; use another --out or delete the folder")
         diff = _diff_keys(fingerprint, self.fingerprint)
         diff += [f"settings.{d}" for d in _diff_keys(settings, self.settings.to_json())]
         if diff:
-            raise CacheError(f"{where} was made with a different fingerprint (differs: {', '.join(diff)}); "
-                             f"use another --out or delete the folder {self.path}")
+            raise FingerprintMismatch(f"{where} was made with a different fingerprint (differs: "
+                                      f"{', '.join(diff)}); use another --out or delete the folder {self.path}")
 
     def _open(self) -> None:
         mpath = self.path / MANIFEST

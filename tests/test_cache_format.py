@@ -16,6 +16,7 @@ from cache.format import (
     CacheRecord,
     CacheSettings,
     CacheWriter,
+    FingerprintMismatch,
     normalize_record,
     open_cache,
     verify_cache,
@@ -201,7 +202,7 @@ def test_fingerprint_mismatch_refused(tmp_path):
     with CacheWriter(c, FP, s) as w:
         w.finalize(1)
     (c / "journal.rank0.jsonl").unlink()
-    with pytest.raises(CacheError, match=r"manifest\.json was made with a different fingerprint"):
+    with pytest.raises(FingerprintMismatch, match=r"manifest\.json was made with a different fingerprint"):
         CacheWriter(c, {**FP, "teacher": "other"}, s)
 
 

@@ -278,7 +278,7 @@ def gsm8k_assets(cfg: DemoConfig, log: Log) -> Assets:
 def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperatures: tuple[float, ...],
                         log: Log) -> dict[str, Any]:
     """Stage one on one split into ``out/cache-<split>``; a cache of another fingerprint is rebuilt."""
-    from cache.format import CacheError
+    from cache.format import FingerprintMismatch
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
     out = cfg.out / f"cache-{split}"
@@ -288,9 +288,7 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
                             progress=cfg.progress)
     try:
         summary = run_teacher_cache(tc)
-    except CacheError as e:
-        if "different fingerprint" not in str(e):
-            raise
+    except FingerprintMismatch:
         log(f"{out} was made with other settings; rebuilding it")
         shutil.rmtree(out)
         summary = run_teacher_cache(tc)
