@@ -414,8 +414,9 @@ class CacheWriter:
         diff = _diff_keys(fingerprint, self.fingerprint)
         diff += [f"settings.{d}" for d in _diff_keys(settings, self.settings.to_json())]
         if diff:
-            raise FingerprintMismatch(f"{where} was made with a different fingerprint (differs: "
-                                      f"{', '.join(diff)}); use another --out or delete the folder {self.path}")
+            raise FingerprintMismatch(
+                f"{where} was made with a different fingerprint (differs: {', '.join(diff)}); "
+                f"use another --out or delete the folder {self.path}")
 
     def _open(self) -> None:
         mpath = self.path / MANIFEST
