@@ -17,6 +17,7 @@ import xxhash
 
 from cache.util import UserError, file_hash, json_hash
 from pipeline.data import TokenizedSeq
+from pipeline.distributed import resolve_device
 
 LOGPROB_DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,18 +74,6 @@ class Teacher:
     vocab_size: int
     device: torch.device
     dtype: torch.dtype
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -9,7 +9,6 @@ the same command. Under ``torchrun`` units go round-robin to ranks, each rank wi
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pipeline.data import (
     special_ids,
     tokenizer_hash,
 )
+from pipeline.distributed import Dist, resolve_device
 from pipeline.teacher import (
     TargetSettings,
     Teacher,
@@ -91,26 +91,6 @@ class TeacherCacheConfig:
                               chunk_positions=self.chunk_positions)
 
 
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> DistContext:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
 def unit_ranges(num_seqs: int, unit_size: int) -> list[range]:
     return [range(lo, min(lo + unit_size, num_seqs)) for lo in range(0, num_seqs, unit_size)]
 
@@ -157,14 +137,6 @@ def unit_records(teacher: Teacher, seqs: list[TokenizedSeq], settings: TargetSet
     return records
 
 
-def _device_for(cfg: TeacherCacheConfig, dist: DistContext) -> str:
-    if cfg.device == "auto" and torch.cuda.is_available():
-        return f"cuda:{dist.local_rank}"
-    if cfg.device == "cuda" and dist.distributed:
-        return f"cuda:{dist.local_rank}"
-    return cfg.device
-
-
 def _progress(total_tokens: int, total_seqs: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -176,7 +148,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
     """Build (or resume) the cache in ``cfg.out``; returns the closing summary (rank 0's includes the
     manifest totals)."""
     t0 = time.time()
-    dist = DistContext.from_env()
+    dist = Dist.from_env()
     if dist.distributed and not torch.distributed.is_initialized():
         use_nccl = torch.cuda.is_available() and cfg.device != "cpu"
         if use_nccl:
@@ -192,7 +164,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         if not data.seqs:
             raise UserError(f"all {data.dropped} rows are longer than --max-length {cfg.max_length}; raise "
                             "--max-length or use --overflow truncate")
-        teacher = load_teacher(cfg.teacher, device=_device_for(cfg, dist), dtype=cfg.dtype)
+        teacher = load_teacher(cfg.teacher, device=str(resolve_device(cfg.device, dist)), dtype=cfg.dtype)
         check_token_ids(len(tokenizer), max(int(s.input_ids.max()) for s in data.seqs), teacher.vocab_size)
         settings = cfg.target_settings()
         settings.check_vocab(teacher.vocab_size)

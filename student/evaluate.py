@@ -134,7 +134,8 @@ def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
 
 def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, str]:
     """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf"."""
-    from pipeline.teacher import resolve_device, resolve_dtype
+    from pipeline.distributed import resolve_device
+    from pipeline.teacher import resolve_dtype
 
     kind_name = model_type(model)
     dev = resolve_device(device)

@@ -39,6 +39,7 @@ import typer
 from torch import Tensor, nn
 
 from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree
+from pipeline.distributed import Dist, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT = "checkpoint-last"
@@ -394,31 +395,6 @@ class DistillForward(nn.Module):
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def all_reduce(self, t: Tensor) -> Tensor:
-        if self.distributed:
-            torch.distributed.all_reduce(t)
-        return t
-
-
-@dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
@@ -455,20 +431,6 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.dist.rank == 0
-
-
-def resolve_device(device: str, dist: Dist) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist.distributed:
-        device = f"cuda:{dist.local_rank}"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but CUDA is not available; use --device cpu")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

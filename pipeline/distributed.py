@@ -1,0 +1,53 @@
+"""Process-group and device helpers shared by both stages (plain ``torchrun`` environment variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cache.util import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK; one process without it)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+
+def resolve_device(device: str = "auto", dist: Dist | None = None) -> torch.device:
+    """``auto`` is CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist is not None and dist.distributed:
+        device = f"cuda:{dist.local_rank}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    return dev
