@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import platform
 import sys
 import time
@@ -193,11 +194,41 @@ def bench_crossover(d: int, B: int, T: int, lengths: list[int]) -> list[dict]:
                     times[impl].append(time.perf_counter() - t0)
         for impl in ("conv", "fft"):
             row[f"{impl}_s"] = median(times[impl])
-        row["auto_picks"] = "fft" if (L >= (modeling.FFT_CROSSOVER["cpu"] or 10**9)
-                                      and B * T >= modeling.FFT_MIN_TOKENS_PER_TAP * L) else "conv"
+        row["auto_picks"] = "fft" if (L >= (modeling.FFT_CROSSOVER["cpu"] or 10**9) and B * T >= max(
+            modeling.FFT_MIN_TOKENS, modeling.FFT_MIN_TOKENS_PER_TAP * L)) else "conv"
         print("crossover", row, flush=True)
         rows.append(row)
     return rows
+
+
+def bench_layer(d: int, W: int, T: int, B: int, reps: int) -> dict:
+    """One mixing layer alone, forward + backward into x and the projection: the reference formulation vs
+    the fast path with its kernel built from the weight inside the timed call (build + its gradient map
+    included, as in a step without shared_kernels) and with the kernel given (its cost amortised over a
+    step). Medians of ``reps`` after a warm-up, the three interleaved."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(W * d, d)
+    x = torch.randn(B, T, d, requires_grad=True)
+    kern = stft_kernel(proj.weight.detach(), W, min(W, T)).requires_grad_()
+    runs = {
+        "reference": lambda: reference_stft_mix(x, proj, W),
+        "fast_with_kernel_build": lambda: causal_stft_mix(x, stft_kernel(proj.weight, W, min(W, T)),
+                                                          proj.bias),
+        "fast_kernel_given": lambda: causal_stft_mix(x, kern, proj.bias),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(reps + 1):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn().square().mean().backward()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+            x.grad = proj.weight.grad = proj.bias.grad = kern.grad = None
+    row = {"d": d, "W": W, "T": T, "B": B, **{f"{k}_s": median(v) for k, v in times.items()}}
+    row["speedup_with_kernel_build"] = row["reference_s"] / row["fast_with_kernel_build_s"]
+    row["speedup_kernel_given"] = row["reference_s"] / row["fast_kernel_given_s"]
+    print("layer", row, flush=True)
+    return row
 
 
 @torch.no_grad()
@@ -240,7 +271,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "student.json"))
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    ap.add_argument("--layer-only", action="store_true",
+                    help="only the single-layer comparison, added to an existing --out file")
     args = ap.parse_args()
+    if args.layer_only:
+        torch.set_num_threads(THREADS)
+        res = json.loads(Path(args.out).read_text())
+        res["layer"] = [bench_layer(256, 32, 256, 8, 3), bench_layer(512, 512, 128, 2, 3)]
+        atomic_write_json(args.out, res)
+        return
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
@@ -251,6 +290,7 @@ def main() -> None:
                             "counts the weight-only STFT kernels; 'blocks' = embeddings + blocks, no head"}
     if args.quick:
         res["training"] = bench_training("quick", 32, 2, 64, 8, 32, [2], 1, 1)
+        res["layer"] = [bench_layer(32, 8, 32, 2, 1)]
         res["crossover"] = bench_crossover(32, 2, 64, [4, 16, 32])
         res["generation"] = bench_generation(8, 16)
     else:
@@ -259,6 +299,8 @@ def main() -> None:
         res["training"] = bench_training("d256-W32-T256", 256, 4, 1024, 32, 256, [8], 5, 3)
         atomic_write_json(args.out, res)
         res["training"] += bench_training("d512-W512-T128", 512, 4, 256, 512, 128, [2, 8], 3, 3)
+        atomic_write_json(args.out, res)
+        res["layer"] = [bench_layer(256, 32, 256, 8, 3), bench_layer(512, 512, 128, 2, 3)]
         atomic_write_json(args.out, res)
         res["crossover"] = (bench_crossover(256, 8, 256, [8, 16, 32, 64, 128])
                             + bench_crossover(256, 1, 128, [16, 32, 64])

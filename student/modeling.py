@@ -34,12 +34,14 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from cache.util import UserError
 
 # "auto" uses the block FFT convolution when the effective window L = min(W, T) is at least
-# FFT_CROSSOVER[device] and there are at least FFT_MIN_TOKENS_PER_TAP * L tokens (B * T) in the call;
-# otherwise direct conv1d. The FFT route does ~4 d^2 multiplies per token instead of L d^2, plus a
-# kernel-side transform of ~2 L^2 d^2 per call that only enough tokens amortise. CPU values: measured by
-# bench/bench_student.py ("crossover", 2-core CPU). CUDA: not measured (no GPU was available).
+# FFT_CROSSOVER[device] and the call has at least max(FFT_MIN_TOKENS, FFT_MIN_TOKENS_PER_TAP * L) tokens
+# (B * T); otherwise direct conv1d. The FFT route does ~4 d^2 multiplies per token instead of L d^2, plus
+# a kernel-side transform of ~2 L^2 d^2 per call that only enough tokens amortise. CPU values: from the
+# "crossover" table of bench/bench_student.py (2-core CPU): FFT won every measured case with L >= 16 and
+# B * T >= 256 (1.1x-3.3x), and lost at B * T = 128. CUDA: not measured (no GPU was available).
 FFT_CROSSOVER: dict[str, int | None] = {"cpu": 16, "cuda": 64}
-FFT_MIN_TOKENS_PER_TAP = 4
+FFT_MIN_TOKENS = 256
+FFT_MIN_TOKENS_PER_TAP = 2
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -258,7 +260,9 @@ def causal_stft_mix(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | 
     taps = kernel[:, W - L:]  # (d_out, L, d): only the last min(W, T) taps reach a length-T sequence
     if impl == "auto":
         crossover = FFT_CROSSOVER.get(x.device.type, FFT_CROSSOVER["cuda"])
-        enough = crossover is not None and L >= crossover and x.shape[0] * T >= FFT_MIN_TOKENS_PER_TAP * L
+        tokens = x.shape[0] * T
+        enough = crossover is not None and L >= crossover and tokens >= max(FFT_MIN_TOKENS,
+                                                                            FFT_MIN_TOKENS_PER_TAP * L)
         impl = "fft" if enough else "conv"
     if impl == "fft":
         with torch.autocast(x.device.type, enabled=False):

@@ -140,6 +140,29 @@ def test_shared_kernels_with_max_len_match_reference_gradients(impl):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
+def test_auto_takes_the_fft_route_past_the_crossover_and_agrees_with_conv(monkeypatch):
+    import student.modeling as modeling
+
+    torch.manual_seed(5)
+    calls = []
+    original = modeling._FFTCausalConv.apply
+    monkeypatch.setattr(modeling._FFTCausalConv, "apply", lambda *a: calls.append(a[1].shape) or original(*a))
+    L = modeling.FFT_CROSSOVER["cpu"]
+    T = max(modeling.FFT_MIN_TOKENS, modeling.FFT_MIN_TOKENS_PER_TAP * L)
+    x = torch.randn(1, T, 4, requires_grad=True)
+    k = torch.randn(4, 2 * L, 4, requires_grad=True)
+    bias = torch.randn(4)
+    g = torch.randn(1, T, 4)
+    auto = causal_stft_mix(x, k[:, L:], bias, "auto")
+    assert calls == [(4, L, 4)]
+    conv = causal_stft_mix(x, k[:, L:], bias, "conv")
+    torch.testing.assert_close(auto, conv, atol=1e-4, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(auto, (x, k), g), torch.autograd.grad(conv, (x, k), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    causal_stft_mix(x[:, : T // 2], k[:, L:], bias, "auto")  # too few tokens: conv1d
+    assert len(calls) == 1
+
+
 def test_fast_path_builds_no_window_tensor():
     # No tensor of B*T*W*d elements may be allocated by the fast layer (saved or temporary).
     B, T, W, d = 2, 32, 16, 8
