@@ -163,6 +163,19 @@ def test_auto_takes_the_fft_route_past_the_crossover_and_agrees_with_conv(monkey
     assert len(calls) == 1
 
 
+def test_fft_conv_takes_non_contiguous_inputs_and_gradients():
+    from student.modeling import _FFTCausalConv
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 12).transpose(1, 2).requires_grad_()  # (B, T, d), T a whole number of blocks
+    k = torch.randn(4, 3, 3, requires_grad=True)
+    w = torch.randn(2, 4, 12)
+    fft = torch.autograd.grad((_FFTCausalConv.apply(x, k).transpose(1, 2) * w).sum(), (x, k))
+    conv = torch.autograd.grad((causal_stft_mix(x, k, None, "conv").transpose(1, 2) * w).sum(), (x, k))
+    for a, b in zip(fft, conv):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_fast_path_builds_no_window_tensor():
     # No tensor of B*T*W*d elements may be allocated by the fast layer (saved or temporary).
     B, T, W, d = 2, 32, 16, 8
