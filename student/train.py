@@ -560,7 +560,9 @@ def accumulate(run: Run, batches: Sequence, normalizer: int, hooks: TrainHooks |
     lc = cfg.loss_config()
     sums = torch.zeros(7, dtype=torch.float64, device=run.device)
     ddp = dist.distributed
-    with run.model.shared_kernels() if run.share_kernels else nullcontext():
+    # Only the min(W, longest sequence) kernel taps can reach this step's tokens: build just those.
+    max_len = max(int(b.input_ids.shape[1]) for b in batches)
+    with run.model.shared_kernels(max_len) if run.share_kernels else nullcontext():
         for i, batch in enumerate(batches):
             sync = nullcontext() if (not ddp or i == len(batches) - 1) else _no_sync(run.forward)
             with sync:
