@@ -43,6 +43,13 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # Disk full, read-only or missing paths: nothing half-written is left under a final name (every
+        # writer goes through a temporary name), so the fix is to free space / fix the path and rerun.
+        print(f"error: {e}; free disk space or fix the path/permissions, then rerun the same command "
+              "(teacher-cache resumes from its last committed unit, train-student with --resume)",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -75,3 +75,15 @@ def make_tiny_qwen2(path: Path, *, vocab_size: int = QWEN2_VOCAB, hidden: int = 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a shared 2-core machine several intra-op threads mostly wait on each other (up to ~15x
+    slower than one). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

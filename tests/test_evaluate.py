@@ -26,19 +26,14 @@ from student.evaluate import (
 from student.gsm8k_eval import extract_reference, score_output
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RECORD_FIELDS = {"row", "question", "reference", "output", "strict_answer", "flexible_answer",
                  "strict_correct", "flexible_correct", "new_tokens", "stopped"}
 NEW_TOKENS = 12
 IM_END = 151645
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: on a shared, loaded 2-core machine two intra-op threads run ~15x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_student(tokenizer, im_end_scale: float) -> CausalFNetForCausalLM:

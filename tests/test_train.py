@@ -30,6 +30,8 @@ from student.train import (
     train_student,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EMB = "embeddings.word_embeddings.weight"
 
 
@@ -50,13 +52,6 @@ def metrics_of(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / METRICS).read_text().splitlines() if ln.strip()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: several threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from helpers import V, write_bigram_cache  # tests/ is on sys.path under pytest
 import student.train as train
 from student.train import FINAL, METRICS, TrainConfig, train_student
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORKER = textwrap.dedent('''
     import json, os, sys
     import torch
@@ -51,12 +53,6 @@ def losses(out) -> list[tuple]:
              r.get("supervised_tokens")) for r in rows]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
