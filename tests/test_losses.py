@@ -194,6 +194,17 @@ def _problem_for_chunks(gen, n, v=37, d=8, k=5):
     return hidden, weight, t
 
 
+def _assert_same_loss_and_grads(a, b) -> None:
+    """(sums, loss, grad wrt hidden, grad wrt head weight) of two implementations agree."""
+    (s1, l1, gh1, gw1), (s0, l0, gh0, gw0) = a, b
+    torch.testing.assert_close(s1.ce, s0.ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
+    assert int(s1.top1_agree) == int(s0.top1_agree)
+
+
 @pytest.mark.parametrize("kind", KD_KINDS)
 @pytest.mark.parametrize("n,chunk", [(7, 3), (7, 1), (7, 100), (12, 4), (1, 5)])
 def test_chunked_equals_unchunked_value_and_gradient(gen, kind, n, chunk):
@@ -213,12 +224,7 @@ def test_chunked_equals_unchunked_value_and_gradient(gen, kind, n, chunk):
 
     s1, l1, gh1, gw1 = run(True)
     s0, l0, gh0, gw0 = run(False)
-    torch.testing.assert_close(s1.ce, s0.ce, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
-    assert int(s1.top1_agree) == int(s0.top1_agree)
+    _assert_same_loss_and_grads((s1, l1, gh1, gw1), (s0, l0, gh0, gw0))
     correct = int(((hidden @ weight.T).argmax(-1) == t.labels).sum())
     assert int(s1.label_correct) == int(s0.label_correct) == correct
 
@@ -342,13 +348,7 @@ def test_chunked_equals_unchunked_at_every_temperature_path(gen, kind, temperatu
     labels = torch.randint(0, v, (n,), generator=gen)
     t = make_targets(z, labels, 6, temperature, draw_samples(z, 8, gen))
     hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
-    (s1, l1, gh1, gw1), (s0, l0, gh0, gw0) = _chunked_vs_reference(hidden, weight, t, kind, temperature, 4)
-    torch.testing.assert_close(s1.ce, s0.ce, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s1.kd, s0.kd, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
-    assert int(s1.top1_agree) == int(s0.top1_agree)
+    _assert_same_loss_and_grads(*_chunked_vs_reference(hidden, weight, t, kind, temperature, 4))
 
 
 @pytest.mark.parametrize("kind", ["topk_tail", "reverse_kl"])
