@@ -78,3 +78,15 @@ def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: 
         w.finalize(2, tokenizer={"vocab_size": V, "eos_token_id": EOS, "pad_token_id": PAD,
                                  "hash": tokenizer_hash})
     return path
+
+
+def random_samples(rng: np.random.Generator, n: int, vocab: int, samples: int) -> dict[str, np.ndarray]:
+    """Random-Sampling KD fields for ``n`` rows: ``samples`` uniform draws per row as unique ids + counts."""
+    offs, ids, cnts = [0], [], []
+    for _ in range(n):
+        u, c = np.unique(rng.integers(0, vocab, samples), return_counts=True)
+        ids.append(u)
+        cnts.append(c)
+        offs.append(offs[-1] + len(u))
+    return dict(sample_offsets=np.array(offs, np.int64), sample_ids=np.concatenate(ids).astype(np.int32),
+                sample_counts=np.concatenate(cnts).astype(np.int32))

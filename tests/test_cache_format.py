@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import random_samples  # tests/ is on sys.path under pytest
 
 from cache.format import (
     FORMAT_VERSION,
@@ -43,15 +44,7 @@ def make_record(rng: np.random.Generator, seq_id: int, s: CacheSettings) -> Cach
         tail_mass=rng.random((n, nT)).astype(np.float32),
     )
     if s.samples:
-        offs, ids, cnts = [0], [], []
-        for _ in range(n):
-            draws = rng.integers(0, VOCAB, s.samples)
-            u, c = np.unique(draws, return_counts=True)
-            ids.append(u)
-            cnts.append(c)
-            offs.append(offs[-1] + len(u))
-        rec.update(sample_offsets=np.array(offs, np.int64), sample_ids=np.concatenate(ids).astype(np.int32),
-                   sample_counts=np.concatenate(cnts).astype(np.int32))
+        rec.update(random_samples(rng, n, VOCAB, s.samples))
     return CacheRecord(**rec)
 
 

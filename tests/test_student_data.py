@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import random_samples  # tests/ is on sys.path under pytest
 
 from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache
 from cache.util import UserError
@@ -43,14 +44,7 @@ def make_record(rng: np.random.Generator, seq_id: int, samples: int) -> CacheRec
         tail_mass=rng.random((n, 2)).astype(np.float32),
     )
     if samples:
-        offs, s_ids, s_cnt = [0], [], []
-        for _ in range(n):
-            u, c = np.unique(rng.integers(0, VOCAB, samples), return_counts=True)
-            s_ids.append(u)
-            s_cnt.append(c)
-            offs.append(offs[-1] + len(u))
-        rec.update(sample_offsets=np.array(offs, np.int64), sample_ids=np.concatenate(s_ids).astype(np.int32),
-                   sample_counts=np.concatenate(s_cnt).astype(np.int32))
+        rec.update(random_samples(rng, n, VOCAB, samples))
     return CacheRecord(**rec)
 
 
