@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import platform
 import sys
@@ -19,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import student.modeling as modeling  # noqa: E402
 from cache.util import atomic_write_json  # noqa: E402
+from student.losses import DistillTargets, chunked_distill_loss, combine_loss  # noqa: E402
 from student.modeling import (  # noqa: E402
     CausalFNetConfig,
     CausalFNetForCausalLM,
@@ -36,12 +37,57 @@ from tests.test_modeling import reference_stft_mix  # noqa: E402  (the one refer
 
 VOCAB = 8192  # a compacted-vocabulary-sized head (same for both formulations), so the mixing layers dominate
 THREADS = 2
+TOPK = 32  # synthetic teacher top-k per position for the training loss
+TEMPERATURE = 2.0
 
 
 def available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: line.split()[1] for line in f}
     return int(info["MemAvailable"]) * 1024
+
+
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Linux: hand freed pages back and restart VmHWM (peak RSS) from the current RSS (returned, MiB)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mib("VmRSS")
+
+
+_TARGETS: dict[tuple, DistillTargets] = {}
+
+
+def synthetic_targets(ids: torch.Tensor) -> DistillTargets:
+    """Teacher targets for every position of ``ids`` (B, T): the next id as label, a random top-k."""
+    key = tuple(ids.shape)
+    if key not in _TARGETS:
+        gen = torch.Generator().manual_seed(0)
+        n = ids.numel()
+        logp = (torch.randn(n, TOPK, generator=gen).sort(-1, descending=True).values - 3.0).half()
+        _TARGETS[key] = DistillTargets(
+            labels=ids.roll(-1, 1).flatten(), topk_ids=torch.randint(0, VOCAB, (n, TOPK), generator=gen),
+            topk_logprobs=logp, shift=torch.randn(n, generator=gen) * 0.1,
+            tail=torch.rand(n, generator=gen) * 0.2)
+    return _TARGETS[key]
+
+
+def training_loss(model: CausalFNetForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """The trainer's loss path: hidden states, then the chunked fused head + top-k KD loss (alpha 0.5, tau 2)
+    over every position; without its gradient-ahead option, so every tensor held for backward is visible
+    to the saved-tensor hooks. The same on both formulations."""
+    hidden = model.hidden_states(ids).flatten(0, 1)  # (B*T, d)
+    sums = chunked_distill_loss(hidden, model.get_output_embeddings().weight, synthetic_targets(ids),
+                                kind="topk_tail", temperature=TEMPERATURE, chunk_size=1024)
+    return combine_loss(sums, alpha=0.5, temperature=TEMPERATURE, normalizer=hidden.shape[0])
 
 
 def median(xs: list[float]) -> float:
@@ -71,7 +117,8 @@ def set_mixer(model: CausalFNetForCausalLM, kind: str) -> None:
 
 def saved_bytes(model, ids, blocks_only: bool) -> tuple[int, int]:
     """(saved non-parameter bytes, of which STFT-kernel bytes) for one forward pass, distinct storages.
-    blocks_only: the embeddings + blocks (``hidden_states``), without the LM head and loss."""
+    blocks_only: the embeddings + blocks (``hidden_states``), without the LM head and loss; otherwise the
+    whole training loss (``training_loss``)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kernels: set[int] = set()
     seen: dict[int, int] = {}
@@ -94,7 +141,7 @@ def saved_bytes(model, ids, blocks_only: bool) -> tuple[int, int]:
             if blocks_only:
                 out = model.hidden_states(ids)
             else:
-                out = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
+                out = training_loss(model, ids)
             del out
     finally:
         modeling.stft_kernel = original
@@ -109,17 +156,24 @@ def step_context(model, ids):
     return contextlib.nullcontext()
 
 
-def fwd_bwd_seconds(model, ids, reps: int, warmup: int) -> list[float]:
+def fwd_bwd_seconds(model, ids, reps: int, warmup: int) -> tuple[list[float], float]:
+    """Times of ``reps`` training steps (forward + backward of ``training_loss``) after ``warmup`` untimed
+    ones, and the peak RSS growth (MiB) over the timed steps: activations, temporaries and the parameter
+    gradients (set to None before every step, so each step allocates them again; the same on both sides)."""
     times = []
+    rss0 = peak = float("nan")
     for i in range(warmup + reps):
         model.zero_grad(set_to_none=True)
+        if i == warmup:
+            rss0 = reset_peak_rss()
         t0 = time.perf_counter()
         with step_context(model, ids):
-            F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten()).backward()
+            training_loss(model, ids).backward()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    peak = status_mib("VmHWM") - rss0
     model.zero_grad(set_to_none=True)
-    return times
+    return times, peak
 
 
 def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
@@ -132,30 +186,36 @@ def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
         ids = torch.randint(0, VOCAB, (B, T))
         row = {"config": name, "d": d, "layers": layers, "ffn": ffn, "W": W, "T": T, "batch": B,
                "vocab": VOCAB}
-        ref_bytes = layers * B * T * W * d * 8  # the complex (B, T, W, d) windows the reference keeps
-        row["reference_windows_MB_estimate"] = ref_bytes / 2**20
+        window = B * T * W * d  # elements of one (B, T, W, d) window tensor
+        # The reference keeps each layer's real fp32 windows for its linear and briefly holds a complex
+        # fftn output and its gradient (8 bytes per element each).
+        ref_bytes = layers * window * 4 + 2 * window * 8
+        row["reference_peak_MB_estimate"] = ref_bytes / 2**20
         for kind in kinds:
-            if kind == "reference" and 2.5 * ref_bytes > available_bytes():
+            if kind == "reference" and ref_bytes > 0.8 * available_bytes():
                 print(name, B, "reference skipped: needs", ref_bytes / 2**30, "GiB", flush=True)
-                row["reference_skipped"] = (f"needs ~{ref_bytes / 2**30:.1f} GiB of saved windows alone, "
+                row["reference_skipped"] = (f"needs ~{ref_bytes / 2**30:.1f} GiB, "
                                             f"{available_bytes() / 2**30:.1f} GiB available")
                 continue
             set_mixer(model, kind)
-            big = kind == "reference" and ref_bytes > 2**30
-            n = (1 if ref_bytes > 4 * 2**30 else ref_reps) if kind == "reference" else reps
-            times = fwd_bwd_seconds(model, ids, n, warmup=0 if big else 1)
+            big = kind == "reference" and ref_bytes > 4 * 2**30
+            n = ref_reps if kind == "reference" else reps
+            times, peak = fwd_bwd_seconds(model, ids, n, warmup=0 if big else 1)
             row[f"{kind}_s"], row[f"{kind}_s_all"] = median(times), times
+            row[f"{kind}_peak_rss_MB"] = peak
             for scope in ("model", "blocks"):
                 total, kern = saved_bytes(model, ids, blocks_only=scope == "blocks")
                 row[f"{kind}_{scope}_act_MB"] = (total - kern) / 2**20
                 row[f"{kind}_{scope}_kernel_MB"] = kern / 2**20
-            print(name, B, kind, f"{row[f'{kind}_s']:.2f}s", f"{row[f'{kind}_model_act_MB']:.1f}MB",
+            print(name, B, kind, f"{row[f'{kind}_s']:.2f}s", f"peak +{peak:.0f}MB",
+                  f"{row[f'{kind}_model_act_MB']:.1f}MB",
                   f"blocks {row[f'{kind}_blocks_act_MB']:.1f}MB",
                   f"kernels {row[f'{kind}_model_kernel_MB']:.1f}MB", flush=True)
         if "reference_s" in row:
             row["speedup"] = row["reference_s"] / row["auto_s"]
             row["act_ratio_model"] = row["reference_model_act_MB"] / row["auto_model_act_MB"]
             row["act_ratio_blocks"] = row["reference_blocks_act_MB"] / row["auto_blocks_act_MB"]
+            row["peak_ratio"] = row["reference_peak_rss_MB"] / row["auto_peak_rss_MB"]
         w = model.encoder[0].causal_stft.projection.weight
         for label, taps in (("all_taps", None), ("reachable_taps", min(W, T))):
             times = []
@@ -273,7 +333,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     ap.add_argument("--layer-only", action="store_true",
                     help="only the single-layer comparison, added to an existing --out file")
+    ap.add_argument("--training-only", action="store_true",
+                    help="only the whole-model training comparison, replacing it in an existing --out file")
     args = ap.parse_args()
+    if args.training_only:
+        torch.set_num_threads(THREADS)
+        res = json.loads(Path(args.out).read_text())
+        res["training"] = bench_training("d256-W32-T256", 256, 4, 1024, 32, 256, [8], 5, 3)
+        res["training"] += bench_training("d512-W512-T128", 512, 4, 256, 512, 128, [2, 8], 3, 3)
+        atomic_write_json(args.out, res)
+        return
     if args.layer_only:
         torch.set_num_threads(THREADS)
         res = json.loads(Path(args.out).read_text())
@@ -285,9 +354,12 @@ def main() -> None:
     t0 = time.perf_counter()
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     res = {"machine": machine,
-           "memory_method": "distinct saved-for-backward tensor storages in one forward "
+           "memory_method": "activation memory: distinct saved-for-backward tensor storages in one forward "
                             "(saved_tensors_hooks), parameters excluded; *_act_MB excludes and *_kernel_MB "
-                            "counts the weight-only STFT kernels; 'blocks' = embeddings + blocks, no head"}
+                            "counts the weight-only STFT kernels; 'model' = the trainer's loss path (hidden "
+                            "states + chunked fused head/top-k KD loss), 'blocks' = embeddings + blocks; "
+                            "*_peak_rss_MB = peak RSS growth over the timed steps (VmHWM), parameter "
+                            "gradients included"}
     if args.quick:
         res["training"] = bench_training("quick", 32, 2, 64, 8, 32, [2], 1, 1)
         res["layer"] = [bench_layer(32, 8, 32, 2, 1)]

@@ -119,27 +119,44 @@ class CausalFNetConfig(PretrainedConfig):
 # ---------------------------------------------------------------------------- the STFT layer, fast form
 
 
-def stft_kernel(weight: torch.Tensor, window: int, taps: int | None = None) -> torch.Tensor:
+def stft_kernel(weight: torch.Tensor, window: int, taps: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Convolution kernel of the STFT layer: Re FFT2 of each output row of the projection weight.
 
     weight (d_out, W*d) -> kernel (d_out, taps, d) in fp32: the last ``taps`` (default W) window positions,
-    oldest first; a length-T sequence only reaches the last min(W, T). With ``taps=None`` the same map
-    sends a kernel gradient back to a weight gradient (it is its own adjoint; zero-pad a partial one).
+    oldest first; a length-T sequence only reaches the last min(W, T). The same map sends a kernel gradient
+    back to a weight gradient (it is its own adjoint): ``stft_kernel_grad``. ``out`` (fp32, d_out * taps * d
+    elements) receives the result; it may be ``weight`` itself, which is read in full first.
     """
     d_out = weight.shape[0]
     p = weight.float().reshape(d_out, window, -1)  # (d_out, W, d)
     d = p.shape[-1]
     L = window if taps is None else max(1, min(int(taps), window))
     half = torch.fft.rfft2(p).real  # (d_out, W, d//2+1): columns 0..d//2 of Re FFT2
-    if d // 2 + 1 == d and L == window:
+    if d // 2 + 1 == d and L == window and out is None:
         return half
-    out = p.new_empty(d_out, L, d)
+    out = p.new_empty(d_out, L, d) if out is None else out.view(d_out, L, d)
     out[..., : d // 2 + 1] = half[:, window - L:]
     if d // 2 + 1 < d:
-        # Hermitian symmetry of a real input: Re X[w, j] = Re X[-w mod W, d - j] gives the other columns.
-        neg = (-torch.arange(window - L, window, device=p.device)) % window
-        out[..., d // 2 + 1:] = half[:, neg, 1:d - d // 2].flip(-1)
+        # Hermitian symmetry of a real input, Re X[w, j] = Re X[-w mod W, d - j], gives the other columns:
+        # output row W-L+l reads row L-l (row 0 reads row 0), columns reversed.
+        hi, cols = slice(d // 2 + 1, d), slice(1, d - d // 2)
+        if L == window:
+            out[:, 0, hi] = half[:, 0, cols].flip(-1)
+            out[:, 1:, hi] = half[:, 1:, cols].flip(1, 2)
+        else:
+            out[:, :, hi] = half[:, 1:L + 1, cols].flip(1, 2)
     return out
+
+
+def stft_kernel_grad(kernel_grad: torch.Tensor, window: int) -> torch.Tensor:
+    """Gradient of the projection weight (d_out, W*d), fp32, from the gradient of a kernel with the last
+    ``taps`` window positions (d_out, taps, d): zero-pad the missing older taps and apply the same map."""
+    d_out, taps, d = kernel_grad.shape
+    full = kernel_grad.new_empty(d_out, window, d, dtype=torch.float32)
+    full[:, : window - taps].zero_()
+    full[:, window - taps:] = kernel_grad
+    return stft_kernel(full.view(d_out, -1), window, out=full).view(d_out, -1)
 
 
 _DFT: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -246,9 +263,11 @@ class _FFTCausalConv(torch.autograd.Function):
             gx = (inv[:N] @ gxf.view(n + 2, -1)).view(N, B, -1, d_in)  # (N, B, nb, d_in)
             gx = _from_time_blocks(gx, T)
         if ctx.needs_input_grad[1]:
-            gh = torch.bmm(_FFTCausalConv._input_freq(x, N).transpose(1, 2), g)  # (F, 2d_in, d_out)
-            taps_first = (inv[:N].flip(0) @ gh.view(n + 2, -1)).view(N, d_in, d_out)  # (L, d_in, d_out)
-            gtaps = taps_first.permute(2, 0, 1)  # (d_out, L, d_in)
+            # Kernel spectrum gradient as (F, d_out, [re|im, i]), regrouped to (d_out, (f, re|im), i) with
+            # contiguous rows of d_in, so that the inverse DFT writes the taps' own (d_out, L, d_in) layout.
+            gh = torch.bmm(g.transpose(1, 2), _FFTCausalConv._input_freq(x, N))  # (F, d_out, 2d_in)
+            gh = gh.view(N + 1, d_out, 2, d_in).permute(1, 0, 2, 3).reshape(d_out, n + 2, d_in)
+            gtaps = torch.matmul(inv[:N].flip(0), gh)  # (d_out, L, d_in)
         return gx, gtaps
 
 
@@ -399,9 +418,11 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
                 k, m._shared = m._shared, None
                 if k is not None and k.grad is not None:
                     w = m.projection.weight
-                    kg = F.pad(k.grad, (0, 0, m.window - k.shape[1], 0))  # (d_out, W, d): zeros before taps
-                    g = stft_kernel(kg.reshape(w.shape), m.window).reshape(w.shape).to(w.dtype)
-                    w.grad = g if w.grad is None else w.grad + g
+                    g = stft_kernel_grad(k.grad, m.window).to(w.dtype)
+                    if w.grad is None:
+                        w.grad = g
+                    else:
+                        w.grad += g
 
 
 class CausalFNetModel(CausalFNetPreTrainedModel):

@@ -123,6 +123,17 @@ def test_kernel_taps_are_the_last_rows_of_the_full_kernel(W, d, taps):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("W,d,taps", [(6, 5, 2), (6, 4, 6), (7, 8, 3), (5, 6, 1), (4, 2, 4)])
+def test_kernel_gradient_map_is_the_adjoint_of_the_kernel(W, d, taps):
+    from student.modeling import stft_kernel_grad
+
+    torch.manual_seed(8)
+    weight = torch.randn(3, W * d, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, taps, d, dtype=torch.float64)
+    want = torch.autograd.grad(torch.fft.fft2(weight.reshape(3, W, d)).real[:, W - taps:], weight, g)[0]
+    torch.testing.assert_close(stft_kernel_grad(g, W).double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["conv", "fft"])
 def test_shared_kernels_with_max_len_match_reference_gradients(impl):
     model = tiny_model(stft_window_size=16, stft_impl=impl).train()
@@ -214,7 +225,7 @@ def test_shared_kernels_with_accumulation_and_checkpointing_match_reference_grad
     enable()
     assert all(b.gradient_checkpointing for b in model.encoder)
     calls = []
-    monkeypatch.setattr(modeling, "stft_kernel", lambda *a: calls.append(1) or stft_kernel(*a))
+    monkeypatch.setattr(modeling, "stft_kernel", lambda *a, **kw: calls.append(1) or stft_kernel(*a, **kw))
     batches = [torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (3, 7))]
     with model.shared_kernels():
         for ids in batches:
