@@ -32,6 +32,7 @@ from student.modeling import (  # noqa: E402
     CausalFNetForCausalLM,
     causal_stft_mix,
     stft_kernel,
+    stft_kernel_grad,
 )
 from tests.test_modeling import reference_stft_mix  # noqa: E402  (the one reference formulation)
 
@@ -226,10 +227,11 @@ def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
                 times.append(time.perf_counter() - t0)
             row[f"kernel_build_{label}_all_layers_s"] = median(times)
         times = []
-        for _ in range(3):  # the gradient map at the end of shared_kernels: always all W taps out
+        grad = torch.randn(d, min(W, T), d)  # a kernel gradient with the reachable taps
+        for _ in range(3):  # the gradient map at the end of shared_kernels: all W taps of the weight out
             t0 = time.perf_counter()
-            for block in model.encoder:
-                stft_kernel(block.causal_stft.projection.weight.detach(), W)
+            for _block in model.encoder:
+                stft_kernel_grad(grad, W)
             times.append(time.perf_counter() - t0)
         row["kernel_grad_map_all_layers_s"] = median(times)
         row["projection_params_per_layer"] = w.numel()
@@ -335,7 +337,17 @@ def main() -> None:
                     help="only the single-layer comparison, added to an existing --out file")
     ap.add_argument("--training-only", action="store_true",
                     help="only the whole-model training comparison, replacing it in an existing --out file")
+    ap.add_argument("--token-crossover", action="store_true",
+                    help="d=512/W=512 reference vs fast at batch 1 and 4 too (where the per-step kernel cost "
+                         "is amortised), added to an existing --out file")
     args = ap.parse_args()
+    if args.token_crossover:
+        torch.set_num_threads(THREADS)
+        res = json.loads(Path(args.out).read_text())
+        res["token_crossover"] = bench_training("d512-W512-T128", 512, 4, 256, 512, 128, [1, 4], 3, 3,
+                                                kinds=("reference", "auto"))
+        atomic_write_json(args.out, res)
+        return
     if args.training_only:
         torch.set_num_threads(THREADS)
         res = json.loads(Path(args.out).read_text())
