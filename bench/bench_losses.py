@@ -11,7 +11,6 @@ over the RSS at that point, and the best of ``--repeats`` forward + backward wal
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -21,22 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from peak_rss import reset_peak_rss, status_mib  # this folder
+
 HERE = Path(__file__).resolve().parent
 VOCAB = 151_936
-
-
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Linux: make VmHWM (peak RSS) restart from the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def load_losses(impl: str | None):
@@ -69,9 +56,7 @@ def run_one(args: argparse.Namespace, kind: str, chunk: int) -> dict:
         labels=torch.randint(0, VOCAB, (n,), generator=gen), topk_ids=ids,
         topk_logprobs=(logp - 3.0).half(), shift=torch.randn(n, generator=gen) * 0.1,
         tail=torch.rand(n, generator=gen) * 0.2, sample_ids=sample_ids, sample_counts=sample_counts)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the setup's freed pages back before the baseline
-    reset_peak_rss()
-    rss0 = status_mib("VmRSS")
+    rss0 = reset_peak_rss()  # the setup's freed pages handed back first
     times = []
     for _ in range(args.repeats):
         h = hidden.clone().requires_grad_()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import platform
 import sys
@@ -23,6 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from peak_rss import reset_peak_rss, status_mib  # noqa: E402  (this folder)
 
 import student.modeling as modeling  # noqa: E402
 from cache.util import atomic_write_json  # noqa: E402
@@ -46,22 +47,6 @@ def available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: line.split()[1] for line in f}
     return int(info["MemAvailable"]) * 1024
-
-
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> float:
-    """Linux: hand freed pages back and restart VmHWM (peak RSS) from the current RSS (returned, MiB)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_mib("VmRSS")
 
 
 _TARGETS: dict[tuple, DistillTargets] = {}
