@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench clean
+.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench bench-gpu clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -79,6 +79,9 @@ demo-gsm8k: install ## the same flow on the real Qwen2 tokenizer + a GSM8K slice
 
 bench: install ## benchmarks (results go to bench/results/*.json; table in README)
 	$(PY) bench/run_all.py
+
+bench-gpu: install ## the GPU-only checks in one run (needs CUDA): bench/results/gpu.json
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -54,15 +54,16 @@ _TARGETS: dict[tuple, DistillTargets] = {}
 
 def synthetic_targets(ids: torch.Tensor) -> DistillTargets:
     """Teacher targets for every position of ``ids`` (B, T): the next id as label, a random top-k."""
-    key = tuple(ids.shape)
+    key = (tuple(ids.shape), ids.device)
     if key not in _TARGETS:
         gen = torch.Generator().manual_seed(0)
         n = ids.numel()
         logp = (torch.randn(n, TOPK, generator=gen).sort(-1, descending=True).values - 3.0).half()
         _TARGETS[key] = DistillTargets(
-            labels=ids.roll(-1, 1).flatten(), topk_ids=torch.randint(0, VOCAB, (n, TOPK), generator=gen),
-            topk_logprobs=logp, shift=torch.randn(n, generator=gen) * 0.1,
-            tail=torch.rand(n, generator=gen) * 0.2)
+            labels=ids.roll(-1, 1).flatten(),
+            topk_ids=torch.randint(0, VOCAB, (n, TOPK), generator=gen).to(ids.device),
+            topk_logprobs=logp.to(ids.device), shift=(torch.randn(n, generator=gen) * 0.1).to(ids.device),
+            tail=(torch.rand(n, generator=gen) * 0.2).to(ids.device))
     return _TARGETS[key]
 
 
