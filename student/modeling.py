@@ -38,7 +38,8 @@ from cache.util import UserError
 # (B * T); otherwise direct conv1d. The FFT route does ~4 d^2 multiplies per token instead of L d^2, plus
 # a kernel-side transform of ~2 L^2 d^2 per call that only enough tokens amortise. CPU values: from the
 # "crossover" table of bench/bench_student.py (2-core CPU): FFT won every measured case with L >= 16 and
-# B * T >= 256 (1.1x-3.3x), and lost at B * T = 128. CUDA: not measured (no GPU was available).
+# B * T >= 256 (1.0x-3.9x), and lost at B * T = 128. CUDA: not measured yet (bench/gpu_check.py
+# suggests a value).
 FFT_CROSSOVER: dict[str, int | None] = {"cpu": 16, "cuda": 64}
 FFT_MIN_TOKENS = 256
 FFT_MIN_TOKENS_PER_TAP = 2
