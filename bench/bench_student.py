@@ -143,24 +143,52 @@ def step_context(model, ids):
     return contextlib.nullcontext()
 
 
-def fwd_bwd_seconds(model, ids, reps: int, warmup: int) -> tuple[list[float], float]:
-    """Times of ``reps`` training steps (forward + backward of ``training_loss``) after ``warmup`` untimed
-    ones, and the peak RSS growth (MiB) over the timed steps: activations, temporaries and the parameter
-    gradients (set to None before every step, so each step allocates them again; the same on both sides)."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> float:
+    """Restart the peak-memory counter of ``device`` (CPU: VmHWM, CUDA: the allocator's peak); returns the
+    baseline in MiB for ``peak_growth``."""
+    if device.type != "cuda":
+        return reset_peak_rss()
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def peak_growth(device: torch.device, base: float) -> float:
+    """Peak memory (MiB) since ``reset_peak`` above its baseline."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else status_mib("VmHWM")
+    return peak - base
+
+
+def fwd_bwd_seconds(model, ids, reps: int, warmup: int, amp: torch.dtype | None = None
+                    ) -> tuple[list[float], float, float]:
+    """Times of ``reps`` training steps (forward + backward of ``training_loss``, under autocast to ``amp``
+    if given) after ``warmup`` untimed ones; the peak memory growth (MiB) over the timed steps (CPU: RSS,
+    CUDA: allocated): activations, temporaries and the parameter gradients (set to None before every step, so
+    each step allocates them again; the same on both sides); the last step's loss."""
+    device = ids.device
     times = []
-    rss0 = peak = float("nan")
+    base = float("nan")
+    loss = torch.tensor(float("nan"))
     for i in range(warmup + reps):
         model.zero_grad(set_to_none=True)
         if i == warmup:
-            rss0 = reset_peak_rss()
+            base = reset_peak(device)
+        sync(device)
         t0 = time.perf_counter()
+        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with step_context(model, ids):
-            training_loss(model, ids).backward()
+            with autocast:
+                loss = training_loss(model, ids)
+            loss.backward()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = status_mib("VmHWM") - rss0
-    model.zero_grad(set_to_none=True)
-    return times, peak
+    return times, peak_growth(device, base), float(loss)
 
 
 def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
@@ -187,7 +215,8 @@ def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
             set_mixer(model, kind)
             big = kind == "reference" and ref_bytes > 4 * 2**30
             n = ref_reps if kind == "reference" else reps
-            times, peak = fwd_bwd_seconds(model, ids, n, warmup=0 if big else 1)
+            times, peak, _ = fwd_bwd_seconds(model, ids, n, warmup=0 if big else 1)
+            model.zero_grad(set_to_none=True)
             row[f"{kind}_s"], row[f"{kind}_s_all"] = median(times), times
             row[f"{kind}_peak_rss_MB"] = peak
             for scope in ("model", "blocks"):
@@ -225,24 +254,30 @@ def bench_training(name, d, layers, ffn, W, T, batches, reps, ref_reps,
     return rows
 
 
-def bench_crossover(d: int, B: int, T: int, lengths: list[int]) -> list[dict]:
+def bench_crossover(d: int, B: int, T: int, lengths: list[int], device: torch.device | None = None
+                    ) -> list[dict]:
     """Fast layer alone, fwd+bwd: direct conv1d vs block FFT convolution for effective windows L = min(W, T);
     median of 3 after a warm-up, the two interleaved so that load changes hit both."""
+    device = device or torch.device("cpu")
     rows = []
-    x = torch.randn(B, T, d, requires_grad=True)
+    x = torch.randn(B, T, d, device=device, requires_grad=True)
     for L in lengths:
-        k = torch.randn(d, L, d, requires_grad=True)
+        k = torch.randn(d, L, d, device=device, requires_grad=True)
         row = {"d": d, "B": B, "T": T, "L": L}
         times: dict[str, list[float]] = {"conv": [], "fft": []}
         for i in range(4):
             for impl in ("conv", "fft"):
+                sync(device)
                 t0 = time.perf_counter()
                 causal_stft_mix(x, k, None, impl).sum().backward()
+                sync(device)
                 if i:
                     times[impl].append(time.perf_counter() - t0)
+                x.grad = k.grad = None
         for impl in ("conv", "fft"):
             row[f"{impl}_s"] = median(times[impl])
-        row["auto_picks"] = "fft" if (L >= (modeling.FFT_CROSSOVER["cpu"] or 10**9) and B * T >= max(
+        crossover = modeling.FFT_CROSSOVER.get(device.type) or 10**9
+        row["auto_picks"] = "fft" if (L >= crossover and B * T >= max(
             modeling.FFT_MIN_TOKENS, modeling.FFT_MIN_TOKENS_PER_TAP * L)) else "conv"
         print("crossover", row, flush=True)
         rows.append(row)

@@ -20,7 +20,6 @@ Each section is written to ``--out`` as soon as it finishes, so a run cut short 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import platform
@@ -36,64 +35,26 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from bench_student import (  # noqa: E402  (this folder)
+    bench_crossover,
+    fwd_bwd_seconds,
     make_model,
     median,
     set_mixer,
-    step_context,
-    training_loss,
 )
 
 from cache.util import atomic_write_json  # noqa: E402
-from student.modeling import causal_stft_mix  # noqa: E402
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> float:
-    """Restart the device's peak-memory counter; returns the bytes allocated now (MiB). NaN off CUDA."""
-    if device.type != "cuda":
-        return float("nan")
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / 2**20
-
-
-def peak_mib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-
-
 def timed_steps(model, ids: torch.Tensor, amp: str, reps: int, warmup: int) -> dict:
-    """``reps`` training steps after ``warmup`` untimed ones: times, peak memory growth over the timed steps
-    (parameter gradients included: set to None before every step), the last loss, finiteness."""
-    device = ids.device
-    times: list[float] = []
-    base = float("nan")
-    loss = None
-    for i in range(warmup + reps):
-        model.zero_grad(set_to_none=True)
-        if i == warmup:
-            base = reset_peak(device)
-        sync(device)
-        t0 = time.perf_counter()
-        autocast = (torch.autocast(device.type, dtype=AMP[amp]) if AMP[amp] is not None
-                    else contextlib.nullcontext())
-        with step_context(model, ids):
-            with autocast:
-                loss = training_loss(model, ids)
-            loss.backward()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    """``fwd_bwd_seconds`` of ``bench_student.py`` under ``amp``, plus whether the last loss and every
+    gradient are finite."""
+    times, peak, loss = fwd_bwd_seconds(model, ids, reps, warmup, AMP[amp])
     grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-    out = {"s": median(times), "s_all": times, "peak_MiB": peak_mib(device) - base, "loss": float(loss),
-           "loss_finite": math.isfinite(float(loss)), "grads_finite": grads_finite}
     model.zero_grad(set_to_none=True)
-    return out
+    return {"s": median(times), "s_all": times, "peak_MiB": peak, "loss": loss,
+            "loss_finite": math.isfinite(loss), "grads_finite": grads_finite}
 
 
 def student_section(device: torch.device, quick: bool) -> list[dict]:
@@ -131,33 +92,13 @@ def student_section(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def layer_seconds(x: torch.Tensor, k: torch.Tensor, impl: str, reps: int = 5) -> float:
-    times = []
-    for i in range(reps + 2):
-        sync(x.device)
-        t0 = time.perf_counter()
-        causal_stft_mix(x, k, None, impl).sum().backward()
-        sync(x.device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-        x.grad = k.grad = None
-    return median(times)
-
-
 def crossover_section(device: torch.device, quick: bool) -> dict:
     grid = ([(32, 2, 64, [4, 16, 32])] if quick else
             [(256, 8, 256, [8, 16, 32, 64, 128, 256]), (256, 1, 128, [16, 32, 64, 128]),
              (512, 2, 128, [16, 32, 64, 128]), (512, 8, 512, [32, 64, 128, 256, 512])])
-    rows = []
-    for d, B, T, lengths in grid:
-        x = torch.randn(B, T, d, device=device, requires_grad=True)
-        for L in lengths:
-            k = torch.randn(d, L, d, device=device, requires_grad=True)
-            row = {"d": d, "B": B, "T": T, "L": L, "conv_s": layer_seconds(x, k, "conv"),
-                   "fft_s": layer_seconds(x, k, "fft")}
-            row["winner"] = "fft" if row["fft_s"] < row["conv_s"] else "conv"
-            print("crossover", row, flush=True)
-            rows.append(row)
+    rows = [row for d, B, T, lengths in grid for row in bench_crossover(d, B, T, lengths, device)]
+    for row in rows:
+        row["winner"] = "fft" if row["fft_s"] < row["conv_s"] else "conv"
     suggested = None
     for L in sorted({r["L"] for r in rows}):
         # the smallest L from which the FFT route won every measured case with at least 256 tokens
