@@ -1,6 +1,11 @@
 """Small helpers every stage shares: the user-facing error type, atomic writes and content hashes.
 
 Import these; do not write a second ``atomic_write`` anywhere else in the project.
+
+Permissions: everything these helpers publish gets the mode a plain ``open``/``mkdir`` would give under
+the process umask (0644 files and 0755 folders under umask 022), although ``mkstemp``/``mkdtemp`` create
+0600/0700 temporaries. A cache or a student written by one user stays readable by the others on shared
+storage unless the umask says otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +25,56 @@ class UserError(Exception):
 
     The message should say what is wrong and what to do about it.
     """
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only a mode is at stake)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new file under the current umask, as ``open`` gives it (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new folder under the current umask, as ``mkdir`` gives it (0755 under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike) -> Path:
+    """``mkdtemp`` beside its final place, with the mode ``mkdir`` would give (not 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def apply_umask_tree(path: str | os.PathLike) -> None:
+    """Give ``path`` and everything under it the modes ``open``/``mkdir`` would give under the umask.
+
+    Temporaries (``mkstemp`` 0600, ``mkdtemp``/``TemporaryDirectory`` 0700) and trees copied from them keep
+    their private modes otherwise. Executable files keep their execute bits (as far as the umask allows).
+    """
+    fmode, dmode = file_mode(), dir_mode()
+    path = Path(path)
+    if path.is_file():
+        os.chmod(path, dmode if path.stat().st_mode & 0o111 else fmode)
+        return
+    for folder, _dirs, names in os.walk(path):
+        os.chmod(folder, dmode)
+        for name in names:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                os.chmod(p, dmode if os.stat(p).st_mode & 0o111 else fmode)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -49,6 +104,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp gives 0600; publish with the mode open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,9 +124,11 @@ def atomic_replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Move a fully written directory ``src`` to ``dst`` (same filesystem), replacing any old ``dst``.
 
     Files inside ``src`` must already be fsynced. An old ``dst`` is renamed aside first and removed after,
-    so ``dst`` never holds a mix of old and new files.
+    so ``dst`` never holds a mix of old and new files. The tree gets the umask's modes (``apply_umask_tree``)
+    before it is published.
     """
     src, dst = Path(src), Path(dst)
+    apply_umask_tree(src)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
