@@ -1,12 +1,13 @@
-"""The teacher cache on disk: the one module that defines its format (see docs/cache-spec.md).
+"""The teacher cache on disk: writer, reader, journals, manifest and verify (see docs/cache-spec.md).
 
 A cache folder holds one shard per unit (a deterministic range of sequences), one append-only journal per
 rank (``journal.rank{r}.jsonl``: a header line with the fingerprint, then one line per committed unit), one
 lock file per rank, the attachments (e.g. ``tokenizer/``), a small ``index.npz`` (seq_id, length and
 supervised count per sequence) and, written last, ``manifest.json``. Without the manifest the folder is not a
 cache. Shards are Arrow IPC files (``unit-000000.arrow``, one record batch, one row per sequence, every
-variable-length field a ``large_list`` column) or Zarr v3 groups (``unit-000000.zarr/``, see
-``cache.zarr_backend``).
+variable-length field a ``large_list`` column, ``cache.arrow_backend``) or Zarr v3 groups
+(``unit-000000.zarr/``, ``cache.zarr_backend``). The record and settings types and the backend interface are
+in ``cache.schema`` (re-exported here); this module reaches a backend only through ``cache.backends``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from cache.backends import backend_for
+from cache.schema import (  # noqa: F401 (re-exported: the cache's public types live in cache.schema)
+    FORMAT_VERSION,
+    FORMATS,
+    CacheError,
+    CacheRecord,
+    CacheSettings,
+    FingerprintMismatch,
+    normalize_record,
+)
 from cache.util import (
     UserError,
     atomic_replace_dir,
@@ -37,8 +47,8 @@ from cache.util import (
     fsync_tree,
 )
 from cache.util import json_hash as _json_hash
+from cache.version import __version__
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
 TMP_PREFIX = ".tmp-"
@@ -49,211 +59,8 @@ _RESERVED = {MANIFEST, INDEX}
 _RESUME_HINT = "rerun the same teacher-cache command to resume"
 
 
-class CacheError(UserError):
-    """A cache folder that is missing, incomplete, corrupt, locked or made with other settings."""
-
-
-class FingerprintMismatch(CacheError):
-    """The folder holds a (partial) cache made with another fingerprint, settings or format version."""
-
-
 def _code_version() -> str:
-    from pipeline import __version__
-
     return __version__
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """How the teacher distributions are stored. ``vocab_size`` is the teacher's logits width."""
-
-    topk: int
-    vocab_size: int
-    samples: int = 0
-    temperatures: tuple[float, ...] = (1.0,)
-    dtype: str = "float16"
-    format: str = "arrow"
-    zarr_chunk_rows: int = 4096
-
-    def __post_init__(self) -> None:
-        temps = tuple(float(t) for t in self.temperatures)
-        object.__setattr__(self, "temperatures", temps)
-        if not isinstance(self.topk, int) or self.topk < 1:
-            raise UserError(f"topk must be an integer >= 1, got {self.topk!r}; pass e.g. --topk 64")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
-            raise UserError(f"vocab_size must be a positive integer, got {self.vocab_size!r}")
-        if self.topk > self.vocab_size:
-            raise UserError(f"topk={self.topk} exceeds the teacher vocabulary ({self.vocab_size}); "
-                            f"lower --topk")
-        if not isinstance(self.samples, int) or self.samples < 0:
-            raise UserError(f"samples must be an integer >= 0 (0 disables sampling), got {self.samples!r}")
-        if not temps:
-            raise UserError("temperatures must not be empty; pass e.g. --temperatures 1,2")
-        if any(not math.isfinite(t) or t <= 0 for t in temps):
-            raise UserError(f"temperatures must be finite and > 0, got {list(temps)}")
-        if len(set(temps)) != len(temps):
-            raise UserError(f"temperatures must be unique, got {list(temps)}")
-        if self.dtype not in ("float16", "float32"):
-            raise UserError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.format not in ("arrow", "zarr"):
-            raise UserError(f"format must be arrow or zarr, got {self.format!r}")
-        if not isinstance(self.zarr_chunk_rows, int) or self.zarr_chunk_rows < 1:
-            raise UserError(f"zarr_chunk_rows must be an integer >= 1, got {self.zarr_chunk_rows!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["temperatures"] = list(self.temperatures)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> CacheSettings:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["temperatures"] = tuple(kw.get("temperatures", (1.0,)))
-        return cls(**kw)
-
-
-@dataclass
-class CacheRecord:
-    """One sequence and its teacher rows (alignment: docs/cache-spec.md)."""
-
-    seq_id: int
-    input_ids: np.ndarray  # int32 [L]
-    loss_mask: np.ndarray  # bool [L]
-    assistant_start: int
-    topk_ids: np.ndarray  # int32 [n, k]
-    topk_logprobs: np.ndarray  # float16/float32 [n, k]
-    topk_shift: np.ndarray  # float32 [n, nT]
-    tail_mass: np.ndarray  # float32 [n, nT]
-    sample_offsets: np.ndarray | None = None  # int64 [n+1]
-    sample_ids: np.ndarray | None = None  # int32 [m]
-    sample_counts: np.ndarray | None = None  # int32 [m]
-
-    @property
-    def num_supervised(self) -> int:
-        return int(self.topk_ids.shape[0])
-
-
-def _as_record(r: CacheRecord | Mapping[str, Any]) -> CacheRecord:
-    return r if isinstance(r, CacheRecord) else CacheRecord(**r)
-
-
-def normalize_record(r: CacheRecord | Mapping[str, Any], settings: CacheSettings) -> CacheRecord:
-    """Cast a record to the stored dtypes and check its shapes against ``settings`` (ValueError if bad)."""
-    r = _as_record(r)
-    k, nT = settings.topk, len(settings.temperatures)
-    ids = np.ascontiguousarray(r.input_ids, dtype=np.int32).reshape(-1)
-    mask = np.ascontiguousarray(r.loss_mask, dtype=np.bool_).reshape(-1)
-    n = int(mask.sum())
-    topk_ids = np.ascontiguousarray(r.topk_ids, dtype=np.int32)
-    lp = np.ascontiguousarray(r.topk_logprobs, dtype=np.dtype(settings.dtype))
-    shift = np.ascontiguousarray(r.topk_shift, dtype=np.float32)
-    tail = np.ascontiguousarray(r.tail_mass, dtype=np.float32)
-    where = f"record seq_id={r.seq_id}"
-    if ids.shape != mask.shape:
-        raise ValueError(f"{where}: input_ids has {ids.shape[0]} tokens but loss_mask {mask.shape[0]}")
-    for name, a, cols in (("topk_ids", topk_ids, k), ("topk_logprobs", lp, k), ("topk_shift", shift, nT),
-                          ("tail_mass", tail, nT)):
-        if a.shape != (n, cols):
-            raise ValueError(f"{where}: {name} has shape {a.shape}, expected ({n}, {cols})")
-    off = cnt = sids = None
-    if settings.samples > 0:
-        if r.sample_offsets is None or r.sample_ids is None or r.sample_counts is None:
-            raise ValueError(f"{where}: samples={settings.samples} but sample_* fields are missing")
-        off = np.ascontiguousarray(r.sample_offsets, dtype=np.int64).reshape(-1)
-        sids = np.ascontiguousarray(r.sample_ids, dtype=np.int32).reshape(-1)
-        cnt = np.ascontiguousarray(r.sample_counts, dtype=np.int32).reshape(-1)
-        if off.shape != (n + 1,) or off[0] != 0 or off[-1] != sids.shape[0] or np.any(np.diff(off) < 0):
-            raise ValueError(f"{where}: sample_offsets must be non-decreasing [n+1] from 0 to "
-                             f"len(sample_ids)")
-        if cnt.shape != sids.shape:
-            raise ValueError(f"{where}: sample_counts and sample_ids differ in length")
-    elif r.sample_offsets is not None or r.sample_ids is not None:
-        raise ValueError(f"{where}: sample_* fields given but settings.samples == 0")
-    return CacheRecord(int(r.seq_id), ids, mask, int(r.assistant_start), topk_ids, lp, shift, tail,
-                       off, sids, cnt)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arrow backend
-
-_ARROW_LIST_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_shift", "tail_mass")
-_ARROW_SAMPLE_FIELDS = ("sample_offsets", "sample_ids", "sample_counts")
-
-
-def _write_arrow_unit(path: Path, records: list[CacheRecord], settings: CacheSettings) -> None:
-    import pyarrow as pa
-
-    def col(arrays: list[np.ndarray], dtype: np.dtype) -> pa.Array:
-        sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        values = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
-        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype, copy=False)))
-
-    cols: dict[str, pa.Array] = {
-        "seq_id": pa.array(np.array([r.seq_id for r in records], dtype=np.int64)),
-        "assistant_start": pa.array(np.array([r.assistant_start for r in records], dtype=np.int64)),
-        "input_ids": col([r.input_ids for r in records], np.dtype(np.int32)),
-        "loss_mask": col([r.loss_mask.view(np.uint8) for r in records], np.dtype(np.uint8)),
-        "topk_ids": col([r.topk_ids for r in records], np.dtype(np.int32)),
-        "topk_logprobs": col([r.topk_logprobs for r in records], np.dtype(settings.dtype)),
-        "topk_shift": col([r.topk_shift for r in records], np.dtype(np.float32)),
-        "tail_mass": col([r.tail_mass for r in records], np.dtype(np.float32)),
-    }
-    if settings.samples > 0:
-        cols["sample_offsets"] = col([r.sample_offsets for r in records], np.dtype(np.int64))
-        cols["sample_ids"] = col([r.sample_ids for r in records], np.dtype(np.int32))
-        cols["sample_counts"] = col([r.sample_counts for r in records], np.dtype(np.int32))
-    batch = pa.record_batch(list(cols.values()), names=list(cols))
-    meta = {b"fnet_distill_format_version": str(FORMAT_VERSION).encode()}
-    schema = batch.schema.with_metadata(meta)
-    with open(path, "wb") as f:
-        with pa.ipc.new_file(f, schema) as w:
-            w.write_batch(batch)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class _ArrowShard:
-    """Memory-mapped Arrow shard: per column the (offsets, values) numpy views, so a record is O(record)."""
-
-    def __init__(self, path: Path, settings: CacheSettings):
-        import pyarrow as pa
-
-        self._mm = pa.memory_map(str(path), "r")
-        batch = pa.ipc.open_file(self._mm).get_batch(0)
-        self.k, self.nT = settings.topk, len(settings.temperatures)
-        self.seq_id = batch.column("seq_id").to_numpy()
-        self.assistant_start = batch.column("assistant_start").to_numpy()
-        self.num_records = batch.num_rows
-        names = _ARROW_LIST_FIELDS + (_ARROW_SAMPLE_FIELDS if settings.samples > 0 else ())
-        self.cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in names:
-            arr = batch.column(name)
-            self.cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=True))
-        self._batch = batch
-
-    def _get(self, name: str, i: int) -> np.ndarray:
-        off, values = self.cols[name]
-        return values[off[i]:off[i + 1]]
-
-    def record(self, i: int) -> CacheRecord:
-        g = self._get
-        has_samples = "sample_ids" in self.cols
-        return CacheRecord(
-            seq_id=int(self.seq_id[i]),
-            input_ids=g("input_ids", i),
-            loss_mask=g("loss_mask", i).view(np.bool_),
-            assistant_start=int(self.assistant_start[i]),
-            topk_ids=g("topk_ids", i).reshape(-1, self.k),
-            topk_logprobs=g("topk_logprobs", i).reshape(-1, self.k),
-            topk_shift=g("topk_shift", i).reshape(-1, self.nT),
-            tail_mass=g("tail_mass", i).reshape(-1, self.nT),
-            sample_offsets=g("sample_offsets", i) if has_samples else None,
-            sample_ids=g("sample_ids", i) if has_samples else None,
-            sample_counts=g("sample_counts", i) if has_samples else None,
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,7 +174,7 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CacheError(f"{path} has cache format_version {version!r} but this code reads version "
                          f"{FORMAT_VERSION}; rebuild the cache with this code (teacher-cache to a new --out)")
-    if manifest.get("format") not in ("arrow", "zarr"):
+    if manifest.get("format") not in FORMATS:
         raise CacheError(f"{mpath}: unknown cache format {manifest.get('format')!r}")
     return manifest
 
@@ -499,16 +306,14 @@ class CacheWriter:
         final = self.path / unit_name(unit_id, fmt)
         tmp = self.path / f"{TMP_PREFIX}r{self.rank}-{final.name}"
         _remove(tmp)
-        if fmt == "arrow":
-            _write_arrow_unit(tmp, recs, self.settings)
-            os.replace(tmp, final)
-            fsync_dir(self.path)
-        else:
-            from cache.zarr_backend import write_zarr_unit
-
-            write_zarr_unit(tmp, recs, self.settings)
+        backend = backend_for(fmt)
+        backend.write(tmp, recs, self.settings)
+        if backend.is_dir:
             fsync_tree(tmp)
             atomic_replace_dir(tmp, final)
+        else:
+            os.replace(tmp, final)
+            fsync_dir(self.path)
         files = _tree_files(final, self.path)
         lengths = [int(r.input_ids.shape[0]) for r in recs]
         sup = [r.num_supervised for r in recs]
@@ -700,12 +505,7 @@ class CacheReader:
         if bad is not None:
             raise self._shard_error(si, bad)
         try:
-            if self.format == "arrow":
-                shard = _ArrowShard(self.path / meta["file"], self.settings)
-            else:
-                from cache.zarr_backend import ZarrShard
-
-                shard = ZarrShard(self.path, meta, self.settings)
+            shard = backend_for(self.format).open(self.path, meta, self.settings)
         except CacheError:
             raise
         except Exception as e:

@@ -1,4 +1,5 @@
-"""Zarr v3 shards for the teacher cache (``settings.format = "zarr"``); the format itself is in cache.format.
+"""Zarr v3 shards for the teacher cache (``settings.format = "zarr"``); the record and settings types are in
+cache.schema, the writer and reader that call this backend in cache.format.
 
 One unit is one Zarr group ``unit-000000.zarr/`` of flat arrays: per sequence ``seq_id``, ``assistant_start``,
 ``tok_offsets`` and ``row_offsets`` ([S+1] into the token and teacher-row arrays); per token ``input_ids`` and
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cache.format import CacheError, CacheRecord, CacheSettings
+from cache.schema import CacheError, CacheRecord, CacheSettings
 
 _TOKEN_CHUNK = 1 << 16
 _SMALL = ("seq_id", "assistant_start", "tok_offsets", "row_offsets")
@@ -154,3 +156,16 @@ class ZarrShard:
             sample_ids=got[6] if self.has_samples else None,
             sample_counts=got[7] if self.has_samples else None,
         )
+
+
+class ZarrBackend:
+    """``ShardBackend`` for ``settings.format == "zarr"``."""
+
+    name = "zarr"
+    is_dir = True
+
+    def write(self, path: Path, records: list[CacheRecord], settings: CacheSettings) -> None:
+        write_zarr_unit(path, records, settings)
+
+    def open(self, base: Path, meta: Mapping[str, Any], settings: CacheSettings) -> ZarrShard:
+        return ZarrShard(base, dict(meta), settings)
