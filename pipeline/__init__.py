@@ -1,3 +1,5 @@
-"""Stage one (data, teacher pass) and the command-line interface."""
+"""Stage one (data, teacher pass), task evaluation, the demo and the command-line interface."""
 
-__version__ = "0.1.0"
+from cache.version import __version__
+
+__all__ = ["__version__"]

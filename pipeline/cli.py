@@ -1,4 +1,5 @@
-"""``fnet-distill``: one Typer app; each stage registers its own commands from its own module."""
+"""``fnet-distill``: one Typer app assembled from the command modules in ``pipeline.commands`` (each imports
+torch/transformers inside its command body, so ``--help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import typer
 
 from cache.util import UserError
+from pipeline.commands import cache as cache_commands
+from pipeline.commands import demo, evaluate, generate, teacher_cache, train_student
 
 app = typer.Typer(
     name="fnet-distill",
@@ -18,23 +21,12 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and check a teacher cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-
-def _register() -> None:
-    # Each module adds its commands; imports of torch/transformers stay inside the command bodies.
-    from cache import cli as cache_cli
-    from pipeline import demo_cli, teacher_cli
-    from student import cli as student_cli
-    from student import evaluate, train
-
-    cache_cli.register(cache_app)
-    teacher_cli.register(app)
-    student_cli.register(app)
-    train.register(app)
-    evaluate.register(app)
-    demo_cli.register(app)
-
-
-_register()
+cache_commands.register(cache_app)
+teacher_cache.register(app)
+generate.register(app)
+train_student.register(app)
+evaluate.register(app)
+demo.register(app)
 
 
 def main() -> None:

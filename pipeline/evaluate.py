@@ -5,7 +5,7 @@ prompt, the user question and the assistant generation prompt. Decoding is greed
 stop token (``<|im_end|>``, the tokenizer's eos and the model's own generation eos ids). The model type comes
 from ``config.json``: ``causal_stft_fnet`` runs the student's batched incremental decoder
 (``generate_fast``), anything else runs ``AutoModelForCausalLM`` + ``generate`` with left padding. Scoring is
-``student.gsm8k_eval`` (strict ``#### N`` and flexible last-number match); per-example records go to a JSONL
+``pipeline.answers`` (strict ``#### N`` and flexible last-number match); per-example records go to a JSONL
 file written atomically.
 """
 
@@ -19,9 +19,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from cache.util import UserError, atomic_write_bytes
+from student.progress import Progress
 
 STUDENT_MODEL_TYPE = "causal_stft_fnet"
 STOP_TOKEN = "<|im_end|>"
@@ -134,8 +133,8 @@ def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
 
 def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, str]:
     """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf"."""
-    from pipeline.distributed import resolve_device
     from pipeline.teacher import resolve_dtype
+    from student.device import resolve_device
 
     kind_name = model_type(model)
     dev = resolve_device(device)
@@ -239,7 +238,7 @@ def score_record(row: int, question: str, reference: Decimal | str, output: str,
                  stopped: bool) -> dict[str, Any]:
     """One JSONL record: the example, the model output, both extracted answers and both verdicts.
     ``reference`` is the reference number or the raw GSM8K answer field."""
-    from student.gsm8k_eval import extract_reference, score_output
+    from pipeline.answers import extract_reference, score_output
 
     ref = reference if isinstance(reference, Decimal) else extract_reference(reference)
     s = score_output(output, ref)
@@ -263,9 +262,7 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     """Generate for every example (``pipeline.data.Example``) in length-sorted batches, score, write the
     records (dataset order) to ``out`` if given, and return the totals. ``max_prompt_tokens`` refuses a
     prompt that would run the model past its positions."""
-    from tqdm.auto import tqdm
-
-    from student.gsm8k_eval import extract_reference
+    from pipeline.answers import extract_reference
 
     if not examples:
         raise UserError("no examples to evaluate; check --dataset, --split and --limit")
@@ -281,19 +278,19 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     order = sorted(range(len(examples)), key=lambda i: (-len(prompts[i]), i))
     records: list[dict[str, Any] | None] = [None] * len(examples)
     total_new = 0
-    bar = tqdm(total=len(examples), unit="ex", desc="eval", disable=not progress, dynamic_ncols=True)
+    bar = Progress(len(examples), desc="eval", unit="ex", enabled=progress)
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             new_rows = generate([prompts[i] for i in batch])
+            before = total_new
             for i, new_ids in zip(batch, new_rows, strict=True):
                 kept, used, stopped = cut_at_stop(new_ids, stop_ids)
                 text = tokenizer.decode(kept, skip_special_tokens=True)
                 ex = examples[i]
                 records[i] = score_record(ex.row, ex.question, references[i], text, used, stopped)
                 total_new += used
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{total_new / max(time.perf_counter() - t0, 1e-9):.0f}")
+            bar.update(len(batch), tokens=total_new - before)
     finally:
         bar.close()
     if out is not None:
@@ -356,38 +353,3 @@ def format_summary(result: EvalResult, model: str = "", split: str = "") -> str:
     if result.outputs_path is not None:
         lines.append(f"  outputs: {result.outputs_path}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def eval_command(
-    model: str = typer.Option(..., help="Student checkpoint folder or any causal LM (save_pretrained folder "
-                              "or Hub id); the type is read from config.json."),
-    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
-                                ".jsonl/.parquet file (or a folder with <split>.jsonl)."),
-    split: str = typer.Option("test", help="Dataset split (Hub) or file stem looked up in a local folder."),
-    limit: int = typer.Option(None, help="Evaluate only the first N rows."),
-    max_new_tokens: int = typer.Option(256, help="Generation budget per example."),
-    batch_size: int = typer.Option(16, help="Prompts per generation batch (left-padded, length-sorted)."),
-    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
-                              "float16."),
-    tokenizer: str = typer.Option(None, help="Tokenizer folder or Hub id; default: the model folder's own."),
-    out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
-                             "answers, verdicts) to this JSONL file."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
-) -> None:
-    """Greedy GSM8K accuracy (strict '#### N' and flexible last-number match) of a student or a teacher."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer, out=out,
-                            progress=progress)
-    typer.echo(json.dumps(result.to_json()) if json_out else format_summary(result, model, split))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)

@@ -1,10 +1,8 @@
-"""Commands of the student stage: ``generate`` (``train-student`` and ``eval`` are added here later)."""
+"""Load a trained student folder and answer one chat prompt with it (``fnet-distill generate``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import typer
 
 from cache.util import UserError
 
@@ -53,20 +51,3 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, t
     out = model.generate_fast(ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
                               top_k=top_k, eos_token_id=tokenizer.eos_token_id, generator=gen)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("generate")
-    def generate(
-        model: Path = typer.Option(..., "--model", help="student checkpoint folder (weights + tokenizer)"),
-        prompt: str = typer.Option(..., "--prompt", help="user message; the chat template is applied"),
-        max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
-        top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely ids (0 = all)"),
-        seed: int = typer.Option(0, "--seed"),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    ) -> None:
-        """Generate an answer with a trained student (fast rolling-state decoder)."""
-        m, tok = load_student(model, device)
-        typer.echo(generate_text(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k or None, seed=seed))

@@ -29,7 +29,6 @@ from pipeline.data import (
     special_ids,
     tokenizer_hash,
 )
-from pipeline.distributed import Dist, resolve_device
 from pipeline.teacher import (
     TargetSettings,
     Teacher,
@@ -39,6 +38,7 @@ from pipeline.teacher import (
     teacher_targets,
     token_budget_batches,
 )
+from student.device import Dist, resolve_device
 
 FORMATS = ("arrow", "zarr")
 

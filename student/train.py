@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import typer
 from torch import Tensor, nn
 
 from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree
-from pipeline.distributed import Dist, resolve_device
+from student.device import Dist, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT = "checkpoint-last"
@@ -685,7 +684,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 
 def _provenance(run: Run) -> dict[str, Any]:
-    from pipeline import __version__
+    from cache.version import __version__
 
     data = run.data
     return {
@@ -1011,90 +1010,3 @@ def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainRes
     finally:
         if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def train_student_command(
-    cache: Path = typer.Option(..., help="Teacher cache folder (from teacher-cache) to train from."),
-    out: Path = typer.Option(..., help="Output folder: checkpoint-last/, final/, metrics.jsonl, curves.png."),
-    val_cache: Path = typer.Option(None, help="Validation cache from the same teacher and tokenizer (e.g. "
-                                   "teacher-cache on the GSM8K test split)."),
-    val_fraction: float = typer.Option(0.0, help="Hold out this fraction of --cache for validation instead "
-                                       "(chosen deterministically from --seed)."),
-    student_config: Path = typer.Option(None, help="JSON file of CausalFNetConfig fields (e.g. a "
-                                        "checkpoint's config.json); replaces --hidden-size .. --dropout."),
-    hidden_size: int = typer.Option(256, help="Student width d."),
-    layers: int = typer.Option(4, help="Student blocks."),
-    ffn: int = typer.Option(1024, help="FFN inner width."),
-    window: int = typer.Option(32, help="STFT window W (tokens each mixing layer sees)."),
-    max_positions: int = typer.Option(1024, help="Position embeddings (must cover the longest sequence)."),
-    dropout: float = typer.Option(0.1, help="Dropout on embeddings and FFN outputs."),
-    steps: int = typer.Option(2000, help="Optimizer steps (the cache is repeated as needed)."),
-    batch_tokens: int = typer.Option(16384, help="Padded tokens per micro-batch (B x Lmax)."),
-    accum: int = typer.Option(None, help="Micro-batches per rank per optimizer step (default 1)."),
-    step_tokens: int = typer.Option(None, help="Or: padded tokens per optimizer step over all ranks; sets "
-                                    "the accumulation to ceil(step_tokens / batch_tokens) micro-batches."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
-    min_lr: float = typer.Option(1e-4, help="Final learning rate of the cosine decay."),
-    warmup: int = typer.Option(None, help="Linear warmup steps (default min(100, steps / 10))."),
-    weight_decay: float = typer.Option(0.1, help="Decoupled weight decay (not on embeddings, norms, "
-                                       "biases)."),
-    clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
-    alpha: float = typer.Option(0.5, help="Weight of the label CE; 1 - alpha goes to KD (1 = labels only)."),
-    temperature: float = typer.Option(2.0, help="KD temperature tau; the cache must store it (loss is "
-                                      "alpha*CE + (1-alpha)*tau^2*KD)."),
-    kd: str = typer.Option("topk_tail", help="KD loss: topk_tail | topk_renorm | sampled (cache with "
-                           "samples) | reverse_kl."),
-    chunk_size: int = typer.Option(1024, help="Supervised positions per head/loss chunk (memory vs speed)."),
-    compact_vocab: bool = typer.Option(False, "--compact-vocab", help="Give the student rows only for the "
-                                       "token ids that occur in the caches (much smaller head)."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | "
-                                  "fp16 (CUDA, with a GradScaler)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the student forward."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute block activations "
-                                            "in backward (less memory)."),
-    eval_every: int = typer.Option(200, help="Evaluate on the validation set every N steps (0: at the end)."),
-    save_every: int = typer.Option(500, help="Write checkpoint-last/ every N steps (0: at the end)."),
-    log_every: int = typer.Option(10, help="Write a metrics line every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoint-last/ "
-                                "(same options and cache; the result equals an uninterrupted run)."),
-    seed: int = typer.Option(0, help="Seed of the initialisation, data order and validation split."),
-    device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
-                               "cuda or cuda:N."),
-    num_workers: int = typer.Option(2, help="DataLoader worker processes (0 loads in the main process)."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
-) -> None:
-    """Train the causal STFT FNet student from a teacher cache (the teacher is never loaded).
-
-    loss = alpha * CE(labels) + (1 - alpha) * tau^2 * KD, per supervised token of the whole optimizer step.
-
-    Works under torchrun (gloo on CPU, nccl on GPU). --resume continues OUT/checkpoint-last/ exactly.
-
-    A NaN/inf loss stops the run (exit 2) and keeps the last good checkpoint.
-    """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    cfg = TrainConfig(
-        cache=cache, out=out, val_cache=val_cache, val_fraction=val_fraction, student_config=student_config,
-        hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
-        dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
-        min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, alpha=alpha,
-        temperature=temperature, kd=kd, chunk_size=chunk_size, compact_vocab=compact_vocab,
-        precision=precision, compile=compile, grad_checkpointing=grad_checkpointing, eval_every=eval_every,
-        save_every=save_every, log_every=log_every, resume=resume, seed=seed, device=device,
-        num_workers=num_workers, progress=progress,
-    )
-    result = train_student(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        m = result.final_metrics
-        shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "val_ce", "val_kl", "val_top1_agree")
-                          if isinstance(m.get(k), float))
-        typer.echo(f"trained {m['step']} steps in {result.wall_s:.1f}s ({shown}); model: {out / FINAL}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train-student")(train_student_command)
-

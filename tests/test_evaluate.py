@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from cache.util import UserError
+from pipeline.answers import extract_reference, score_output
 from pipeline.cli import app
 from pipeline.data import load_examples
-from student.evaluate import (
+from pipeline.evaluate import (
     EvalConfig,
     cut_at_stop,
     evaluate_examples,
@@ -23,7 +24,6 @@ from student.evaluate import (
     prompt_ids,
     stop_token_ids,
 )
-from student.gsm8k_eval import extract_reference, score_output
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from cache.util import UserError
-from student.cli import generate_text, load_student
+from pipeline.generate import generate_text, load_student
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM, compact_model
 
 QWEN2_VOCAB = 151_936

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from cache.util import UserError
-from student.gsm8k_eval import (
+from pipeline.answers import (
     extract_reference,
     flexible_answer,
     parse_number,

@@ -41,7 +41,7 @@ def cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens) 
 
 def cli_command() -> list[str]:
     script = Path(sys.executable).parent / "fnet-distill"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.teacher_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
 
 
 def env() -> dict[str, str]:
@@ -149,7 +149,7 @@ def test_torchrun_two_processes_equals_one(reference, tmp_path, tiny_qwen_dir, q
                                            gsm8k_slice):
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline.teacher_cli"]
+           "-m", "pipeline"]
     cmd += cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens=700)
     res = subprocess.run(cmd, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)

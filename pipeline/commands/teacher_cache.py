@@ -75,8 +75,3 @@ def teacher_cache(
 def register(app: typer.Typer) -> None:
     app.command("teacher-cache")(teacher_cache)
 
-
-if __name__ == "__main__":
-    from pipeline.cli import main
-
-    main()

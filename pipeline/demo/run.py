@@ -340,7 +340,7 @@ def teacher_label_ce(assets: Assets, split: str, max_length: int) -> dict[str, A
 
 
 def eval_stage(cfg: DemoConfig, assets: Assets, name: str, model_dir: Path) -> dict[str, Any] | None:
-    from student.evaluate import evaluate_model
+    from pipeline.evaluate import evaluate_model
 
     n = cfg.resolved_eval_limit()
     if n == 0:

@@ -1,0 +1,42 @@
+"""``fnet-distill eval``: greedy GSM8K accuracy of a student or any causal LM (``pipeline.evaluate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.evaluate import evaluate_model, format_summary
+
+
+def eval_command(
+    model: str = typer.Option(..., help="Student checkpoint folder or any causal LM (save_pretrained folder "
+                              "or Hub id); the type is read from config.json."),
+    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
+                                ".jsonl/.parquet file (or a folder with <split>.jsonl)."),
+    split: str = typer.Option("test", help="Dataset split (Hub) or file stem looked up in a local folder."),
+    limit: int = typer.Option(None, help="Evaluate only the first N rows."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per example."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch (left-padded, length-sorted)."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
+                              "float16."),
+    tokenizer: str = typer.Option(None, help="Tokenizer folder or Hub id; default: the model folder's own."),
+    out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
+                             "answers, verdicts) to this JSONL file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Greedy GSM8K accuracy (strict '#### N' and flexible last-number match) of a student or a teacher."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer, out=out,
+                            progress=progress)
+    typer.echo(json.dumps(result.to_json()) if json_out else format_summary(result, model, split))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
