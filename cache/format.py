@@ -176,7 +176,63 @@ def _load_manifest(path: Path) -> dict[str, Any]:
                          f"{FORMAT_VERSION}; rebuild the cache with this code (teacher-cache to a new --out)")
     if manifest.get("format") not in FORMATS:
         raise CacheError(f"{mpath}: unknown cache format {manifest.get('format')!r}")
+    problem = _manifest_problem(path, manifest)
+    if problem is not None:
+        raise CacheError(f"{mpath} {problem}: it was edited or damaged after teacher-cache wrote it; restore "
+                         f"the original file or rebuild the cache (teacher-cache to a new --out)")
     return manifest
+
+
+def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """Content hash of the manifest without its own ``manifest_hash`` field (canonical JSON)."""
+    return _json_hash({k: v for k, v in manifest.items() if k != "manifest_hash"})
+
+
+def _manifest_problem(path: Path, m: Mapping[str, Any]) -> str | None:
+    """What is inconsistent in a parsed manifest, or None. Checks its own content hash, the fingerprint
+    digest, every duplicated setting against ``settings``, and the fingerprint, settings and shard hashes
+    against the journal headers and entries (so an edit with recomputed hashes is caught too)."""
+    try:
+        if m.get("manifest_hash") != _manifest_hash(m):
+            return "does not match its recorded content hash (manifest_hash)"
+        fp, st = m["fingerprint"], m["settings"]
+        if m.get("fingerprint_digest") != _json_hash(fp):
+            return "has a fingerprint that does not match its fingerprint_digest"
+        settings = CacheSettings.from_json(st)
+        if settings.to_json() != st:
+            return "has malformed settings"
+        tops = {"format": settings.format, "topk": settings.topk, "samples": settings.samples,
+                "temperatures": list(settings.temperatures), "vocab_size": settings.vocab_size,
+                "logprob_dtype": settings.dtype}
+        for key, want in tops.items():
+            if m.get(key) != want:
+                return f"says {key}={m.get(key)!r} but its settings say {want!r}"
+        for key in ("topk", "samples", "temperatures"):
+            if key in fp and fp[key] != tops[key]:
+                return f"has fingerprint {key}={fp[key]!r} but its settings say {tops[key]!r}"
+        tok = m.get("tokenizer") or {}
+        if "hash" in tok and "tokenizer_hash" in fp and tok["hash"] != fp["tokenizer_hash"]:
+            return "has a tokenizer hash that differs from the fingerprint's"
+        journalled: dict[int, set[str]] = {}
+        journals = sorted(p for p in path.iterdir() if _JOURNAL_RE.match(p.name))
+        for jp in journals:
+            header, entries, _ = _read_journal(jp)
+            if header is None:
+                continue
+            if header.get("fingerprint_digest") != m["fingerprint_digest"] or header.get("fingerprint") != fp:
+                return f"has a fingerprint that differs from the one in {jp.name}"
+            if header.get("settings") != st:
+                diff = ", ".join(_diff_keys(header.get("settings"), st))
+                return f"has settings that differ from those in {jp.name} ({diff})"
+            for e in entries:
+                journalled.setdefault(int(e["unit"]), set()).add(e["hash"])
+        if journals:
+            for sh in m["shards"]:
+                if sh["hash"] not in journalled.get(int(sh["unit"]), set()):
+                    return f"lists shard {sh['file']} with a hash no journal recorded"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"is malformed ({type(e).__name__}: {e})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,6 +437,7 @@ class CacheWriter:
             "created_unix": time.time(),
         }
         manifest["stats"]["finalize_seconds"] = round(time.time() - t0, 3)
+        manifest["manifest_hash"] = _manifest_hash(json.loads(json.dumps(manifest)))
         atomic_write_json(self.path / MANIFEST, manifest)
         return manifest
 
@@ -415,13 +472,27 @@ class CacheWriter:
 # ----------------------------------------------------------------------------------------------------------
 # Reader
 
+
+def _attachment_defects(path: Path, manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(attachment name, what is wrong) for every attachment file missing, resized or changed."""
+    out = []
+    for name, att in (manifest.get("attachments") or {}).items():
+        for f in att["files"]:
+            bad = _files_present(path, [f])
+            if bad is None and file_hash(path / f["path"]) != f["hash"]:
+                bad = f"{f['path']} does not match its recorded hash"
+            if bad is not None:
+                out.append((name, bad))
+    return out
+
 VerifyMode = Literal["lazy", "all", "none"]
 
 
 class CacheReader:
     """Random access to a finished cache. Picklable: shards are (re)opened lazily in each process."""
 
-    def __init__(self, path: str | os.PathLike, verify_hashes: VerifyMode = "lazy"):
+    def __init__(self, path: str | os.PathLike, verify_hashes: VerifyMode = "lazy",
+                 verify_attachments: bool = False):
         if verify_hashes not in ("lazy", "all", "none"):
             raise UserError(f"verify_hashes must be lazy, all or none, got {verify_hashes!r}")
         self.path = Path(path)
@@ -463,6 +534,18 @@ class CacheReader:
         if verify_hashes == "all":
             for si in range(len(self._shard_meta)):
                 self._verify_shard(si)
+        if verify_attachments:
+            self.verify_attachments()
+
+    def verify_attachments(self) -> None:
+        """Check every attachment file (e.g. ``tokenizer/``) against its recorded size and content hash;
+        CacheError naming the first damaged or missing file. Training calls this when it opens a cache, as
+        ``cache verify`` does."""
+        bad = _attachment_defects(self.path, self.manifest)
+        if bad:
+            name, what = bad[0]
+            raise CacheError(f"{self.path}: attachment {name} is damaged: {what}; delete the folder and "
+                             f"rerun teacher-cache (or rerun it to a new --out)")
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -552,9 +635,11 @@ class CacheReader:
         self.close()
 
 
-def open_cache(path: str | os.PathLike, verify_hashes: VerifyMode = "lazy") -> CacheReader:
-    """Open a finished cache; CacheError if it is incomplete, damaged or of another format version."""
-    return CacheReader(path, verify_hashes=verify_hashes)
+def open_cache(path: str | os.PathLike, verify_hashes: VerifyMode = "lazy",
+               verify_attachments: bool = False) -> CacheReader:
+    """Open a finished cache; CacheError if it is incomplete, damaged, edited or of another format version
+    (with ``verify_attachments``, also if an attachment such as ``tokenizer/`` is damaged or missing)."""
+    return CacheReader(path, verify_hashes=verify_hashes, verify_attachments=verify_attachments)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -631,13 +716,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         if bad is not None:
             defects.append(f"shard {s['file']}: {bad}")
             bad_shards.add(si)
-    for name, att in (m.get("attachments") or {}).items():
-        for f in att["files"]:
-            bad = _files_present(path, [f])
-            if bad is None and file_hash(path / f["path"]) != f["hash"]:
-                bad = f"{f['path']} does not match its recorded hash"
-            if bad is not None:
-                defects.append(f"attachment {name}: {bad}")
+    defects += [f"attachment {name}: {bad}" for name, bad in _attachment_defects(path, m)]
     try:
         reader = open_cache(path, verify_hashes="none")
     except CacheError as e:

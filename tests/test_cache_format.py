@@ -394,3 +394,81 @@ def test_journal_torn_line_of_other_rank_skipped_corrupt_middle_line_refused(tmp
     j1.write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
     with pytest.raises(CacheError, match=r"journal\.rank1\.jsonl line 2 is corrupt"):
         CacheWriter(tmp_path, FP, s, rank=0, world_size=2)
+
+
+def _rehash(m: dict) -> None:
+    from cache.util import json_hash
+
+    m["manifest_hash"] = json_hash({k: v for k, v in m.items() if k != "manifest_hash"})
+
+
+@pytest.mark.parametrize("edit,rehash,needle", [
+    ("temperatures", False, "content hash"),
+    ("temperatures", True, "temperatures=[1.0, 3.0] but its settings say [1.0, 2.0]"),
+    ("settings_temperatures", True, "settings that differ from those in journal.rank0.jsonl"),
+    ("pad_token_id", False, "content hash"),
+    ("fingerprint", False, "content hash"),
+    ("fingerprint", True, "fingerprint that does not match its fingerprint_digest"),
+    ("fingerprint_and_digest", True, "fingerprint that differs from the one in journal.rank0.jsonl"),
+])
+def test_manifest_edits_are_refused_by_reader_and_verify(tmp_path, edit, rehash, needle):
+    from cache.util import json_hash
+
+    s = CacheSettings(**SMALL)
+    c = tmp_path / "c"
+    with CacheWriter(c, FP, s) as w:
+        w.write_unit(0, make_units(s, 1)[0])
+        w.finalize(1, tokenizer={"vocab_size": 900, "pad_token_id": 3})
+    assert verify_cache(c) == []
+    m = json.loads((c / "manifest.json").read_text())
+    if edit == "temperatures":
+        m["temperatures"] = [1.0, 3.0]
+    elif edit == "settings_temperatures":
+        m["temperatures"] = m["settings"]["temperatures"] = [1.0, 3.0]
+    elif edit == "pad_token_id":
+        m["tokenizer"]["pad_token_id"] = 4
+    else:
+        m["fingerprint"]["max_length"] = 128
+        if edit == "fingerprint_and_digest":
+            m["fingerprint_digest"] = json_hash(m["fingerprint"])
+    if rehash:
+        _rehash(m)
+    (c / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="edited or damaged") as e:
+        open_cache(c)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    defects = verify_cache(c)
+    assert len(defects) == 1 and needle in defects[0]
+
+
+def test_manifest_listing_a_shard_no_journal_recorded_is_refused(tmp_path):
+    s = CacheSettings(**SMALL)
+    c = tmp_path / "c"
+    write_cache(c, s, make_units(s, 2))
+    m = json.loads((c / "manifest.json").read_text())
+    m["shards"][1]["hash"] = m["shards"][0]["hash"]
+    _rehash(m)
+    (c / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="lists shard unit-000001.arrow with a hash no journal recorded"):
+        open_cache(c)
+
+
+def test_verify_attachments_at_open(tmp_path):
+    s = CacheSettings(**SMALL)
+    c, tok = tmp_path / "c", tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"fake": true}')
+    with CacheWriter(c, FP, s) as w:
+        w.write_unit(0, make_units(s, 1)[0])
+        w.finalize(1, attachments={"tokenizer": tok})
+    open_cache(c, verify_attachments=True)
+    data = bytearray((c / "tokenizer" / "tokenizer.json").read_bytes())
+    data[3] ^= 1
+    (c / "tokenizer" / "tokenizer.json").write_bytes(bytes(data))
+    open_cache(c)  # the attachment is checked only when asked (verify does it too)
+    with pytest.raises(CacheError, match=r"attachment tokenizer is damaged: tokenizer/tokenizer.json "
+                                         r"does not match its recorded hash"):
+        open_cache(c, verify_attachments=True)
+    shutil.rmtree(c / "tokenizer")
+    with pytest.raises(CacheError, match="tokenizer/tokenizer.json is missing"):
+        open_cache(c).verify_attachments()

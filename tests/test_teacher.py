@@ -94,6 +94,16 @@ def test_batching_and_chunking_do_not_change_content(teacher, seqs, qwen_tokeniz
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
 
 
+def test_same_batches_give_bit_identical_content(teacher, seqs, qwen_tokenizer):
+    pad = qwen_tokenizer.pad_token_id
+    st = TargetSettings(topk=8, samples=16, chunk_positions=64, logprob_dtype="float16")
+    a, b = (teacher_targets(teacher, seqs[:3], st, pad) for _ in range(2))
+    for x, y in zip(a, b):
+        for f in ("topk_ids", "topk_logprobs", "topk_shift", "tail_mass", "sample_offsets", "sample_ids",
+                  "sample_counts"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+
+
 def test_samples_are_unbiased(teacher, seqs, qwen_tokenizer):
     """Every draw is an independent Bernoulli for "id == top-1"; with M rows of N draws, Hoeffding gives
     P(|mean(freq - p)| > eps) <= 2 exp(-2 M N eps^2), and per row P(|freq - p| > eps_row) <= 2 exp(-2 N eps^2)

@@ -38,7 +38,12 @@ def teacher_cache(
     overflow: str = typer.Option("drop", help="Rows longer than --max-length: 'drop' them, or 'truncate' "
                                  "the answer (keeps the prompt; a truncated row has no closing eos)."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch (sequences are length-"
-                                     "sorted); does not change the content, so a resume may use another."),
+                                     "sorted). Not in the fingerprint, so a resume may use another; it changes "
+                                     "only float rounding: the teacher's sums depend on the batch shape, so "
+                                     "a few stored log-probs can move by one fp16 step, shifts and tails by "
+                                     "~1e-6, and a top-k or sampled id can change where two candidates tie "
+                                     "within rounding; masks and units never change. The same value, device "
+                                     "and dtype give a bit-identical cache."),
     limit: int = typer.Option(None, help="Use only the first N rows of the split."),
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
