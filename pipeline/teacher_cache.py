@@ -9,7 +9,6 @@ the same command. Under ``torchrun`` units go round-robin to ranks, each rank wi
 from __future__ import annotations
 
 import datetime
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pipeline.teacher import (
     token_budget_batches,
 )
 from student.device import Dist, resolve_device
+from student.progress import Progress
 
 FORMATS = ("arrow", "zarr")
 
@@ -137,13 +137,6 @@ def unit_records(teacher: Teacher, seqs: list[TokenizedSeq], settings: TargetSet
     return records
 
 
-def _progress(total_tokens: int, total_seqs: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_tokens, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not enabled,
-                desc="teacher", file=sys.stderr, postfix={"seqs": f"0/{total_seqs}"})
-
-
 def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
     """Build (or resume) the cache in ``cfg.out``; returns the closing summary (rank 0's includes the
     manifest totals)."""
@@ -179,13 +172,10 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         todo_seqs = [[data.seqs[i] for i in units[u]] for u in todo]
         total_tokens = sum(len(s) for seqs in todo_seqs for s in seqs)
         total_seqs = sum(len(seqs) for seqs in todo_seqs)
-        bar = _progress(total_tokens, total_seqs, cfg.progress and dist.rank == 0)
-        seen = [0]
+        bar = Progress(total_seqs, desc="teacher", unit="seq", enabled=cfg.progress and dist.rank == 0)
 
         def advance(chunk: list[TokenizedSeq]) -> None:
-            seen[0] += len(chunk)
-            bar.set_postfix({"seqs": f"{seen[0]}/{total_seqs}"}, refresh=False)
-            bar.update(sum(len(s) for s in chunk))
+            bar.update(len(chunk), tokens=sum(len(s) for s in chunk))
 
         t_compute = time.time()
         for u, seqs in zip(todo, todo_seqs):
