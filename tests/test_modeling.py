@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.util import UserError
 from student.modeling import (
     CausalFNetConfig,
     CausalFNetForCausalLM,
     CausalFNetModel,
+    ModelInputError,
     causal_stft_mix,
     compact_ids_from_cache,
     compact_model,
@@ -143,7 +143,7 @@ def test_shared_kernels_with_max_len_match_reference_gradients(impl):
         assert all(b.causal_stft._shared.shape[1] == 6 for b in model.encoder)
         for ids in batches:
             model(ids).logits.square().mean().backward()
-        with pytest.raises(UserError, match="max_len"):
+        with pytest.raises(ModelInputError, match="max_len"):
             model(torch.randint(0, 97, (1, 7)))
     for ids in batches:
         ref(ids).logits.square().mean().backward()
@@ -217,7 +217,8 @@ def test_model_matches_reference_model_logits_and_gradients(T):
 
 
 def test_shared_kernels_with_accumulation_and_checkpointing_match_reference_gradients(monkeypatch):
-    import student.modeling as modeling
+    import student.modeling_causal_fnet as modeling
+    import student.stft as stft
 
     model = tiny_model(stft_window_size=6).train()
     ref = use_reference(model).train()
@@ -225,7 +226,9 @@ def test_shared_kernels_with_accumulation_and_checkpointing_match_reference_grad
     enable()
     assert all(b.gradient_checkpointing for b in model.encoder)
     calls = []
-    monkeypatch.setattr(modeling, "stft_kernel", lambda *a, **kw: calls.append(1) or stft_kernel(*a, **kw))
+    count = lambda *a, **kw: calls.append(1) or stft_kernel(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(modeling, "stft_kernel", count)  # the build on entry
+    monkeypatch.setattr(stft, "stft_kernel", count)  # inside stft_kernel_grad on exit
     batches = [torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (3, 7))]
     with model.shared_kernels():
         for ids in batches:
@@ -284,17 +287,17 @@ def test_hidden_states_and_head_split():
 
 def test_positions_past_the_limit_are_an_error():
     model = tiny_model(max_position_embeddings=8)
-    with pytest.raises(UserError, match="max_position_embeddings"):
+    with pytest.raises(ModelInputError, match="max_position_embeddings"):
         model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(UserError, match="max_position_embeddings"):
+    with pytest.raises(ModelInputError, match="max_position_embeddings"):
         model.generate_fast(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=6)
     assert model.generate_fast(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=4).shape == (1, 9)
 
 
 def test_config_validation():
-    with pytest.raises(UserError, match="stft_window_size"):
+    with pytest.raises(ModelInputError, match="stft_window_size"):
         tiny_config(stft_window_size=0)
-    with pytest.raises(UserError, match="vocab_map"):
+    with pytest.raises(ModelInputError, match="vocab_map"):
         tiny_config(vocab_size=3, vocab_map=[5, 2, 7], full_vocab_size=10)
 
 
@@ -424,12 +427,14 @@ def test_compacted_model_gives_the_same_probabilities_on_its_ids(tmp_path):
     assert small.lm_head.weight.shape == (12, 12) and small.config.vocab_size == 12
     ids = torch.tensor([[3, 5, 8, 13, 21, 0, 96], [2, 2, 89, 90, 55, 34, 3]])
     ref = full(ids).logits[..., vm]
-    torch.testing.assert_close(small(ids).logits, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.log_softmax(small(ids).logits, -1), torch.log_softmax(ref, -1),
-                               atol=1e-5, rtol=1e-5)
-    wide = small(ids, full_vocab_logits=True).logits  # (B, T, 97) over tokenizer ids
+    rows = small(ids, compact_logits=True).logits  # (B, T, 12): the model's own rows
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.log_softmax(rows, -1), torch.log_softmax(ref, -1), atol=1e-5, rtol=1e-5)
+    wide = small(ids).logits  # (B, T, 97) over tokenizer ids: what scoring tools and generate read
     assert wide.shape[-1] == 97 and torch.isinf(wide[..., 1]).all()
+    assert torch.equal(wide[..., vm], rows)
     torch.testing.assert_close(wide.softmax(-1)[..., vm], ref.softmax(-1), atol=1e-6, rtol=1e-5)
+    assert wide.softmax(-1)[..., [i for i in range(97) if i not in vm]].max() == 0
     assert small.map_to_compact(torch.tensor([0, 1, 96])).tolist() == [0, -1, 11]
 
     out = small.generate_fast(ids[:1, :3], max_new_tokens=5)
@@ -441,7 +446,7 @@ def test_compacted_model_gives_the_same_probabilities_on_its_ids(tmp_path):
     assert loaded.config.vocab_map == vm and loaded.config.full_vocab_size == 97
     torch.testing.assert_close(loaded(ids).logits, small(ids).logits)
     with torch.no_grad():  # an id outside the map is read as a zero word vector, not an error
-        assert torch.isfinite(loaded(torch.tensor([[1, 3]])).logits).all()
+        assert torch.isfinite(loaded(torch.tensor([[1, 3]]), compact_logits=True).logits).all()
 
 
 @pytest.mark.slow

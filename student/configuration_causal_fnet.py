@@ -1,0 +1,102 @@
+"""``CausalFNetConfig``: the hyper-parameters of the causal STFT FNet student (``causal_stft_fnet``).
+
+Only transformers is imported here: this file is copied beside the weights of every saved student
+(``auto_map`` in its ``config.json``), so the folder loads with ``trust_remote_code=True`` without this
+project.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+class ModelInputError(ValueError):
+    """A bad model setting or input (a config value, a sequence past the position table). The message says
+    what is wrong and what to do; the project's command line prints it as one line."""
+
+
+class CausalFNetConfig(PretrainedConfig):
+    """Hyper-parameters of the causal STFT FNet.
+
+    ``vocab_map`` (optional, sorted tokenizer ids) turns on vocabulary compaction: the model then has
+    ``len(vocab_map)`` embedding/head rows, still reads tokenizer ids, and ``full_vocab_size`` is the
+    tokenizer's id range. ``stft_impl`` picks the mixing kernel: "auto" (measured crossover), "conv", "fft".
+    """
+
+    model_type = "causal_stft_fnet"
+
+    def __init__(
+        self,
+        vocab_size: int = 151_936,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        intermediate_size: int = 1024,
+        hidden_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 1024,
+        stft_window_size: int = 32,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        pad_token_id: int | None = None,
+        tie_word_embeddings: bool = True,
+        vocab_map: list[int] | None = None,
+        full_vocab_size: int | None = None,
+        stft_impl: str = "auto",
+        **kwargs,
+    ):
+        self.vocab_size = int(vocab_size)
+        self.hidden_size = int(hidden_size)
+        self.num_hidden_layers = int(num_hidden_layers)
+        self.intermediate_size = int(intermediate_size)
+        self.hidden_dropout_prob = float(hidden_dropout_prob)
+        self.max_position_embeddings = int(max_position_embeddings)
+        self.stft_window_size = int(stft_window_size)
+        self.initializer_range = float(initializer_range)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.vocab_map = None if vocab_map is None else [int(i) for i in vocab_map]
+        self.full_vocab_size = None if full_vocab_size is None else int(full_vocab_size)
+        self.stft_impl = stft_impl
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "max_position_embeddings", "stft_window_size"):
+            if getattr(self, name) < 1:
+                raise ModelInputError(f"{name} must be >= 1, got {getattr(self, name)}; "
+                                      "pass a positive integer")
+        if not 0.0 <= self.hidden_dropout_prob < 1.0:
+            raise ModelInputError(f"hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
+        if self.stft_impl not in ("auto", "conv", "fft"):
+            raise ModelInputError(f"stft_impl must be 'auto', 'conv' or 'fft', got {self.stft_impl!r}")
+        if self.vocab_map is not None:
+            vm = self.vocab_map
+            if len(vm) != self.vocab_size:
+                raise ModelInputError(f"vocab_map has {len(vm)} ids but vocab_size is {self.vocab_size}; "
+                                      "they must match")
+            if any(b <= a for a, b in zip(vm, vm[1:])):
+                raise ModelInputError("vocab_map must be strictly increasing tokenizer ids "
+                                      "(sorted, no duplicates)")
+            if self.full_vocab_size is None or vm[0] < 0 or vm[-1] >= self.full_vocab_size:
+                raise ModelInputError(f"vocab_map ids must lie in [0, full_vocab_size="
+                                      f"{self.full_vocab_size}); set full_vocab_size to the tokenizer's "
+                                      "id range")
+
+    def validate_token_ids(self) -> None:
+        """Special token ids are tokenizer ids: check them against the tokenizer's id range, which is
+        ``full_vocab_size`` for a compacted student (transformers would check them against its rows)."""
+        top = self.output_vocab_size
+        for name in self.to_dict():
+            value = getattr(self, name, None)
+            if name.endswith("_token_id") and isinstance(value, int) and not 0 <= value < top:
+                logger.warning_once(f"{name}={value} lies outside the tokenizer ids [0, {top})")
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Width of the logits ``generate`` sees: the tokenizer's id range."""
+        return self.full_vocab_size if self.vocab_map is not None else self.vocab_size
+
+
+CausalFNetConfig.register_for_auto_class()
