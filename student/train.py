@@ -9,22 +9,20 @@ which averages gradients, each rank's loss is multiplied by ``world_size``. Each
 computed once per optimizer step (``model.shared_kernels()``); its gradient reaches the projection weight
 when that block exits, outside DDP's hooks, so those weights are excluded from DDP and all-reduced here.
 
-An output folder holds ``checkpoint-last/`` (the model as ``save_pretrained`` + the cache's tokenizer +
-``train_config.json`` + ``provenance.json`` + ``trainer_state.pt`` with optimizer, scaler, RNG and data
-position), ``final/`` (the same without the trainer state), ``metrics.jsonl`` and ``curves.png``. Both folders
-are written beside their final name and renamed into place. ``resume`` continues from ``checkpoint-last/``
-exactly: the data position comes from the deterministic sampler, the learning rate from ``lr_at(step)``.
+An output folder holds ``checkpoint-last/``, ``final/`` (``student.checkpoint``), ``metrics.jsonl`` and
+``curves.png`` (``student.metrics``). ``resume`` continues from ``checkpoint-last/`` exactly: the data
+position comes from the deterministic sampler, the learning rate from ``lr_at(step)``.
+
+Read top to bottom: the run (``setup``), one optimizer step (``accumulate``, ``optimizer_step``), periodic
+evaluation (``evaluate``), checkpoint calls, the loop (``fit``) and the entry point (``train_student``).
+The run config is ``student.train_config``, the caches and the split ``student.train_data``.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,131 +35,34 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree
+from cache.util import UserError
+from student.checkpoint import (
+    CHECKPOINT,
+    FINAL,
+    TRAINER_STATE,
+    check_resume,
+    provenance,
+    rng_state,
+    set_rng_state,
+    write_folder_atomically,
+    write_model_folder,
+    write_trainer_state,
+)
+from student.data import Collator, TokenBudgetBatchSampler, gather_rows, make_dataloader
 from student.device import Dist, resolve_device
+from student.losses import DistillTargets, LossSums, chunked_distill_loss, combine_loss, grad_weights_for
+from student.metrics import METRICS, MetricsLog
+from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
+from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
+from student.train_config import TrainConfig
+from student.train_data import TrainData, check_student_vocabulary, open_training_data, student_model_config
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT = "checkpoint-last"
-FINAL = "final"
-METRICS = "metrics.jsonl"
-CURVES = "curves.png"
-TRAIN_CONFIG = "train_config.json"
-PROVENANCE = "provenance.json"
-TRAINER_STATE = "trainer_state.pt"
-
-# Settings that may change between an interrupted run and its resumption: they do not change the result
-# (cache paths are checked by fingerprint digest instead).
-RESUME_FREE = frozenset({"cache", "val_cache", "out", "resume", "num_workers", "device", "compile",
-                         "eval_every", "save_every", "log_every", "progress"})
+__all__ = ["CHECKPOINT", "FINAL", "METRICS", "TRAINER_STATE", "TrainConfig", "TrainHooks", "TrainResult",
+           "TrainingDiverged", "accumulate", "evaluate", "fit", "optimizer_step", "setup", "train_student"]
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; nothing was updated with it and the last good checkpoint is kept."""
-
-
-# ------------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. ``student_config`` (a JSON file of ``CausalFNetConfig``
-    fields) replaces the shape fields ``hidden_size .. dropout``. ``warmup=None`` means
-    ``min(100, steps // 10)``. ``accum`` is micro-batches per rank per step; ``step_tokens`` instead sets
-    the global step size (``ceil(step_tokens / batch_tokens)`` micro-batches over all ranks).
-    ``eval_every``/``save_every`` 0 mean only at the end."""
-
-    cache: Path
-    out: Path
-    val_cache: Path | None = None
-    val_fraction: float = 0.0
-    student_config: Path | None = None
-    hidden_size: int = 256
-    layers: int = 4
-    ffn: int = 1024
-    window: int = 32
-    max_positions: int = 1024
-    dropout: float = 0.1
-    steps: int = 2000
-    batch_tokens: int = 16384
-    accum: int | None = None
-    step_tokens: int | None = None
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int | None = None
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    alpha: float = 0.5
-    temperature: float = 2.0
-    kd: str = "topk_tail"
-    chunk_size: int = 1024
-    compact_vocab: bool = False
-    precision: str = "auto"
-    compile: bool = False
-    grad_checkpointing: bool = False
-    eval_every: int = 200
-    save_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 2
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        from student.schedule import OptimizerConfig, ScheduleConfig
-
-        self.cache = Path(self.cache)
-        self.out = Path(self.out)
-        self.val_cache = None if self.val_cache is None else Path(self.val_cache)
-        self.student_config = None if self.student_config is None else Path(self.student_config)
-        if self.warmup is None:
-            self.warmup = min(100, self.steps // 10)
-        if self.val_cache is not None and self.val_fraction:
-            raise UserError("give either --val-cache or --val-fraction, not both")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction}); e.g. 0.05")
-        for name in ("hidden_size", "layers", "ffn", "window", "max_positions", "steps", "batch_tokens",
-                     "chunk_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("eval_every", "save_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
-        if self.accum is not None and self.step_tokens is not None:
-            raise UserError("give either --accum (micro-batches per rank) or --step-tokens (global), "
-                            "not both")
-        if self.accum is not None and self.accum < 1:
-            raise UserError(f"--accum must be >= 1 (got {self.accum})")
-        if self.step_tokens is not None and self.step_tokens < self.batch_tokens:
-            raise UserError(f"--step-tokens {self.step_tokens} is smaller than one micro-batch "
-                            f"(--batch-tokens {self.batch_tokens}); raise it or lower --batch-tokens")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if not self.clip >= 0:
-            raise UserError(f"--clip must be >= 0 (0 disables clipping; got {self.clip})")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {'|'.join(PRECISIONS)} (got {self.precision!r})")
-        if self.student_config is not None and not self.student_config.is_file():
-            raise UserError(f"--student-config {self.student_config} is not a file; pass a JSON file of "
-                            "CausalFNetConfig fields (e.g. a checkpoint's config.json)")
-        self.loss_config()
-        ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup, total_steps=self.steps)
-        OptimizerConfig(weight_decay=self.weight_decay)
-
-    def loss_config(self):
-        from student.losses import LossConfig
-
-        return LossConfig(kind=self.kd, alpha=self.alpha, temperature=self.temperature,
-                          chunk_size=self.chunk_size)
-
-    def schedule_config(self):
-        from student.schedule import ScheduleConfig
-
-        return ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup,
-                              total_steps=self.steps)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -184,185 +85,6 @@ class TrainHooks:
     after_step: Callable[[int], None] | None = None
 
 
-# --------------------------------------------------------------------------------------------------- data
-
-
-class SequenceSubset(torch.utils.data.Dataset):
-    """Some sequences of a cache (a train/validation split), with the index arrays the sampler reads."""
-
-    def __init__(self, reader, indices: np.ndarray):
-        self.reader = reader
-        self.indices = np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.reader[int(self.indices[i])]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.asarray(self.reader.lengths, dtype=np.int64)[self.indices]
-
-    @property
-    def num_supervised(self) -> np.ndarray:
-        return np.asarray(self.reader.num_supervised, dtype=np.int64)[self.indices]
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) sequence indices, sorted; a pure function of ``(n, val_fraction, seed)``."""
-    n_val = max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise UserError(f"--val-fraction {val_fraction} leaves no training sequences out of {n}; lower it")
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-@dataclass
-class TrainData:
-    reader: Any  # CacheReader of the training cache
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset | None
-    val_reader: Any  # CacheReader the validation sequences come from (None without validation)
-    temp_index: int  # temperature column for the KD term
-    val_t1_index: int | None  # T = 1 column of the validation cache (None: no KL metric)
-    pad_id: int
-    eos_id: int | None
-
-
-def _tokenizer_info(reader) -> dict[str, Any]:
-    return reader.manifest.get("tokenizer") or {}
-
-
-def _check_same_vocabulary(train, val) -> None:
-    """The validation cache must come from the same teacher and tokenizer as the training cache."""
-    ta, tb = _tokenizer_info(train), _tokenizer_info(val)
-    pairs = {
-        "teacher vocab_size": (train.vocab_size, val.vocab_size),
-        "tokenizer hash": (ta.get("hash"), tb.get("hash")),
-        "tokenizer vocab_size": (ta.get("vocab_size"), tb.get("vocab_size")),
-        "teacher": (train.fingerprint.get("teacher"), val.fingerprint.get("teacher")),
-        "chat_template": (train.fingerprint.get("chat_template"), val.fingerprint.get("chat_template")),
-    }
-    diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
-    if diff:
-        raise UserError(f"--val-cache {val.path} was not made with the training cache's teacher/tokenizer ("
-                        + "; ".join(diff) + "); build it with the same teacher-cache settings")
-
-
-def open_training_data(cfg: TrainConfig) -> TrainData:
-    """Open and check the caches: intact (manifest, index and every shard hash), a temperature the cache
-    serves exactly, samples for ``--kd sampled``, a validation set from the same teacher/tokenizer."""
-    from cache.format import open_cache
-    from student.data import CacheDataset
-
-    reader = open_cache(cfg.cache, verify_hashes="all")
-    if len(reader) == 0:
-        raise UserError(f"the cache {cfg.cache} holds no sequences; rebuild it with teacher-cache")
-    needs_kd = cfg.alpha < 1.0
-    if needs_kd and cfg.kd == "sampled":
-        if reader.samples <= 0:
-            raise UserError(f"--kd sampled needs a cache written with samples, but {cfg.cache} has none; "
-                            "rebuild it with teacher-cache --samples N or choose another --kd")
-        temp_index = 0  # the sampled loss reads no temperature column
-    elif needs_kd:
-        try:
-            temp_index = reader.temperature_index(cfg.temperature)
-        except UserError as e:
-            raise UserError(f"--temperature {cfg.temperature:g} cannot be served exactly: {e}") from None
-    else:
-        temp_index = 0  # CE only
-    val_reader, val = None, None
-    if cfg.val_cache is not None:
-        val_reader = open_cache(cfg.val_cache, verify_hashes="all")
-        _check_same_vocabulary(reader, val_reader)
-        train = CacheDataset(reader)
-        val = CacheDataset(val_reader)
-    elif cfg.val_fraction > 0:
-        tr, va = split_indices(len(reader), cfg.val_fraction, cfg.seed)
-        train, val, val_reader = SequenceSubset(reader, tr), SequenceSubset(reader, va), reader
-    else:
-        train = CacheDataset(reader)
-    val_t1 = None
-    if val_reader is not None:
-        try:
-            val_t1 = val_reader.temperature_index(1.0)
-        except UserError:
-            val_t1 = None
-    tok = _tokenizer_info(reader)
-    eos = tok.get("eos_token_id")
-    pad = tok.get("pad_token_id")
-    pad = pad if pad is not None else (eos if eos is not None else 0)
-    return TrainData(reader=reader, train=train, val=val, val_reader=val_reader, temp_index=temp_index,
-                     val_t1_index=val_t1, pad_id=int(pad), eos_id=None if eos is None else int(eos))
-
-
-# -------------------------------------------------------------------------------------------------- model
-
-
-def cache_token_ids(data: TrainData) -> np.ndarray:
-    """Sorted ids used in the training and validation caches plus eos/pad (the compact vocabulary)."""
-    from student.modeling import compact_ids_from_cache
-
-    special = [i for i in (data.pad_id, data.eos_id) if i is not None]
-    ids = compact_ids_from_cache(data.reader, special)
-    if data.val_reader is not None and data.val_reader is not data.reader:
-        ids = np.union1d(ids, compact_ids_from_cache(data.val_reader, special))
-    return ids.astype(np.int64)
-
-
-def student_model_config(cfg: TrainConfig, data: TrainData):
-    """The student's ``CausalFNetConfig`` for this cache, checked against the cache's vocabulary."""
-    from student.modeling import CausalFNetConfig
-
-    reader = data.reader
-    if cfg.student_config is not None:
-        try:
-            d = json.loads(cfg.student_config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--student-config {cfg.student_config} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise UserError(f"--student-config {cfg.student_config} must hold a JSON object of config fields")
-        for k in ("model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"):
-            d.pop(k, None)
-        d.setdefault("vocab_size", reader.vocab_size)
-    else:
-        d = dict(vocab_size=reader.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
-                 intermediate_size=cfg.ffn, stft_window_size=cfg.window,
-                 max_position_embeddings=cfg.max_positions, hidden_dropout_prob=cfg.dropout)
-    d.update(pad_token_id=data.pad_id, eos_token_id=data.eos_id)
-    if cfg.compact_vocab:
-        ids = cache_token_ids(data)
-        d.update(vocab_size=len(ids), vocab_map=ids.tolist(), full_vocab_size=reader.vocab_size)
-    mc = CausalFNetConfig(**d)
-    check_student_vocabulary(mc, data)
-    longest = int(max(np.max(reader.lengths), np.max(data.val_reader.lengths) if data.val_reader else 0))
-    if longest > mc.max_position_embeddings:
-        raise UserError(f"the cache holds sequences of {longest} tokens but the student has "
-                        f"max_position_embeddings={mc.max_position_embeddings}; raise --max-positions")
-    return mc
-
-
-def check_student_vocabulary(mc, data: TrainData) -> None:
-    """A full-vocabulary student must have a row for every teacher logit; a compacted one for every id the
-    caches use."""
-    reader = data.reader
-    tok_vocab = _tokenizer_info(reader).get("vocab_size")
-    if mc.vocab_map is None:
-        if mc.vocab_size < reader.vocab_size:
-            raise UserError(f"the student's vocab_size {mc.vocab_size} does not cover the cache's vocabulary "
-                            f"(teacher logits width {reader.vocab_size}, tokenizer {tok_vocab} tokens); use "
-                            f"vocab_size >= {reader.vocab_size} or --compact-vocab")
-        return
-    if tok_vocab is not None and mc.full_vocab_size < tok_vocab:
-        raise UserError(f"the student's full_vocab_size {mc.full_vocab_size} is smaller than the cache's "
-                        f"tokenizer ({tok_vocab} tokens); rebuild the student config with --compact-vocab")
-    missing = np.setdiff1d(cache_token_ids(data), np.asarray(mc.vocab_map, dtype=np.int64))
-    if len(missing):
-        raise UserError(f"the student's vocab_map lacks {len(missing)} token ids the cache uses (e.g. "
-                        f"{missing[:5].tolist()}); use --compact-vocab to build it from this cache")
-
-
 class DistillForward(nn.Module):
     """The student's hidden states and the chunked head + loss: the module DDP and ``torch.compile`` wrap.
 
@@ -378,9 +100,6 @@ class DistillForward(nn.Module):
         self.grad_weights = grad_weights
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pred_pos: Tensor, targets) -> tuple:
-        from student.data import gather_rows
-        from student.losses import chunked_distill_loss
-
         hidden = self.model.hidden_states(input_ids, attention_mask)  # (B, Lmax, d)
         rows = gather_rows(hidden, pred_pos)  # (N, d)
         head = self.model.get_output_embeddings().weight  # (V, d)
@@ -454,8 +173,6 @@ def micro_batches_per_step(cfg: TrainConfig, world_size: int) -> int:
 
 
 def _make_loader(dataset, sampler, pad_id: int, num_workers: int, device: torch.device):
-    from student.data import Collator, make_dataloader
-
     # A private generator: creating an iterator draws its worker base seed from it, not from the global RNG
     # that dropout uses, so evaluations and resumes leave the training randomness untouched. Workers persist
     # across epochs (the batch sampler runs in the main process, so set_epoch still applies).
@@ -465,10 +182,6 @@ def _make_loader(dataset, sampler, pad_id: int, num_workers: int, device: torch.
 
 def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     """Open and check the caches, build (or reload, with ``resume``) the student, optimizer and data."""
-    from student.data import TokenBudgetBatchSampler
-    from student.modeling import CausalFNetForCausalLM, CausalSTFT
-    from student.schedule import OptimizerConfig, build_optimizer
-
     dist = dist or Dist.from_env()
     device = resolve_device(cfg.device, dist)
     precision = resolve_precision(cfg.precision, device)
@@ -495,8 +208,6 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _seed_everything(cfg.seed * 1000 + dist.rank + 1)
-
-    from student.losses import grad_weights_for
 
     loss_cfg = cfg.loss_config()
     fwd: nn.Module = DistillForward(model, loss_cfg.kind, loss_cfg.temperature, loss_cfg.chunk_size,
@@ -543,8 +254,6 @@ def _seed_everything(seed: int) -> None:
 
 
 def targets_for(run: Run, batch, temp_index: int):
-    from student.losses import DistillTargets
-
     targets = DistillTargets.from_batch(batch, temp_index)
     if run.model.config.vocab_map is not None:
         targets = targets.map_ids(run.model.map_to_compact)
@@ -569,8 +278,6 @@ def accumulate(run: Run, batches: Sequence, normalizer: int, hooks: TrainHooks |
                     targets = targets_for(run, batch, run.data.temp_index)
                     ce, kd, agree, correct = run.forward(batch.input_ids, batch.attention_mask,
                                                          batch.pred_pos, targets)
-                from student.losses import LossSums, combine_loss
-
                 loss = combine_loss(LossSums(ce, kd, batch.num_supervised, agree, correct), alpha=lc.alpha,
                                     temperature=lc.temperature, normalizer=normalizer) * dist.world_size
                 if hooks is not None and hooks.loss is not None:
@@ -596,8 +303,6 @@ def _no_sync(module: nn.Module):
 def optimizer_step(run: Run) -> float:
     """unscale -> clip -> step -> zero_grad, with the learning rate of the current step. Returns the
     gradient norm before clipping (inf/nan when the fp16 scaler skips the step)."""
-    from student.schedule import lr_at, set_lr
-
     set_lr(run.optimizer, lr_at(run.state.step, run.cfg.schedule_config()))
     run.scaler.unscale_(run.optimizer)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
@@ -623,9 +328,6 @@ def step_loss(sums: Sequence[float], alpha: float, temperature: float) -> float:
 def evaluate(run: Run) -> dict[str, float]:
     """CE on the labels, KL(teacher || student) at T = 1 over top-k + tail, and top-1 agreement with the
     teacher, per supervised token of the validation set (split across ranks, then summed)."""
-    from student.data import TokenBudgetBatchSampler, gather_rows
-    from student.losses import chunked_distill_loss
-
     data = run.data
     if data.val is None:
         return {}
@@ -663,89 +365,29 @@ def evaluate(run: Run) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    name, keys, *rest = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    py = s["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def _provenance(run: Run) -> dict[str, Any]:
-    from cache.version import __version__
-
-    data = run.data
-    return {
-        "cache": str(run.cfg.cache), "cache_fingerprint_digest": data.reader.fingerprint_digest,
-        "val_cache": None if run.cfg.val_cache is None else str(run.cfg.val_cache),
-        "val_cache_fingerprint_digest": (data.val_reader.fingerprint_digest
-                                         if data.val_reader is not None else None),
-        "code_version": __version__, "torch": torch.__version__, "step": run.state.step,
-        "tokens": run.state.tokens, "supervised_tokens": run.state.supervised_tokens,
-        "world_size": run.dist.world_size, "precision": run.precision,
-        "micro_batches_per_step": run.micro_per_step,
-    }
-
-
-def write_model_folder(run: Run, folder: Path) -> None:
-    """``save_pretrained`` weights + config, the cache's tokenizer, the resolved config and provenance."""
-    tok = run.data.reader.tokenizer_dir
-    if tok is not None and tok.is_dir():
-        shutil.copytree(tok, folder, dirs_exist_ok=True)
-    run.model.save_pretrained(folder)
-    atomic_write_json(folder / TRAIN_CONFIG, {"config": run.cfg.to_json(),
-                                              "student": run.model.config.to_diff_dict()})
-    atomic_write_json(folder / PROVENANCE, _provenance(run))
-
-
-def _write_folder_atomically(run: Run, name: str, extra: Callable[[Path], None] | None = None) -> Path:
-    dst = run.cfg.out / name
-    tmp = run.cfg.out / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_model_folder(run, tmp)
-        if extra is not None:
-            extra(tmp)
-        fsync_tree(tmp)
-        atomic_replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+def _save_model_folder(run: Run, folder: Path) -> None:
+    prov = provenance(run.cfg, run.data, asdict(run.state), world_size=run.dist.world_size,
+                      precision=run.precision, micro_batches_per_step=run.micro_per_step)
+    write_model_folder(folder, run.model, run.data.reader.tokenizer_dir, run.cfg, prov)
 
 
 def save_checkpoint(run: Run) -> None:
     """``checkpoint-last/``: model folder + optimizer, scaler, every rank's RNG and the data position."""
-    rng = _rng_state()
+    rng = rng_state()
     if run.dist.distributed:
         states: list[Any] = [None] * run.dist.world_size
         torch.distributed.all_gather_object(states, rng)
     else:
         states = [rng]
     if run.is_main:
-        st = run.state
         trainer = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": states,
-                   "state": asdict(st), "seed": run.cfg.seed}
+                   "state": asdict(run.state), "seed": run.cfg.seed}
 
-        def write_state(folder: Path) -> None:
-            buf = io.BytesIO()
-            torch.save(trainer, buf)
-            atomic_write_bytes(folder / TRAINER_STATE, buf.getvalue())
+        def write(folder: Path) -> None:
+            _save_model_folder(run, folder)
+            write_trainer_state(folder, trainer)
 
-        _write_folder_atomically(run, CHECKPOINT, write_state)
+        write_folder_atomically(run.cfg.out, CHECKPOINT, write)
     run.last_checkpoint_step = run.state.step
     run.dist.barrier()
 
@@ -753,32 +395,9 @@ def save_checkpoint(run: Run) -> None:
 def save_final(run: Run) -> Path:
     """``final/``: the model alone, for ``CausalFNetForCausalLM.from_pretrained``, with its tokenizer."""
     if run.is_main:
-        _write_folder_atomically(run, FINAL)
+        write_folder_atomically(run.cfg.out, FINAL, lambda folder: _save_model_folder(run, folder))
     run.dist.barrier()
     return run.cfg.out / FINAL
-
-
-def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
-    """The checkpoint's trainer state, after checking it was made by this config on this cache."""
-    try:
-        saved_cfg = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
-        prov = json.loads((ckpt / PROVENANCE).read_text())
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
-    now = cfg.to_json()
-    diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
-            if k not in RESUME_FREE and saved_cfg.get(k) != now[k]]
-    if prov.get("cache_fingerprint_digest") != data.reader.fingerprint_digest:
-        diff.append(f"cache fingerprint: {prov.get('cache_fingerprint_digest')} in the checkpoint, "
-                    f"{data.reader.fingerprint_digest} for --cache {cfg.cache}")
-    val_digest = data.val_reader.fingerprint_digest if data.val_reader is not None else None
-    if cfg.val_cache is not None and prov.get("val_cache_fingerprint_digest") != val_digest:
-        diff.append(f"validation cache fingerprint: {prov.get('val_cache_fingerprint_digest')} in the "
-                    f"checkpoint, {val_digest} for --val-cache {cfg.val_cache}")
-    if diff:
-        raise UserError(f"--resume: {ckpt} was made with other settings ({'; '.join(diff)}); resume with the "
-                        "same options and cache, or start a new --out")
-    return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
 def _load_trainer_state(run: Run, saved: dict[str, Any]) -> None:
@@ -788,79 +407,7 @@ def _load_trainer_state(run: Run, saved: dict[str, Any]) -> None:
     run.last_checkpoint_step = run.state.step
     states = saved["rng"]
     if run.dist.rank < len(states):
-        _set_rng_state(states[run.dist.rank])
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per log or eval event) and its ``curves.png``; rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, keep_until_step: int | None):
-        self.path, self.png, self.enabled = out / METRICS, out / CURVES, enabled
-        if not enabled:
-            return
-        if keep_until_step is None:
-            atomic_write_bytes(self.path, b"")
-        elif self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= keep_until_step]
-            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-
-    def plot(self) -> None:
-        if self.enabled:
-            plot_curves(self.path, self.png)
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def plot_curves(metrics: Path, png: Path) -> None:
-    """Training loss/CE/KD and validation CE/KL against steps; top-1 agreement on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if r.get("event") == "train"]
-    val = [r for r in rows if r.get("event") == "eval"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("loss", "-"), ("ce", "--"), ("kd", ":")):
-        pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"train {key}")
-    for key, style in (("val_ce", "o-"), ("val_kl", "s-")):
-        pts = [(r["step"], r[key]) for r in val if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key.replace("_", " "))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("nats per supervised token")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    for key, rs in (("top1_agree", train), ("val_top1_agree", val), ("val_label_acc", val)):
-        pts = [(r["step"], r[key]) for r in rs if r.get(key) is not None]
-        if pts:
-            ax2.plot(*zip(*pts), label=key.replace("_", " ") if key.startswith("val") else f"train {key}")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("fraction of supervised tokens")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+        set_rng_state(states[run.dist.rank])
 
 
 # --------------------------------------------------------------------------------------------------- fit
@@ -869,8 +416,6 @@ def plot_curves(metrics: Path, png: Path) -> None:
 def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
     """Train to ``cfg.steps`` optimizer steps, evaluating, logging and checkpointing on the way."""
     from tqdm.auto import tqdm
-
-    from student.schedule import lr_at
 
     t_start = time.perf_counter()
     cfg, st = run.cfg, run.state
@@ -972,8 +517,6 @@ def _diverged_message(run: Run, loss: float) -> str:
 
 
 def _describe(run: Run) -> None:
-    from student.modeling import count_parameters
-
     mc = run.model.config
     vocab = f"{mc.vocab_size} (compacted from {mc.full_vocab_size})" if mc.vocab_map else str(mc.vocab_size)
     print(f"train-student: {count_parameters(run.model):,} parameters (d={mc.hidden_size}, "

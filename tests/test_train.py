@@ -26,9 +26,9 @@ from student.train import (
     TrainingDiverged,
     accumulate,
     setup,
-    split_indices,
     train_student,
 )
+from student.train_data import split_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

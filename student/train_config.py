@@ -1,0 +1,115 @@
+"""The run config of ``train-student`` (``TrainConfig``): every setting that defines a training run, checked
+when it is built, so a bad option fails before any cache is opened."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.util import UserError
+from student.losses import LossConfig
+from student.schedule import OptimizerConfig, ScheduleConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Settings that may change between an interrupted run and its resumption: they do not change the result
+# (cache paths are checked by fingerprint digest instead).
+RESUME_FREE = frozenset({"cache", "val_cache", "out", "resume", "num_workers", "device", "compile",
+                         "eval_every", "save_every", "log_every", "progress"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``student_config`` (a JSON file of ``CausalFNetConfig``
+    fields) replaces the shape fields ``hidden_size .. dropout``. ``warmup=None`` means
+    ``min(100, steps // 10)``. ``accum`` is micro-batches per rank per step; ``step_tokens`` instead sets
+    the global step size (``ceil(step_tokens / batch_tokens)`` micro-batches over all ranks).
+    ``eval_every``/``save_every`` 0 mean only at the end."""
+
+    cache: Path
+    out: Path
+    val_cache: Path | None = None
+    val_fraction: float = 0.0
+    student_config: Path | None = None
+    hidden_size: int = 256
+    layers: int = 4
+    ffn: int = 1024
+    window: int = 32
+    max_positions: int = 1024
+    dropout: float = 0.1
+    steps: int = 2000
+    batch_tokens: int = 16384
+    accum: int | None = None
+    step_tokens: int | None = None
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    alpha: float = 0.5
+    temperature: float = 2.0
+    kd: str = "topk_tail"
+    chunk_size: int = 1024
+    compact_vocab: bool = False
+    precision: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    eval_every: int = 200
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.cache = Path(self.cache)
+        self.out = Path(self.out)
+        self.val_cache = None if self.val_cache is None else Path(self.val_cache)
+        self.student_config = None if self.student_config is None else Path(self.student_config)
+        if self.warmup is None:
+            self.warmup = min(100, self.steps // 10)
+        if self.val_cache is not None and self.val_fraction:
+            raise UserError("give either --val-cache or --val-fraction, not both")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1) (got {self.val_fraction}); e.g. 0.05")
+        for name in ("hidden_size", "layers", "ffn", "window", "max_positions", "steps", "batch_tokens",
+                     "chunk_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.accum is not None and self.step_tokens is not None:
+            raise UserError("give either --accum (micro-batches per rank) or --step-tokens (global), "
+                            "not both")
+        if self.accum is not None and self.accum < 1:
+            raise UserError(f"--accum must be >= 1 (got {self.accum})")
+        if self.step_tokens is not None and self.step_tokens < self.batch_tokens:
+            raise UserError(f"--step-tokens {self.step_tokens} is smaller than one micro-batch "
+                            f"(--batch-tokens {self.batch_tokens}); raise it or lower --batch-tokens")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not self.clip >= 0:
+            raise UserError(f"--clip must be >= 0 (0 disables clipping; got {self.clip})")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {'|'.join(PRECISIONS)} (got {self.precision!r})")
+        if self.student_config is not None and not self.student_config.is_file():
+            raise UserError(f"--student-config {self.student_config} is not a file; pass a JSON file of "
+                            "CausalFNetConfig fields (e.g. a checkpoint's config.json)")
+        self.loss_config()
+        ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup, total_steps=self.steps)
+        OptimizerConfig(weight_decay=self.weight_decay)
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(kind=self.kd, alpha=self.alpha, temperature=self.temperature,
+                          chunk_size=self.chunk_size)
+
+    def schedule_config(self) -> ScheduleConfig:
+        return ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup,
+                              total_steps=self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

@@ -1,0 +1,184 @@
+"""What a training run reads: the teacher caches, opened and cross-checked (intact, a temperature served
+exactly, samples for ``--kd sampled``, a validation set from the same teacher and tokenizer), the train /
+validation split, and the student config fitted to the caches' vocabulary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.format import open_cache
+from cache.util import UserError
+from student.data import CacheDataset
+from student.modeling import CausalFNetConfig, compact_ids_from_cache
+from student.train_config import TrainConfig
+
+
+class SequenceSubset(torch.utils.data.Dataset):
+    """Some sequences of a cache (a train/validation split), with the index arrays the sampler reads."""
+
+    def __init__(self, reader, indices: np.ndarray):
+        self.reader = reader
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.reader[int(self.indices[i])]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.reader.lengths, dtype=np.int64)[self.indices]
+
+    @property
+    def num_supervised(self) -> np.ndarray:
+        return np.asarray(self.reader.num_supervised, dtype=np.int64)[self.indices]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) sequence indices, sorted; a pure function of ``(n, val_fraction, seed)``."""
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise UserError(f"--val-fraction {val_fraction} leaves no training sequences out of {n}; lower it")
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class TrainData:
+    reader: Any  # CacheReader of the training cache
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None
+    val_reader: Any  # CacheReader the validation sequences come from (None without validation)
+    temp_index: int  # temperature column for the KD term
+    val_t1_index: int | None  # T = 1 column of the validation cache (None: no KL metric)
+    pad_id: int
+    eos_id: int | None
+
+
+def tokenizer_info(reader) -> dict[str, Any]:
+    return reader.manifest.get("tokenizer") or {}
+
+
+def _check_same_vocabulary(train, val) -> None:
+    """The validation cache must come from the same teacher and tokenizer as the training cache."""
+    ta, tb = tokenizer_info(train), tokenizer_info(val)
+    pairs = {
+        "teacher vocab_size": (train.vocab_size, val.vocab_size),
+        "tokenizer hash": (ta.get("hash"), tb.get("hash")),
+        "tokenizer vocab_size": (ta.get("vocab_size"), tb.get("vocab_size")),
+        "teacher": (train.fingerprint.get("teacher"), val.fingerprint.get("teacher")),
+        "chat_template": (train.fingerprint.get("chat_template"), val.fingerprint.get("chat_template")),
+    }
+    diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
+    if diff:
+        raise UserError(f"--val-cache {val.path} was not made with the training cache's teacher/tokenizer ("
+                        + "; ".join(diff) + "); build it with the same teacher-cache settings")
+
+
+def open_training_data(cfg: TrainConfig) -> TrainData:
+    """Open and check the caches: intact (manifest, index and every shard hash), a temperature the cache
+    serves exactly, samples for ``--kd sampled``, a validation set from the same teacher/tokenizer."""
+    reader = open_cache(cfg.cache, verify_hashes="all")
+    if len(reader) == 0:
+        raise UserError(f"the cache {cfg.cache} holds no sequences; rebuild it with teacher-cache")
+    needs_kd = cfg.alpha < 1.0
+    if needs_kd and cfg.kd == "sampled":
+        if reader.samples <= 0:
+            raise UserError(f"--kd sampled needs a cache written with samples, but {cfg.cache} has none; "
+                            "rebuild it with teacher-cache --samples N or choose another --kd")
+        temp_index = 0  # the sampled loss reads no temperature column
+    elif needs_kd:
+        try:
+            temp_index = reader.temperature_index(cfg.temperature)
+        except UserError as e:
+            raise UserError(f"--temperature {cfg.temperature:g} cannot be served exactly: {e}") from None
+    else:
+        temp_index = 0  # CE only
+    val_reader, val = None, None
+    if cfg.val_cache is not None:
+        val_reader = open_cache(cfg.val_cache, verify_hashes="all")
+        _check_same_vocabulary(reader, val_reader)
+        train = CacheDataset(reader)
+        val = CacheDataset(val_reader)
+    elif cfg.val_fraction > 0:
+        tr, va = split_indices(len(reader), cfg.val_fraction, cfg.seed)
+        train, val, val_reader = SequenceSubset(reader, tr), SequenceSubset(reader, va), reader
+    else:
+        train = CacheDataset(reader)
+    val_t1 = None
+    if val_reader is not None:
+        try:
+            val_t1 = val_reader.temperature_index(1.0)
+        except UserError:
+            val_t1 = None
+    tok = tokenizer_info(reader)
+    eos = tok.get("eos_token_id")
+    pad = tok.get("pad_token_id")
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    return TrainData(reader=reader, train=train, val=val, val_reader=val_reader, temp_index=temp_index,
+                     val_t1_index=val_t1, pad_id=int(pad), eos_id=None if eos is None else int(eos))
+
+
+def cache_token_ids(data: TrainData) -> np.ndarray:
+    """Sorted ids used in the training and validation caches plus eos/pad (the compact vocabulary)."""
+    special = [i for i in (data.pad_id, data.eos_id) if i is not None]
+    ids = compact_ids_from_cache(data.reader, special)
+    if data.val_reader is not None and data.val_reader is not data.reader:
+        ids = np.union1d(ids, compact_ids_from_cache(data.val_reader, special))
+    return ids.astype(np.int64)
+
+
+def student_model_config(cfg: TrainConfig, data: TrainData) -> CausalFNetConfig:
+    """The student's ``CausalFNetConfig`` for this cache, checked against the cache's vocabulary."""
+    reader = data.reader
+    if cfg.student_config is not None:
+        try:
+            d = json.loads(cfg.student_config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--student-config {cfg.student_config} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"--student-config {cfg.student_config} must hold a JSON object of config fields")
+        for k in ("model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"):
+            d.pop(k, None)
+        d.setdefault("vocab_size", reader.vocab_size)
+    else:
+        d = dict(vocab_size=reader.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+                 intermediate_size=cfg.ffn, stft_window_size=cfg.window,
+                 max_position_embeddings=cfg.max_positions, hidden_dropout_prob=cfg.dropout)
+    d.update(pad_token_id=data.pad_id, eos_token_id=data.eos_id)
+    if cfg.compact_vocab:
+        ids = cache_token_ids(data)
+        d.update(vocab_size=len(ids), vocab_map=ids.tolist(), full_vocab_size=reader.vocab_size)
+    mc = CausalFNetConfig(**d)
+    check_student_vocabulary(mc, data)
+    longest = int(max(np.max(reader.lengths), np.max(data.val_reader.lengths) if data.val_reader else 0))
+    if longest > mc.max_position_embeddings:
+        raise UserError(f"the cache holds sequences of {longest} tokens but the student has "
+                        f"max_position_embeddings={mc.max_position_embeddings}; raise --max-positions")
+    return mc
+
+
+def check_student_vocabulary(mc: CausalFNetConfig, data: TrainData) -> None:
+    """A full-vocabulary student must have a row for every teacher logit; a compacted one for every id the
+    caches use."""
+    reader = data.reader
+    tok_vocab = tokenizer_info(reader).get("vocab_size")
+    if mc.vocab_map is None:
+        if mc.vocab_size < reader.vocab_size:
+            raise UserError(f"the student's vocab_size {mc.vocab_size} does not cover the cache's vocabulary "
+                            f"(teacher logits width {reader.vocab_size}, tokenizer {tok_vocab} tokens); use "
+                            f"vocab_size >= {reader.vocab_size} or --compact-vocab")
+        return
+    if tok_vocab is not None and mc.full_vocab_size < tok_vocab:
+        raise UserError(f"the student's full_vocab_size {mc.full_vocab_size} is smaller than the cache's "
+                        f"tokenizer ({tok_vocab} tokens); rebuild the student config with --compact-vocab")
+    missing = np.setdiff1d(cache_token_ids(data), np.asarray(mc.vocab_map, dtype=np.int64))
+    if len(missing):
+        raise UserError(f"the student's vocab_map lacks {len(missing)} token ids the cache uses (e.g. "
+                        f"{missing[:5].tolist()}); use --compact-vocab to build it from this cache")
