@@ -7,10 +7,10 @@ project.
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-from transformers.utils import logging
+import contextlib
+from collections.abc import Iterator
 
-logger = logging.get_logger(__name__)
+from transformers import PretrainedConfig
 
 
 class ModelInputError(ValueError):
@@ -58,8 +58,24 @@ class CausalFNetConfig(PretrainedConfig):
         self.vocab_map = None if vocab_map is None else [int(i) for i in vocab_map]
         self.full_vocab_size = None if full_vocab_size is None else int(full_vocab_size)
         self.stft_impl = stft_impl
-        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+        with self._tokenizer_range():  # transformers checks special-token ids against vocab_size here
+            super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
+
+    @contextlib.contextmanager
+    def _tokenizer_range(self) -> Iterator[None]:
+        """Let transformers' special-token checks see the tokenizer's id range: pad/eos are tokenizer ids,
+        which a compacted student's ``vocab_size`` (its rows) need not cover."""
+        rows = self.vocab_size
+        self.vocab_size = self.output_vocab_size or rows
+        try:
+            yield
+        finally:
+            self.vocab_size = rows
+
+    def validate(self) -> None:
+        with self._tokenizer_range():
+            super().validate()
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -83,15 +99,6 @@ class CausalFNetConfig(PretrainedConfig):
                 raise ModelInputError(f"vocab_map ids must lie in [0, full_vocab_size="
                                       f"{self.full_vocab_size}); set full_vocab_size to the tokenizer's "
                                       "id range")
-
-    def validate_token_ids(self) -> None:
-        """Special token ids are tokenizer ids: check them against the tokenizer's id range, which is
-        ``full_vocab_size`` for a compacted student (transformers would check them against its rows)."""
-        top = self.output_vocab_size
-        for name in self.to_dict():
-            value = getattr(self, name, None)
-            if name.endswith("_token_id") and isinstance(value, int) and not 0 <= value < top:
-                logger.warning_once(f"{name}={value} lies outside the tokenizer ids [0, {top})")
 
     @property
     def output_vocab_size(self) -> int:
