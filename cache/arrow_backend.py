@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.codec import decode_record, encode_record
 from cache.schema import FORMAT_VERSION, CacheRecord, CacheSettings
 
 _ARROW_LIST_FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_shift", "tail_mass")
@@ -29,6 +30,25 @@ def _write_arrow_unit(path: Path, records: list[CacheRecord], settings: CacheSet
     cols: dict[str, pa.Array] = {
         "seq_id": pa.array(np.array([r.seq_id for r in records], dtype=np.int64)),
         "assistant_start": pa.array(np.array([r.assistant_start for r in records], dtype=np.int64)),
+    }
+    if settings.encoding == "compact":
+        blobs = [np.frombuffer(encode_record(r, settings), dtype=np.uint8) for r in records]
+        cols["record"] = col(blobs, np.dtype(np.uint8))
+    else:
+        cols.update(_exact_columns(records, settings, col))
+    batch = pa.record_batch(list(cols.values()), names=list(cols))
+    meta = {b"fnet_distill_format_version": str(FORMAT_VERSION).encode(),
+            b"fnet_distill_encoding": settings.encoding.encode()}
+    schema = batch.schema.with_metadata(meta)
+    with open(path, "wb") as f:
+        with pa.ipc.new_file(f, schema) as w:
+            w.write_batch(batch)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _exact_columns(records: list[CacheRecord], settings: CacheSettings, col: Any) -> dict[str, Any]:
+    cols = {
         "input_ids": col([r.input_ids for r in records], np.dtype(np.int32)),
         "loss_mask": col([r.loss_mask.view(np.uint8) for r in records], np.dtype(np.uint8)),
         "topk_ids": col([r.topk_ids for r in records], np.dtype(np.int32)),
@@ -40,14 +60,7 @@ def _write_arrow_unit(path: Path, records: list[CacheRecord], settings: CacheSet
         cols["sample_offsets"] = col([r.sample_offsets for r in records], np.dtype(np.int64))
         cols["sample_ids"] = col([r.sample_ids for r in records], np.dtype(np.int32))
         cols["sample_counts"] = col([r.sample_counts for r in records], np.dtype(np.int32))
-    batch = pa.record_batch(list(cols.values()), names=list(cols))
-    meta = {b"fnet_distill_format_version": str(FORMAT_VERSION).encode()}
-    schema = batch.schema.with_metadata(meta)
-    with open(path, "wb") as f:
-        with pa.ipc.new_file(f, schema) as w:
-            w.write_batch(batch)
-        f.flush()
-        os.fsync(f.fileno())
+    return cols
 
 
 class _ArrowShard:
@@ -59,10 +72,14 @@ class _ArrowShard:
         self._mm = pa.memory_map(str(path), "r")
         batch = pa.ipc.open_file(self._mm).get_batch(0)
         self.k, self.nT = settings.topk, len(settings.temperatures)
+        self.settings = settings
+        self.compact = settings.encoding == "compact"
         self.seq_id = batch.column("seq_id").to_numpy()
         self.assistant_start = batch.column("assistant_start").to_numpy()
         self.num_records = batch.num_rows
         names = _ARROW_LIST_FIELDS + (_ARROW_SAMPLE_FIELDS if settings.samples > 0 else ())
+        if self.compact:
+            names = ("record",)
         self.cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in names:
             arr = batch.column(name)
@@ -74,6 +91,9 @@ class _ArrowShard:
         return values[off[i]:off[i + 1]]
 
     def record(self, i: int) -> CacheRecord:
+        if self.compact:
+            return decode_record(int(self.seq_id[i]), int(self.assistant_start[i]), self._get("record", i),
+                                 self.settings)
         g = self._get
         has_samples = "sample_ids" in self.cols
         return CacheRecord(

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cache.backends import backend_for
+from cache.codec import PAD_LOGPROB, row_kl
 from cache.schema import (  # noqa: F401 (re-exported: the cache's public types live in cache.schema)
     FORMAT_VERSION,
     FORMATS,
@@ -203,7 +204,7 @@ def _manifest_problem(path: Path, m: Mapping[str, Any]) -> str | None:
             return "has malformed settings"
         tops = {"format": settings.format, "topk": settings.topk, "samples": settings.samples,
                 "temperatures": list(settings.temperatures), "vocab_size": settings.vocab_size,
-                "logprob_dtype": settings.dtype}
+                "logprob_dtype": settings.dtype, "encoding": settings.encoding, "top_p": settings.top_p}
         for key, want in tops.items():
             if m.get(key) != want:
                 return f"says {key}={m.get(key)!r} but its settings say {want!r}"
@@ -380,8 +381,33 @@ class CacheWriter:
             "num_tokens": sum(lengths), "num_supervised": sum(sup),
             "seq_ids": [r.seq_id for r in recs], "lengths": lengths, "supervised": sup,
         }
+        if self.settings.encoding == "compact":
+            entry["fidelity"] = self._fidelity(backend.open(self.path, entry, self.settings), recs)
         self._append(entry)
         return entry
+
+    def _fidelity(self, shard: Any, recs: list[CacheRecord]) -> dict[str, Any]:
+        """Read the shard just written back and measure, per row and temperature, KL(exact || decoded) over
+        the decoded row's bins; raise if anything but the teacher rows differs from what was given."""
+        temps = self.settings.temperatures
+        kl_sum, kl_max, rows, kept = np.zeros(len(temps)), np.zeros(len(temps)), 0, 0
+        for i, r in enumerate(recs):
+            d = shard.record(i)
+            same = (d.seq_id == r.seq_id and np.array_equal(d.input_ids, r.input_ids)
+                    and np.array_equal(d.loss_mask, r.loss_mask) and d.topk_ids.shape == r.topk_ids.shape)
+            if self.settings.samples > 0:
+                same = same and all(np.array_equal(getattr(d, f), getattr(r, f))
+                                    for f in ("sample_offsets", "sample_ids", "sample_counts"))
+            if not same:
+                raise CacheError(f"{self.path}: record seq_id={r.seq_id} does not decode to what was written "
+                                 f"(compact encoding); please report this with the teacher-cache command")
+            kl = row_kl(r, d, temps)
+            if kl.size:
+                kl_sum += kl.sum(0)
+                kl_max = np.maximum(kl_max, kl.max(0))
+            rows += kl.shape[0]
+            kept += int((d.topk_logprobs.astype(np.float32) > PAD_LOGPROB / 2).sum())
+        return {"rows": rows, "kept_ids": kept, "kl_sum": kl_sum.tolist(), "kl_max": kl_max.tolist()}
 
     def finalize(self, num_units: int, attachments: Mapping[str, str | os.PathLike] | None = None,
                  stats: Mapping[str, Any] | None = None, tokenizer: Mapping[str, Any] | None = None,
@@ -421,6 +447,16 @@ class CacheWriter:
                      "bytes_per_supervised_token": total_bytes / n_sup if n_sup else None,
                      "finalize_seconds": None}
         all_stats.update(stats or {})
+        if self.settings.encoding == "compact":
+            rows = sum(e["fidelity"]["rows"] for e in shards)
+            all_stats["fidelity"] = {
+                "temperatures": list(self.settings.temperatures), "rows": rows,
+                "mean_kl": [sum(e["fidelity"]["kl_sum"][i] for e in shards) / max(rows, 1)
+                            for i in range(len(self.settings.temperatures))],
+                "max_kl": [max((e["fidelity"]["kl_max"][i] for e in shards), default=0.0)
+                           for i in range(len(self.settings.temperatures))],
+                "mean_kept_ids": sum(e["fidelity"]["kept_ids"] for e in shards) / max(rows, 1),
+            }
         s = self.settings
         manifest = {
             "format": s.format, "format_version": FORMAT_VERSION, "code_version": _code_version(),
@@ -428,6 +464,7 @@ class CacheWriter:
             "settings": s.to_json(), "num_units": num_units, "num_sequences": int(len(seq_ids)),
             "num_tokens": n_tok, "num_supervised": n_sup, "topk": s.topk, "samples": s.samples,
             "temperatures": list(s.temperatures), "vocab_size": s.vocab_size, "logprob_dtype": s.dtype,
+            "encoding": s.encoding, "top_p": s.top_p,
             "tokenizer": dict(tokenizer) if tokenizer is not None else None,
             "shards": [{k: e[k] for k in ("unit", "file", "files", "bytes", "hash", "first_seq", "num_seqs",
                                           "num_tokens", "num_supervised")} for e in shards],

@@ -19,8 +19,9 @@ import numpy as np
 
 from cache.util import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact encoding, adaptive k and the manifest's own content hash
 FORMATS = ("arrow", "zarr")  # shard formats; cache.backends maps each to its backend
+ENCODINGS = ("exact", "compact")  # record encodings; compact is cache.codec
 
 
 class CacheError(UserError):
@@ -42,6 +43,9 @@ class CacheSettings:
     dtype: str = "float16"
     format: str = "arrow"
     zarr_chunk_rows: int = 4096
+    encoding: str = "exact"  # exact: int32 ids, dtype log-probs, float32 shift/tail; compact: cache.codec
+    top_p: float | None = None  # compact only: adaptive k (fewest ids reaching this T=1 mass, at most topk)
+    lp_step: float = 1.0 / 16  # compact only: log-prob quantisation step in nats
 
     def __post_init__(self) -> None:
         temps = tuple(float(t) for t in self.temperatures)
@@ -67,6 +71,19 @@ class CacheSettings:
             raise UserError(f"format must be arrow or zarr, got {self.format!r}")
         if not isinstance(self.zarr_chunk_rows, int) or self.zarr_chunk_rows < 1:
             raise UserError(f"zarr_chunk_rows must be an integer >= 1, got {self.zarr_chunk_rows!r}")
+        if self.encoding not in ENCODINGS:
+            raise UserError(f"encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.encoding == "compact":  # decoded log-probs are float32 (the stored form is quantised)
+            object.__setattr__(self, "dtype", "float32")
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
+            if self.encoding != "compact":
+                raise UserError("top_p (adaptive k) needs the compact encoding; pass --encoding compact")
+            if not 0 < self.top_p <= 1:
+                raise UserError(f"top_p must be in (0, 1], got {self.top_p}; pass e.g. --top-p 0.95")
+        object.__setattr__(self, "lp_step", float(self.lp_step))
+        if not (math.isfinite(self.lp_step) and 0 < self.lp_step <= 1):
+            raise UserError(f"lp_step must be in (0, 1] nats, got {self.lp_step}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -114,7 +131,8 @@ def normalize_record(r: CacheRecord | Mapping[str, Any], settings: CacheSettings
     mask = np.ascontiguousarray(r.loss_mask, dtype=np.bool_).reshape(-1)
     n = int(mask.sum())
     topk_ids = np.ascontiguousarray(r.topk_ids, dtype=np.int32)
-    lp = np.ascontiguousarray(r.topk_logprobs, dtype=np.dtype(settings.dtype))
+    lp_dtype = np.float32 if settings.encoding == "compact" else np.dtype(settings.dtype)
+    lp = np.ascontiguousarray(r.topk_logprobs, dtype=lp_dtype)  # compact: float32 in, quantised by codec
     shift = np.ascontiguousarray(r.topk_shift, dtype=np.float32)
     tail = np.ascontiguousarray(r.tail_mass, dtype=np.float32)
     where = f"record seq_id={r.seq_id}"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.codec import decode_record, encode_record
 from cache.schema import CacheError, CacheRecord, CacheSettings
 
 _TOKEN_CHUNK = 1 << 16
@@ -34,12 +35,17 @@ def _offsets(sizes: list[int]) -> np.ndarray:
 
 def write_zarr_unit(path: Path, records: list[CacheRecord], settings: CacheSettings) -> None:
     """Write ``records`` as a new Zarr v3 group at ``path`` (files are not fsynced here)."""
-    import zarr
-    from zarr.codecs import Crc32cCodec
-    from zarr.storage import LocalStore
-
     k, nT = settings.topk, len(settings.temperatures)
     cat = np.concatenate
+    if settings.encoding == "compact":
+        blobs = [np.frombuffer(encode_record(r, settings), dtype=np.uint8) for r in records]
+        _write_group(path, settings, {
+            "seq_id": np.array([r.seq_id for r in records], dtype=np.int64),
+            "assistant_start": np.array([r.assistant_start for r in records], dtype=np.int64),
+            "record_offsets": _offsets([b.size for b in blobs]),
+            "record": cat(blobs) if blobs else np.zeros(0, np.uint8),
+        })
+        return
     arrays: dict[str, np.ndarray] = {
         "seq_id": np.array([r.seq_id for r in records], dtype=np.int64),
         "assistant_start": np.array([r.assistant_start for r in records], dtype=np.int64),
@@ -59,6 +65,14 @@ def write_zarr_unit(path: Path, records: list[CacheRecord], settings: CacheSetti
         arrays["sample_ids"] = cat([r.sample_ids for r in records]) if records else np.zeros(0, np.int32)
         arrays["sample_counts"] = (cat([r.sample_counts for r in records]) if records
                                    else np.zeros(0, np.int32))
+    _write_group(path, settings, arrays)
+
+
+def _write_group(path: Path, settings: CacheSettings, arrays: dict[str, np.ndarray]) -> None:
+    import zarr
+    from zarr.codecs import Crc32cCodec
+    from zarr.storage import LocalStore
+
     group = zarr.create_group(store=LocalStore(path), zarr_format=3,
                               attributes={"fnet_distill_unit": True})
     for name, data in arrays.items():
@@ -85,15 +99,20 @@ class ZarrShard:
         self.sizes = {f["path"]: f["bytes"] for f in meta["files"]}
         self.group = zarr.open_group(store=LocalStore(base / self.name, read_only=True), mode="r")
         self.has_samples = settings.samples > 0
+        self.settings = settings
+        self.compact = settings.encoding == "compact"
         self.arrays = {name: self.group[name] for name in self._names()}
-        self.small = {name: self._read(name, 0, self.arrays[name].shape[0]) for name in _SMALL}
+        small = ("seq_id", "assistant_start", "record_offsets") if self.compact else _SMALL
+        self.small = {name: self._read(name, 0, self.arrays[name].shape[0]) for name in small}
         self.sample_row_offsets = None
-        if self.has_samples:
+        if self.has_samples and not self.compact:
             n_rows = self.arrays["sample_row_offsets"].shape[0]
             self.sample_row_offsets = self._read("sample_row_offsets", 0, n_rows)
         self.num_records = int(self.small["seq_id"].shape[0])
 
     def _names(self) -> tuple[str, ...]:
+        if self.compact:
+            return ("seq_id", "assistant_start", "record_offsets", "record")
         names = _SMALL + ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_shift", "tail_mass")
         return names + (("sample_row_offsets", "sample_ids", "sample_counts") if self.has_samples else ())
 
@@ -133,6 +152,10 @@ class ZarrShard:
         return [np.asarray(x) for x in sync(gather())]
 
     def record(self, i: int) -> CacheRecord:
+        if self.compact:
+            b0, b1 = (int(x) for x in self.small["record_offsets"][i:i + 2])
+            return decode_record(int(self.small["seq_id"][i]), int(self.small["assistant_start"][i]),
+                                 self._read("record", b0, b1), self.settings)
         t0, t1 = (int(x) for x in self.small["tok_offsets"][i:i + 2])
         r0, r1 = (int(x) for x in self.small["row_offsets"][i:i + 2])
         reads = [("input_ids", t0, t1), ("loss_mask", t0, t1), ("topk_ids", r0, r1),

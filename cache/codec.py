@@ -1,0 +1,303 @@
+"""The compact record encoding (``settings.encoding == "compact"``): one self-describing byte string per
+record, decoded on the fly into the same ``CacheRecord`` (shapes and dtypes) as the exact encoding.
+
+What is stored per record (docs/cache-format.md has the layout and the measured sizes):
+
+- ``input_ids`` and every other integer sequence go through one integer coder: fixed-width bit packing at
+  the bits of the largest value, or a Rice code (unary high part and fixed-width low part in two separate
+  bit streams, so both encode and decode are whole-array numpy operations), whichever is smaller.
+- ``loss_mask`` as one bit per token.
+- Per teacher row, the kept ids in probability order and their log-probs as integer steps of ``lp_step``
+  nats below the row's top log-prob (non-decreasing, so stored as gaps; capped at ``_MAX_NATS``). The top
+  entry needs no value: the decoder rebuilds the absolute log-probs from the stored tail mass, so the kept
+  entries plus the tail sum to 1 at every cached temperature, and ``topk_shift`` is derived, not stored.
+- The tail mass per cached temperature as a 16-bit code of ``-log2(tail)`` (relative error <= 6.8e-4;
+  0 is exact).
+- With ``top_p``, a row keeps the fewest ids whose T=1 mass reaches ``top_p`` (at most ``topk``); the mass
+  of the dropped ids moves into the tail at every temperature, exactly (computed from the teacher's own
+  values before quantisation). Decoded rows keep the ``[n, topk]`` shape: the slots after the kept ids
+  repeat the row's top id with log-prob ``PAD_LOGPROB`` (probability 0 at every temperature), so the
+  ``topk_tail`` loss sees exactly the kept ids plus the tail.
+- Sampled ids per row ascending as gaps, their counts minus one, and the number of unique ids per row.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from cache.schema import CacheRecord, CacheSettings
+
+PAD_LOGPROB = -1.0e4  # log-prob of the padding slots of an adaptive row: exp(PAD / T + shift) == 0 in fp32
+_MAX_NATS = 40.0  # log-probs further than this below the row's top are stored at this distance
+_TAIL_SCALE = 512.0  # tail code = round(-log2(tail) * scale) + 1, 0 for an exact zero
+_TAIL_MAX = 65535
+_HDR = struct.Struct("<4I")  # tokens, rows, kept entries, sampled unique ids
+_STREAM = struct.Struct("<B3I")  # mode, n values, parameter (bits or Rice r), unary bits; then the bytes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bit packing and the integer coder
+
+
+def _bits_for(max_value: int) -> int:
+    return max(1, int(max_value).bit_length())
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative integers (< 2**bits, bits <= 32) at ``bits`` bits each, little-endian bit order."""
+    v = np.ascontiguousarray(values, dtype=np.uint32).reshape(-1)
+    if not v.size or bits == 0:
+        return b""
+    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(buf: bytes | np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: ``n`` values of ``bits`` bits as int64."""
+    if n == 0 or bits == 0:
+        return np.zeros(n, dtype=np.int64)
+    raw = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
+    planes = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
+    if bits < 32:
+        planes = np.concatenate([planes, np.zeros((n, 32 - bits), np.uint8)], axis=1)
+    return np.packbits(planes, axis=1, bitorder="little").view("<u4").reshape(n).astype(np.int64)
+
+
+def _rice_cost(v: np.ndarray, r: int) -> int:
+    return int((v >> r).sum()) + v.size * (1 + r)
+
+
+def _encode_ints(values: np.ndarray) -> bytes:
+    """Non-negative integers < 2**32 as one stream: fixed width or Rice, whichever is smaller."""
+    v = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+    n = v.size
+    if n == 0:
+        return _STREAM.pack(0, 0, 0, 0)
+    if v.min() < 0 or v.max() >= 1 << 32:
+        raise ValueError("integer stream values must be in [0, 2**32)")
+    fixed_bits = _bits_for(int(v.max()))
+    best_r, best = -1, n * fixed_bits
+    for r in range(0, fixed_bits):
+        cost = _rice_cost(v, r)
+        if cost < best:
+            best_r, best = r, cost
+    if best_r < 0:
+        return _STREAM.pack(0, n, fixed_bits, 0) + pack_bits(v, fixed_bits)
+    q = v >> best_r
+    unary_len = int(q.sum()) + n
+    unary = np.ones(unary_len, dtype=np.uint8)
+    unary[np.cumsum(q + 1) - 1] = 0  # each value: q ones, then a zero
+    ubytes = np.packbits(unary, bitorder="little").tobytes()
+    low = pack_bits(v & ((1 << best_r) - 1), best_r) if best_r else b""
+    return _STREAM.pack(1, n, best_r, unary_len) + ubytes + low
+
+
+def _decode_ints(buf: memoryview, pos: int) -> tuple[np.ndarray, int]:
+    mode, n, param, unary_len = _STREAM.unpack_from(buf, pos)
+    pos += _STREAM.size
+    if mode == 0:
+        nbytes = (n * param + 7) // 8
+        out = unpack_bits(np.frombuffer(buf, np.uint8, nbytes, pos), param, n) if n else np.zeros(0, np.int64)
+        return out, pos + nbytes
+    if mode != 1:
+        raise ValueError(f"unknown integer stream mode {mode}")
+    ubytes = (unary_len + 7) // 8
+    unary = np.unpackbits(np.frombuffer(buf, np.uint8, ubytes, pos), count=unary_len, bitorder="little")
+    pos += ubytes
+    zeros = np.flatnonzero(unary == 0)
+    if zeros.size != n:
+        raise ValueError("Rice stream is corrupt (wrong number of terminators)")
+    q = np.diff(zeros, prepend=-1) - 1
+    lbytes = (n * param + 7) // 8
+    low = unpack_bits(np.frombuffer(buf, np.uint8, lbytes, pos), param, n) if param else 0
+    return (q << param) | low, pos + lbytes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tail mass code
+
+
+def encode_tail(t: np.ndarray) -> np.ndarray:
+    t = np.asarray(t, dtype=np.float64)
+    code = np.zeros(t.shape, dtype=np.int64)
+    pos = t > 0
+    u = -np.log2(np.minimum(t[pos], 1.0))
+    code[pos] = np.minimum(np.rint(u * _TAIL_SCALE), _TAIL_MAX - 1).astype(np.int64) + 1
+    return code
+
+
+def decode_tail(code: np.ndarray) -> np.ndarray:
+    code = np.asarray(code, dtype=np.int64)
+    return np.where(code == 0, 0.0, np.exp2(-(code - 1) / _TAIL_SCALE))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adaptive k
+
+
+def apply_top_p(topk_logprobs: np.ndarray, topk_shift: np.ndarray, tail_mass: np.ndarray,
+                temperatures: tuple[float, ...], top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the number of ids kept (the fewest whose T=1 mass reaches ``top_p``) and the tail masses
+    at every temperature with the dropped ids' exact mass added. Returns (kept [n] int64, tail [n, nT])."""
+    lp = np.asarray(topk_logprobs, dtype=np.float64)
+    n, k = lp.shape
+    if n == 0:
+        return np.zeros(0, np.int64), np.asarray(tail_mass, dtype=np.float64)
+    csum = np.cumsum(np.exp(lp), axis=1)
+    kept = np.minimum((csum < top_p).sum(axis=1) + 1, k).astype(np.int64)
+    dropped = np.arange(k)[None, :] >= kept[:, None]
+    tail = np.array(tail_mass, dtype=np.float64, copy=True)
+    for i, t in enumerate(temperatures):
+        p_t = np.exp(lp / t + np.asarray(topk_shift, dtype=np.float64)[:, i:i + 1])
+        tail[:, i] += np.where(dropped, p_t, 0.0).sum(axis=1)
+    return kept, np.minimum(tail, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records
+
+
+def _anchor_index(settings: CacheSettings) -> int | None:
+    for i, t in enumerate(settings.temperatures):
+        if t == 1.0:
+            return i
+    return None
+
+
+def encode_record(r: CacheRecord, settings: CacheSettings) -> bytes:
+    """The compact bytes of one normalised record (log-probs as given, ideally float32 from the teacher)."""
+    k, step = settings.topk, settings.lp_step
+    L, n = int(r.input_ids.shape[0]), int(r.topk_ids.shape[0])
+    lp = np.asarray(r.topk_logprobs, dtype=np.float64)
+    if settings.top_p is not None:
+        kept, tail = apply_top_p(lp, r.topk_shift, r.tail_mass, settings.temperatures, settings.top_p)
+    else:
+        kept, tail = np.full(n, k, dtype=np.int64), np.asarray(r.tail_mass, dtype=np.float64)
+    keep = np.arange(k)[None, :] < kept[:, None]  # [n, k]
+    q = np.minimum(np.rint((lp[:, :1] - lp) / step), round(_MAX_NATS / step)).astype(np.int64)
+    q = np.maximum.accumulate(np.maximum(q, 0), axis=1)  # non-decreasing even after the cap
+    gaps = np.diff(q, axis=1)[keep[:, 1:]] if k > 1 else np.zeros(0, np.int64)
+    m_samples = int(r.sample_ids.shape[0]) if r.sample_ids is not None else 0
+    parts = [_HDR.pack(L, n, int(kept.sum()), m_samples),
+             _encode_ints(r.input_ids), np.packbits(r.loss_mask, bitorder="little").tobytes()]
+    if settings.top_p is not None:
+        parts.append(_encode_ints(kept - 1))
+    parts += [_encode_ints(r.topk_ids[keep]), _encode_ints(gaps), _encode_ints(encode_tail(tail).reshape(-1))]
+    if _anchor_index(settings) is None:  # no T=1 tail to anchor the absolute log-probs: keep the top one
+        parts.append(np.asarray(lp[:, 0], dtype="<f4").tobytes())
+    if settings.samples > 0:
+        off, ids = r.sample_offsets, np.asarray(r.sample_ids, dtype=np.int64)
+        first = np.zeros(ids.shape[0], dtype=bool)
+        first[off[:-1][np.diff(off) > 0]] = True
+        sgaps = np.where(first, ids, np.diff(ids, prepend=0) - 1)
+        parts += [_encode_ints(np.diff(off)), _encode_ints(sgaps),
+                  _encode_ints(np.asarray(r.sample_counts, np.int64) - 1)]
+    return b"".join(parts)
+
+
+def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | np.ndarray,
+                  settings: CacheSettings) -> CacheRecord:
+    """The ``CacheRecord`` of one compact byte string (same shapes and dtypes as the exact encoding)."""
+    buf = memoryview(blob if not isinstance(blob, np.ndarray) else blob.tobytes())
+    k, temps = settings.topk, settings.temperatures
+    L, n, _m, m_samples = _HDR.unpack_from(buf, 0)
+    pos = _HDR.size
+    input_ids, pos = _decode_ints(buf, pos)
+    mb = (L + 7) // 8
+    loss_mask = np.unpackbits(np.frombuffer(buf, np.uint8, mb, pos), count=L, bitorder="little").astype(bool)
+    pos += mb
+    if settings.top_p is not None:
+        kept, pos = _decode_ints(buf, pos)
+        kept += 1
+    else:
+        kept = np.full(n, k, dtype=np.int64)
+    flat_ids, pos = _decode_ints(buf, pos)
+    gaps, pos = _decode_ints(buf, pos)
+    tcode, pos = _decode_ints(buf, pos)
+    tail = decode_tail(tcode).reshape(n, len(temps))
+    keep = np.arange(k)[None, :] < kept[:, None]
+    q = np.zeros((n, k), dtype=np.int64)
+    if k > 1:
+        g = np.zeros((n, k - 1), dtype=np.int64)
+        g[keep[:, 1:]] = gaps
+        q[:, 1:] = np.cumsum(g, axis=1)
+    rel = np.where(keep, -q * settings.lp_step, -np.inf)  # log p_1 up to a per-row constant
+    a = _anchor_index(settings)
+    if a is None:
+        top = np.frombuffer(buf, "<f4", n, pos).astype(np.float64)
+        pos += 4 * n
+        lp = rel + top[:, None]
+    else:
+        lse = _logsumexp(rel)
+        lp = rel + (np.log1p(-np.minimum(tail[:, a], 1.0 - 1e-12)) - lse)[:, None]
+    shift = np.zeros((n, len(temps)), dtype=np.float64)
+    for i, t in enumerate(temps):
+        shift[:, i] = np.log1p(-np.minimum(tail[:, i], 1.0 - 1e-12)) - _logsumexp(lp / t)
+    ids = np.zeros((n, k), dtype=np.int32)
+    ids[keep] = flat_ids
+    if n and not keep.all():
+        ids = np.where(keep, ids, ids[:, :1])
+        lp = np.where(keep, lp, PAD_LOGPROB)
+    rec = CacheRecord(
+        seq_id=int(seq_id), input_ids=input_ids.astype(np.int32), loss_mask=loss_mask,
+        assistant_start=int(assistant_start), topk_ids=ids,
+        topk_logprobs=lp.astype(np.dtype(settings.dtype)), topk_shift=shift.astype(np.float32),
+        tail_mass=tail.astype(np.float32))
+    if settings.samples > 0:
+        per_row, pos = _decode_ints(buf, pos)
+        sgaps, pos = _decode_ints(buf, pos)
+        counts, pos = _decode_ints(buf, pos)
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(per_row, out=off[1:])
+        starts = np.repeat(off[:-1], per_row)  # index of each id's row start
+        first = np.zeros(m_samples, dtype=bool)
+        first[starts] = True
+        inc = np.where(first, sgaps, sgaps + 1)  # ids restart at each row: id = cumsum within the row
+        cs = np.cumsum(inc)
+        base = cs[starts] - inc[starts]
+        rec.sample_offsets = off
+        rec.sample_ids = (cs - base).astype(np.int32)
+        rec.sample_counts = (counts + 1).astype(np.int32)
+    if pos != len(buf):
+        raise ValueError(f"compact record holds {len(buf)} bytes but {pos} were decoded")
+    return rec
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    if x.shape[0] == 0:
+        return np.zeros(0)
+    mx = np.max(x, axis=1)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return mx + np.log(np.exp(x - mx[:, None]).sum(axis=1))
+
+
+def row_kl(exact: CacheRecord, decoded: CacheRecord, temperatures: tuple[float, ...]) -> np.ndarray:
+    """Per row and temperature, KL(exact || decoded) in nats over the decoded row's bins (its kept ids plus
+    one tail bucket; the exact distribution's mass outside the kept ids goes into its tail). [n, nT]"""
+    lp = np.asarray(exact.topk_logprobs, np.float64)
+    n = lp.shape[0]
+    out = np.zeros((n, len(temperatures)))
+    if n == 0:
+        return out
+    kept = decoded.topk_logprobs.astype(np.float64) > PAD_LOGPROB / 2
+    for i, t in enumerate(temperatures):
+        p = np.exp(lp / t + np.asarray(exact.topk_shift, np.float64)[:, i:i + 1])
+        tail_p = np.asarray(exact.tail_mass, np.float64)[:, i] + np.where(kept, 0.0, p).sum(1)
+        q = np.exp(decoded.topk_logprobs.astype(np.float64) / t
+                   + decoded.topk_shift.astype(np.float64)[:, i:i + 1])
+        tail_q = decoded.tail_mass.astype(np.float64)[:, i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            head = np.where(kept & (p > 0), p * (np.log(p) - np.log(q)), 0.0).sum(1)
+            tl = np.where(tail_p > 0, tail_p * (np.log(tail_p) - np.log(np.maximum(tail_q, 1e-300))), 0.0)
+        # normalise the exact side's rounding (its bins may sum to 1 +- 1e-7) so KL >= 0 is meaningful
+        out[:, i] = head + tl - (np.where(kept, p, 0.0).sum(1) + tail_p - 1.0)
+    return out
+
+
+def bits_per_vocab_id(vocab_size: int) -> int:
+    """ceil(log2 vocab): the width of a fixed-width packed id."""
+    return max(1, math.ceil(math.log2(vocab_size)))

@@ -1,0 +1,248 @@
+"""The compact cache encoding (cache.codec) against exact float64 teacher rows: round trips within the stated
+bound at awkward sizes, id packing up to Qwen2's largest id, the topk_tail loss on decoded rows, adaptive k
+mass accounting, a flipped byte in a packed shard, and resume after kill -9 of a real writer process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import log_softmax, teacher_rows  # tests/ is on sys.path under pytest
+
+from cache import codec
+from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache, verify_cache
+from cache.schema import normalize_record
+
+TEMPS = (1.0, 2.0)
+STEP = 1.0 / 16
+# KL(p || q) <= w^2 / 8 when log(p/q) spans a range of width w on the row's bins: the log-prob error is
+# at most STEP / 2 each way and the 16-bit tail code adds <= 6.8e-4.
+BOUND = (STEP + 2e-3) ** 2 / 8
+
+
+def exact_record(rng: np.random.Generator, V: int, k: int, n: int, L: int | None = None, samples: int = 0,
+                 scale: float = 3.0, seq_id: int = 0) -> CacheRecord:
+    L = L if L is not None else n + 3
+    z = rng.normal(size=(n, V)) * scale
+    ids, lp, shift, tail = teacher_rows(z, k, TEMPS) if n else (np.zeros((0, k), int), np.zeros((0, k)),
+                                                               np.zeros((0, 2)), np.zeros((0, 2)))
+    mask = np.zeros(L, dtype=bool)
+    mask[L - n:] = True
+    rec = CacheRecord(seq_id=seq_id, input_ids=rng.integers(0, V, L).astype(np.int32), loss_mask=mask,
+                      assistant_start=L - n, topk_ids=ids.astype(np.int32),
+                      topk_logprobs=lp.astype(np.float32), topk_shift=shift.astype(np.float32),
+                      tail_mass=tail.astype(np.float32))
+    if samples:
+        offs, s_ids, s_cnt = [0], [], []
+        for row in z:
+            u, c = np.unique(rng.choice(V, size=samples, p=np.exp(log_softmax(row))), return_counts=True)
+            s_ids.append(u)
+            s_cnt.append(c)
+            offs.append(offs[-1] + len(u))
+        rec.sample_offsets = np.array(offs, np.int64)
+        rec.sample_ids = np.concatenate(s_ids).astype(np.int32) if s_ids else np.zeros(0, np.int32)
+        rec.sample_counts = np.concatenate(s_cnt).astype(np.int32) if s_cnt else np.zeros(0, np.int32)
+    return rec
+
+
+def settings(V: int, k: int, **kw) -> CacheSettings:
+    return CacheSettings(topk=k, vocab_size=V, temperatures=TEMPS, dtype="float32", encoding="compact",
+                         lp_step=STEP, **kw)
+
+
+def check_decoded(r: CacheRecord, d: CacheRecord, s: CacheSettings) -> None:
+    np.testing.assert_array_equal(d.input_ids, r.input_ids)
+    np.testing.assert_array_equal(d.loss_mask, r.loss_mask)
+    assert d.topk_ids.shape == r.topk_ids.shape and d.topk_ids.dtype == np.int32
+    assert d.topk_logprobs.dtype == np.float32 and d.topk_shift.dtype == d.tail_mass.dtype == np.float32
+    n = r.topk_ids.shape[0]
+    if s.top_p is None:
+        np.testing.assert_array_equal(d.topk_ids, r.topk_ids)
+        np.testing.assert_allclose(d.tail_mass, r.tail_mass, rtol=7e-4, atol=0)
+    assert (np.diff(d.topk_logprobs, axis=1) <= 0).all() and (d.topk_logprobs <= 0).all()
+    for i, t in enumerate(TEMPS):  # kept + tail == 1 at every temperature
+        p = np.exp(d.topk_logprobs.astype(np.float64) / t + d.topk_shift[:, i:i + 1]).sum(1)
+        np.testing.assert_allclose(p + d.tail_mass[:, i], np.ones(n), atol=2e-6)
+    kl = codec.row_kl(r, d, TEMPS)
+    assert (kl >= -1e-9).all() and (kl <= BOUND).all(), (kl.max(0), BOUND)
+    if s.samples:
+        for f in ("sample_offsets", "sample_ids", "sample_counts"):
+            np.testing.assert_array_equal(getattr(d, f), getattr(r, f), err_msg=f)
+
+
+@pytest.mark.parametrize("V,k,n", [(257, 1, 9), (257, 257, 7), (257, 16, 0), (1000, 64, 12),
+                                   (151936, 4, 5)])
+@pytest.mark.parametrize("mode", ["fixed", "top_p", "samples"])
+def test_round_trip_within_bound_at_awkward_sizes(V, k, n, mode):
+    rng = np.random.default_rng(V + k + n)
+    kw = {"top_p": 0.8} if mode == "top_p" else {"samples": 12} if mode == "samples" else {}
+    s = settings(V, k, **kw)
+    r = normalize_record(exact_record(rng, V, k, n, samples=kw.get("samples", 0)), s)
+    if k == V:
+        r.tail_mass[:] = 0.0  # what the teacher stores when nothing is dropped
+    d = codec.decode_record(r.seq_id, r.assistant_start, codec.encode_record(r, s), s)
+    check_decoded(r, d, s)
+    if k == V and mode == "fixed":
+        assert (d.tail_mass == 0).all()
+
+
+def test_without_a_unit_temperature_the_top_log_prob_anchors_rows():
+    rng = np.random.default_rng(3)
+    s = CacheSettings(topk=8, vocab_size=300, temperatures=(2.0,), dtype="float16", encoding="compact")
+    z = rng.normal(size=(6, 300)) * 2
+    ids, lp, _, _ = teacher_rows(z, 8, (1.0,))
+    _, _, shift, tail = teacher_rows(z, 8, (2.0,))
+    mask = np.r_[np.zeros(3, bool), np.ones(6, bool)]
+    r = normalize_record(CacheRecord(0, np.arange(9, dtype=np.int32), mask, 3, ids, lp, shift, tail), s)
+    d = codec.decode_record(0, 3, codec.encode_record(r, s), s)
+    assert s.dtype == "float32" and d.topk_logprobs.dtype == np.float32  # compact decodes to float32
+    np.testing.assert_allclose(d.topk_logprobs[:, 0], lp[:, 0], atol=1e-2)
+    assert (codec.row_kl(r, d, (2.0,)) <= BOUND).all()
+
+
+def test_ids_up_to_the_largest_qwen2_id_survive_packing():
+    vals = np.array([0, 1, 131071, 131072, 151935, 151934, 65535], dtype=np.int64)
+    bits = codec.bits_per_vocab_id(151936)
+    assert bits == 18
+    np.testing.assert_array_equal(codec.unpack_bits(codec.pack_bits(vals, bits), bits, len(vals)), vals)
+    rng = np.random.default_rng(0)
+    for v in (vals, rng.integers(0, 151936, 1000), np.full(50, 151935)):  # fixed width and Rice paths
+        buf = codec._encode_ints(v)
+        out, pos = codec._decode_ints(memoryview(buf), 0)
+        assert pos == len(buf)
+        np.testing.assert_array_equal(out, v)
+    s = settings(151936, 3)
+    r = normalize_record(exact_record(rng, 151936, 3, 4), s)
+    r.topk_ids[:, 0] = 151935
+    r.input_ids[:] = 151935
+    d = codec.decode_record(0, r.assistant_start, codec.encode_record(r, s), s)
+    assert (d.topk_ids[:, 0] == 151935).all() and (d.input_ids == 151935).all()
+
+
+def test_decoded_topk_tail_loss_equals_the_exact_one_within_the_bound():
+    from student.losses import DistillTargets, kd_sum
+
+    rng = np.random.default_rng(1)
+    V, k, n = 600, 32, 40
+    s = settings(V, k)
+    r = normalize_record(exact_record(rng, V, k, n, scale=4.0), s)
+    d = codec.decode_record(0, r.assistant_start, codec.encode_record(r, s), s)
+    logits = torch.from_numpy(rng.normal(size=(n, V)) * 2).float()
+    for i, t in enumerate(TEMPS):
+        def loss(x: CacheRecord) -> float:
+            tg = DistillTargets(labels=torch.zeros(n, dtype=torch.int64),
+                                topk_ids=torch.from_numpy(x.topk_ids.astype(np.int64)),
+                                topk_logprobs=torch.from_numpy(x.topk_logprobs.astype(np.float32)),
+                                shift=torch.from_numpy(x.topk_shift[:, i].copy()),
+                                tail=torch.from_numpy(x.tail_mass[:, i].copy()))
+            return float(kd_sum(logits, tg, "topk_tail", t)) / n
+
+        exact, decoded = loss(r), loss(d)
+        # per row |CE difference| <= TV(p, q) * range(log q); TV <= sqrt(KL / 2) (Pinsker)
+        kl = codec.row_kl(r, d, TEMPS)[:, i]
+        assert abs(exact - decoded) <= np.sqrt(BOUND / 2) * 40, (exact, decoded)
+        assert abs(exact - decoded) <= 1e-3 * abs(exact) + kl.mean() * 10, (exact, decoded)
+
+
+def test_adaptive_k_accounts_for_every_dropped_id():
+    rng = np.random.default_rng(2)
+    V, k, n = 500, 64, 30
+    r = exact_record(rng, V, k, n, scale=5.0)
+    for p in (0.5, 0.9, 0.99, 1.0):
+        kept, tail = codec.apply_top_p(r.topk_logprobs, r.topk_shift, r.tail_mass, TEMPS, p)
+        csum = np.cumsum(np.exp(r.topk_logprobs.astype(np.float64)), axis=1)
+        rows = np.arange(n)
+        assert ((csum[rows, kept - 1] >= p * (1 - 1e-6)) | (kept == k)).all()  # reaches p ...
+        assert (kept == 1).all() or (csum[rows, np.maximum(kept - 2, 0)][kept > 1] < p).all()  # ... fewest
+        for i, t in enumerate(TEMPS):
+            pt = np.exp(r.topk_logprobs.astype(np.float64) / t + r.topk_shift[:, i:i + 1])
+            kept_mass = np.where(np.arange(k)[None] < kept[:, None], pt, 0.0).sum(1)
+            np.testing.assert_allclose(kept_mass + tail[:, i], 1.0, atol=1e-6)
+
+
+def compact_cache(path: Path, fmt: str, **kw) -> CacheSettings:
+    rng = np.random.default_rng(5)
+    s = CacheSettings(topk=8, vocab_size=300, temperatures=TEMPS, encoding="compact", format=fmt,
+                      samples=6, **kw)
+    with CacheWriter(path, {"t": 1}, s) as w:
+        for u in range(2):
+            w.write_unit(u, [exact_record(rng, 300, 8, 10, samples=6, seq_id=u * 3 + j) for j in range(3)])
+        w.finalize(2)
+    return s
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "zarr"])
+def test_verify_catches_a_flipped_byte_in_a_packed_shard(tmp_path, fmt):
+    c = tmp_path / "c"
+    compact_cache(c, fmt, top_p=0.9)
+    assert verify_cache(c) == []
+    m = json.loads((c / "manifest.json").read_text())
+    fid = m["stats"]["fidelity"]
+    assert fid["rows"] == 60 and max(fid["max_kl"]) <= BOUND and 1 <= fid["mean_kept_ids"] <= 8
+    big = max(m["shards"][1]["files"], key=lambda f: f["bytes"])
+    data = bytearray((c / big["path"]).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (c / big["path"]).write_bytes(bytes(data))
+    defects = verify_cache(c)
+    assert any("unit-000001" in d and "hash" in d for d in defects), defects
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from test_cache_codec import exact_record, TEMPS
+    from cache.format import CacheSettings, CacheWriter
+    s = CacheSettings(topk=8, vocab_size=300, temperatures=TEMPS, encoding="compact", top_p=0.9, samples=6)
+    with CacheWriter(sys.argv[1], {{"t": 1}}, s) as w:
+        done = w.done_units()
+        for u in range(4):
+            rng = np.random.default_rng(100 + u)
+            recs = [exact_record(rng, 300, 8, 10, samples=6, seq_id=u * 3 + j) for j in range(3)]
+            if u not in done:
+                w.write_unit(u, recs)
+                time.sleep(float(sys.argv[2]))
+        w.finalize(4)
+""")
+
+
+def test_resume_after_kill_9_with_compact_encoding_gives_identical_content(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(root=str(root), tests=str(root / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    subprocess.run([sys.executable, str(script), str(ref), "0"], check=True, env=env, timeout=120)
+    proc = subprocess.Popen([sys.executable, str(script), str(crash), "30"], env=env)
+    journal = crash / "journal.rank0.jsonl"
+    deadline = time.time() + 90
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if journal.exists() and '"type":"unit"' in journal.read_text():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (crash / "manifest.json").exists()
+    subprocess.run([sys.executable, str(script), str(crash), "0"], check=True, env=env, timeout=120)
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (ref, crash))
+    assert [s["hash"] for s in ma["shards"]] == [s["hash"] for s in mb["shards"]]
+    ra, rb = open_cache(ref, verify_hashes="all"), open_cache(crash, verify_hashes="all")
+    for i in range(len(ra)):
+        x, y = ra[i], rb[i]
+        for f in ("input_ids", "topk_ids", "topk_logprobs", "topk_shift", "tail_mass", "sample_ids"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+    assert verify_cache(crash) == []
