@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cache.util import UserError, bytes_hash, json_hash
+from pipeline.hub import hub_local_only
 
 OVERFLOW_POLICIES = ("drop", "truncate")
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
@@ -122,6 +123,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_hub(dataset: str, config_name: str, split: str) -> list[dict[str, Any]]:
+    hub_local_only(dataset, flag="--dataset", what="dataset", filename="README.md", repo_type="dataset")
     import datasets
 
     try:
@@ -249,18 +251,21 @@ def load_tokenized(tokenizer: Any, cfg: DataConfig) -> TokenizedDataset:
     return tokenize_examples(tokenizer, examples, max_length=cfg.max_length, overflow=cfg.overflow)
 
 
-def load_tokenizer(name: str) -> Any:
-    """The teacher's tokenizer from a local folder or a Hub id, with one clear line when it is unavailable."""
+def load_tokenizer(name: str, flag: str = "--tokenizer") -> Any:
+    """The tokenizer from a local folder or a Hub id, with one clear line (naming ``flag``, the option that
+    gave ``name``) when it is unavailable."""
     from transformers import AutoTokenizer
 
     local = Path(name).expanduser()
     if name.startswith(("/", ".", "~")) and not local.is_dir():
         raise UserError(f"tokenizer folder {local} does not exist; pass an existing folder or a Hub id")
+    local_only = False if local.is_dir() else \
+        hub_local_only(name, flag=flag, what="tokenizer", filename="tokenizer_config.json")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as e:
         where = "from" if local.is_dir() else "from the Hugging Face Hub"
-        raise UserError(f"could not load a tokenizer {where} {name!r} ({str(e).splitlines()[0]}); if the Hub "
-                        "is unreachable, pass a local tokenizer or model folder with --tokenizer") from None
+        raise UserError(f"could not load a tokenizer {where} {name!r} ({str(e).splitlines()[0]}); pass a "
+                        f"local tokenizer or model folder with {flag}") from None
     special_ids(tok)
     return tok

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.util import UserError, atomic_write_bytes
-from student.progress import Progress
+from pipeline.hub import hub_local_only
 
 STUDENT_MODEL_TYPE = "causal_stft_fnet"
 STOP_TOKEN = "<|im_end|>"
@@ -109,8 +109,9 @@ def model_type(model: str) -> str:
         return kind
     from transformers import AutoConfig
 
+    local_only = hub_local_only(model, flag="--model", what="model")
     try:
-        return AutoConfig.from_pretrained(model).model_type
+        return AutoConfig.from_pretrained(model, local_files_only=local_only).model_type
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the config of {model!r} from the Hugging Face Hub "
                         f"({str(e).splitlines()[0]}); if the Hub is unreachable, pass a local model folder "
@@ -127,13 +128,13 @@ def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
         if looks_local(model) and not any((Path(model).expanduser() / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"model folder {model} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); pass "
                             "the tokenizer the model was trained with, e.g. --tokenizer path/to/tokenizer")
-        tokenizer = str(model)
+        return load_tokenizer(str(model), "--model")
     return load_tokenizer(str(tokenizer))
 
 
 def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, str]:
     """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf"."""
-    from pipeline.teacher import resolve_dtype
+    from pipeline.teacher import looks_local, resolve_dtype
     from student.device import resolve_device
 
     kind_name = model_type(model)
@@ -147,8 +148,9 @@ def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") ->
         from transformers import AutoModelForCausalLM as cls
 
         kind = "hf"
+    local_only = not looks_local(model) and hub_local_only(model, flag="--model", what="model")
     try:
-        loaded = cls.from_pretrained(str(model), dtype=torch_dtype)
+        loaded = cls.from_pretrained(str(model), dtype=torch_dtype, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a causal LM (model_type {kind_name!r}) from {model} "
                         f"({str(e).splitlines()[0]}); pass a student checkpoint or a causal LM "
@@ -263,6 +265,7 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     records (dataset order) to ``out`` if given, and return the totals. ``max_prompt_tokens`` refuses a
     prompt that would run the model past its positions."""
     from pipeline.answers import extract_reference
+    from student.progress import Progress  # importing student loads torch/transformers: not for --help
 
     if not examples:
         raise UserError("no examples to evaluate; check --dataset, --split and --limit")

@@ -7,6 +7,7 @@ the fp32 log-softmax and the top-k run on chunks of the gathered supervised posi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import xxhash
 
 from cache.util import UserError, file_hash, json_hash
 from pipeline.data import TokenizedSeq
+from pipeline.hub import hub_local_only
 from student.device import resolve_device
 
 LOGPROB_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -102,6 +104,16 @@ def check_teacher_source(name: str) -> None:
             raise UserError(f"teacher folder {folder} does not exist; pass a model folder or a Hub id")
         if not (folder / "config.json").exists():
             raise UserError(f"teacher folder {folder} has no config.json; pass a save_pretrained folder")
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"teacher {folder / 'config.json'} is not valid JSON ({e}); restore or re-save "
+                            "the model with save_pretrained") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+            raise UserError(f"teacher {folder / 'config.json'} has no model_type; restore or re-save the "
+                            "model with save_pretrained")
+    else:
+        hub_local_only(name, flag="--teacher", what="teacher")
 
 
 def load_teacher(name: str, *, device: str = "auto", dtype: str = "auto") -> Teacher:
@@ -112,7 +124,8 @@ def load_teacher(name: str, *, device: str = "auto", dtype: str = "auto") -> Tea
     torch_dtype = resolve_dtype(dtype, dev)
     check_teacher_source(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        local_only = not looks_local(name) and hub_local_only(name, flag="--teacher", what="teacher")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local_only)
     except OSError as e:
         if looks_local(name):
             raise UserError(f"cannot load the teacher from {name} ({str(e).splitlines()[0]})") from None

@@ -151,7 +151,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
     writer = None
     try:
         check_teacher_source(cfg.teacher)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher,
+                                   flag="--tokenizer" if cfg.tokenizer else "--teacher")
         eos_id, pad_id = special_ids(tokenizer)
         data = load_tokenized(tokenizer, cfg.data_config())
         if not data.seqs:
