@@ -62,6 +62,9 @@ class TeacherCacheConfig:
     dtype: str = "auto"
     logprob_dtype: str = "float16"
     format: str = "arrow"
+    encoding: str = "compact"
+    top_p: float | None = None
+    lp_step: float = 1.0 / 16
     unit_size: int = 256
     seed: int = 0
     chunk_positions: int = 128
@@ -76,6 +79,7 @@ class TeacherCacheConfig:
             raise UserError(f"--unit-size must be a positive number of sequences, got {self.unit_size}")
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {'|'.join(FORMATS)}, got {self.format!r}")
+        self.cache_settings(self.topk)  # one-line errors for --encoding, --top-p and --lp-step
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} exists and is not a folder; pass a folder path")
         self.data_config()
@@ -86,9 +90,21 @@ class TeacherCacheConfig:
                           limit=self.limit, max_length=self.max_length, overflow=self.overflow)
 
     def target_settings(self) -> TargetSettings:
+        # the compact encoder quantises float32 log-probs itself; the exact encoding stores --logprob-dtype
+        lp_dtype = "float32" if self.encoding == "compact" else self.logprob_dtype
         return TargetSettings(topk=self.topk, temperatures=self.temperatures, samples=self.samples,
-                              seed=self.seed, logprob_dtype=self.logprob_dtype,
-                              chunk_positions=self.chunk_positions)
+                              seed=self.seed, logprob_dtype=lp_dtype, chunk_positions=self.chunk_positions)
+
+    def cache_settings(self, vocab_size: int) -> CacheSettings:
+        try:
+            return CacheSettings(topk=self.topk, vocab_size=vocab_size, samples=self.samples,
+                                 temperatures=self.temperatures, dtype=self.logprob_dtype, format=self.format,
+                                 encoding=self.encoding, top_p=self.top_p, lp_step=self.lp_step)
+        except UserError as e:
+            msg = str(e)
+            for name in ("encoding", "top_p", "lp_step"):
+                msg = msg.replace(f"{name} must", f"--{name.replace('_', '-')} must")
+            raise UserError(msg) from None
 
 
 def unit_ranges(num_seqs: int, unit_size: int) -> list[range]:
@@ -113,7 +129,9 @@ def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
         "samples": cfg.samples,
         "temperatures": list(cfg.temperatures),
         "dtypes": {"teacher_compute": str(teacher.dtype).removeprefix("torch."),
-                   "logprobs": cfg.logprob_dtype},
+                   "logprobs": cfg.target_settings().logprob_dtype},
+        "encoding": {"name": cfg.encoding, "top_p": cfg.top_p,
+                     "lp_step": cfg.lp_step if cfg.encoding == "compact" else None},
         "seed": cfg.seed,
         "unit_size": cfg.unit_size,
     }
@@ -163,9 +181,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         settings = cfg.target_settings()
         settings.check_vocab(teacher.vocab_size)
         fingerprint = build_fingerprint(cfg, teacher, tokenizer, data)
-        cache_settings = CacheSettings(topk=cfg.topk, vocab_size=teacher.vocab_size, samples=cfg.samples,
-                                       temperatures=cfg.temperatures, dtype=cfg.logprob_dtype,
-                                       format=cfg.format)
+        cache_settings = cfg.cache_settings(teacher.vocab_size)
         writer = CacheWriter(cfg.out, fingerprint, cache_settings, rank=dist.rank, world_size=dist.world_size)
         units = unit_ranges(len(data.seqs), cfg.unit_size)
         done = writer.done_units()

@@ -21,7 +21,7 @@ from pipeline.data import load_examples, tokenize_examples
 from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
 COMMON = {"limit": 8, "max_length": 128, "overflow": "truncate", "topk": 8, "samples": 4,
-          "temperatures": (1.0, 2.0), "logprob_dtype": "float32", "unit_size": 3}
+          "temperatures": (1.0, 2.0), "logprob_dtype": "float32", "unit_size": 3, "encoding": "exact"}
 
 
 def config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, **kw) -> TeacherCacheConfig:
@@ -35,7 +35,7 @@ def cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens) 
             "--dataset", str(gsm8k_slice), "--out", str(out), "--limit", str(COMMON["limit"]),
             "--max-length", str(COMMON["max_length"]), "--overflow", COMMON["overflow"],
             "--topk", str(COMMON["topk"]), "--samples", str(COMMON["samples"]), "--temperatures", "1,2",
-            "--logprob-dtype", "float32", "--unit-size", str(COMMON["unit_size"]),
+            "--logprob-dtype", "float32", "--unit-size", str(COMMON["unit_size"]), "--encoding", "exact",
             "--batch-tokens", str(batch_tokens), "--device", "cpu", "--no-progress"]
 
 
@@ -185,6 +185,36 @@ def test_zarr_format_holds_the_same_content(reference, tmp_path, tiny_qwen_dir, 
         assert x.seq_id == y.seq_id
         np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
         np.testing.assert_array_equal(x.topk_logprobs, y.topk_logprobs)
+
+
+def test_compact_encoding_from_the_real_teacher_matches_the_exact_cache(reference, tmp_path, tiny_qwen_dir,
+                                                                        qwen_tokenizer_dir, gsm8k_slice):
+    from cache.codec import row_kl
+    from cache.format import verify_cache
+
+    out = tmp_path / "compact"
+    summary = run_teacher_cache(config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out,
+                                       encoding="compact"))
+    assert verify_cache(out) == []
+    rc, rx = open_cache(out), open_cache(reference[0])
+    assert rc.settings.encoding == "compact" and rc.fingerprint["encoding"]["name"] == "compact"
+    assert rc.fingerprint_digest != rx.fingerprint_digest
+    bound = (1 / 16 + 2e-3) ** 2 / 8
+    for i in range(len(rc)):
+        c, x = rc[i], rx[i]
+        for f in ("input_ids", "loss_mask", "topk_ids", "sample_offsets", "sample_ids", "sample_counts"):
+            np.testing.assert_array_equal(getattr(c, f), getattr(x, f), err_msg=f)
+        assert (row_kl(x, c, (1.0, 2.0)) <= bound).all()
+    fid = rc.manifest["stats"]["fidelity"]
+    assert fid["rows"] == rc.manifest["num_supervised"] and max(fid["max_kl"]) <= bound
+    assert summary["bytes_per_supervised_token"] < reference[1]["bytes_per_supervised_token"] / 2
+    with pytest.raises(UserError, match="different fingerprint"):
+        run_teacher_cache(config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, encoding="compact",
+                                 top_p=0.9))
+    with pytest.raises(UserError, match="--top-p must be in"):
+        config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, encoding="compact", top_p=1.5)
+    with pytest.raises(UserError, match="needs the compact encoding"):
+        config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, top_p=0.9)
 
 
 def test_bad_command_inputs(tmp_path, tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice):

@@ -45,11 +45,28 @@ def cache_summary(path: str | os.PathLike) -> dict[str, Any]:
         "samples": r.samples,
         "temperatures": list(r.temperatures),
         "logprob_dtype": m.get("logprob_dtype"),
+        "encoding": m.get("encoding"),
+        "top_p": m.get("top_p"),
+        "fidelity": (m.get("stats") or {}).get("fidelity"),
         "vocab_size": r.vocab_size,
         "teacher": r.fingerprint.get("teacher"),
         "fingerprint_digest": r.fingerprint_digest,
         "tokenizer_dir": str(r.tokenizer_dir) if r.tokenizer_dir else None,
     }
+
+
+def _encoding_line(s: dict[str, Any]) -> str:
+    """``compact, adaptive top-p 0.9 (mean 5.1 ids kept), decoded KL mean/max at T=1: ..., T=2: ...``."""
+    out = str(s.get("encoding"))
+    fid = s.get("fidelity")
+    if s.get("top_p") is not None:
+        out += f", adaptive top-p {s['top_p']:g}"
+        if fid:
+            out += f" (mean {fid['mean_kept_ids']:.1f} ids kept)"
+    if fid:
+        per_t = zip(fid["temperatures"], fid["mean_kl"], fid["max_kl"])
+        out += ", decoded KL mean/max " + ", ".join(f"T={t:g}: {a:.1e}/{b:.1e}" for t, a, b in per_t)
+    return out
 
 
 def _human(n: float) -> str:
@@ -64,7 +81,9 @@ def register(app: typer.Typer) -> None:
     @app.command(
         "info",
         help="Summarise a finished teacher cache: sequences, supervised and total tokens, shards, bytes on "
-             "disk and per supervised token, top-k, samples, temperatures, teacher and fingerprint digest. "
+             "disk and per supervised token, top-k, encoding (with the compact encoding's decoded KL to the "
+             "exact teacher rows, mean and max per temperature, measured when it was written), samples, "
+             "temperatures, teacher and fingerprint digest. "
              "Reads only the manifest and the index (no shard is opened or hashed).",
     )
     def info(
@@ -87,6 +106,7 @@ def register(app: typer.Typer) -> None:
             ("bytes on disk", f"{_human(s['bytes_on_disk'])} (shards {_human(s['shard_bytes'])})"),
             ("bytes/supervised token", f"{bps:.1f}" if bps is not None else "n/a"),
             ("top-k", f"{s['topk']} ({s['logprob_dtype']} log-probs, teacher vocab {s['vocab_size']:,})"),
+            ("encoding", _encoding_line(s)),
             ("samples", str(s["samples"])),
             ("temperatures", ", ".join(f"{t:g}" for t in s["temperatures"])),
             ("fingerprint", s["fingerprint_digest"]),

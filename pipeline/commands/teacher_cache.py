@@ -37,21 +37,34 @@ def teacher_cache(
     max_length: int = typer.Option(512, help="Maximum tokens per chat-formatted sequence."),
     overflow: str = typer.Option("drop", help="Rows longer than --max-length: 'drop' them, or 'truncate' "
                                  "the answer (keeps the prompt; a truncated row has no closing eos)."),
-    batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch (sequences are length-"
-                                     "sorted). Not in the fingerprint, so a resume may use another; it changes "
-                                     "only float rounding: the teacher's sums depend on the batch shape, so "
-                                     "a few stored log-probs can move by one fp16 step, shifts and tails by "
-                                     "~1e-6, and a top-k or sampled id can change where two candidates tie "
-                                     "within rounding; masks and units never change. The same value, device "
-                                     "and dtype give a bit-identical cache."),
+    batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch (sequences are "
+                                                 "length-sorted). Not in the fingerprint, so a resume may "
+                                                 "use another; it changes only float rounding: the teacher's"
+                                                 " sums depend on the batch shape, so a few stored log-probs"
+                                                 " can move by one fp16 step, shifts and tails by ~1e-6, and"
+                                                 " a top-k or sampled id can change where two candidates tie"
+                                                 " within rounding; masks and units never change. The same "
+                                                 "value, device and dtype give a bit-identical cache."),
     limit: int = typer.Option(None, help="Use only the first N rows of the split."),
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Teacher compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                               "float32, bfloat16 or float16."),
-    logprob_dtype: str = typer.Option("float16", help="Stored dtype of the top-k log-probs: float16 or "
-                                      "float32 (shifts and tail masses are always float32)."),
+    logprob_dtype: str = typer.Option("float16", help="With --encoding exact: stored dtype of the top-k "
+                                      "log-probs, float16 or float32 (shifts and tail masses are always "
+                                      "float32). Ignored by the compact encoding, which decodes to float32."),
     format: str = typer.Option("arrow", "--format", help="Shard format: arrow or zarr."),
+    encoding: str = typer.Option("compact", help="Record encoding: compact (ids bit-packed or Rice-coded, "
+                                 "log-probs quantised in --lp-step nats below each row's top, 16-bit tail "
+                                 "codes; ~2.5x smaller than exact at top-64, KL to the exact rows <= "
+                                 "(lp-step + 0.002)^2 / 8 per row, recorded in the manifest) or exact "
+                                 "(int32 ids, --logprob-dtype log-probs, float32 shift and tail)."),
+    top_p: float = typer.Option(None, "--top-p", help="Compact only: adaptive k. Per position keep the "
+                                "fewest ids whose T=1 mass reaches this value (at most --topk); the "
+                                "dropped ids' exact mass goes into the stored tail at every temperature. "
+                                "E.g. 0.9."),
+    lp_step: float = typer.Option(1.0 / 16, help="Compact only: log-prob quantisation step in nats (0.0625 "
+                                  "keeps KL <= 5e-4 per row; larger is smaller and coarser)."),
     unit_size: int = typer.Option(256, help="Sequences per unit (a shard, the resume granularity and the "
                                   "work item assigned round-robin to torchrun ranks)."),
     seed: int = typer.Option(0, help="Seed of the per-(sequence, position) sampling streams."),
@@ -70,7 +83,8 @@ def teacher_cache(
         samples=samples,
         temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=overflow,
         batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, logprob_dtype=logprob_dtype,
-        format=format, unit_size=unit_size, seed=seed, progress=progress,
+        format=format, unit_size=unit_size, seed=seed, progress=progress, encoding=encoding, top_p=top_p,
+        lp_step=lp_step,
     )
     summary = run_teacher_cache(cfg)
     if summary["rank"] == 0:
