@@ -1,8 +1,10 @@
 """GSM8K answer extraction and scoring (no model code).
 
 - reference: the text after ``####`` in the dataset's ``answer`` field;
-- strict match: the output contains ``#### <number>`` (the first such marker counts) equal to the reference;
-- flexible match: the last number anywhere in the output equals the reference.
+- strict match: the output contains ``#### <number>`` (the first such marker counts; a longer run of ``#``
+  such as ``##### 5`` is the same marker) equal to the reference;
+- flexible match: the last number anywhere in the output equals the reference, also when it is glued to
+  the text before it (``The answer is72``, ``所以答案是72``, the ``3`` in ``7x3=21``).
 
 Numbers compare as exact decimals after removing thousands separators and a ``$`` sign, so ``1,000`` ==
 ``1000``, ``3.50`` == ``3.5``, ``$12`` == ``12`` and ``18.`` (a sentence-final period) == ``18``.
@@ -17,11 +19,14 @@ from decimal import Decimal, InvalidOperation
 
 from cache.util import UserError
 
-# Not glued to a word or a decimal point on the left (so "3-4" is 3 and 4, not 3 and -4); an optional sign
-# before or after "$"; digits with proper thousands groups ("1,234,567") or none; optional decimals. A
-# trailing "." with no digit after it (end of a sentence) is not part of the number.
-_NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
-_MARKER = re.compile(r"####\s*")
+# Digits not continuing a number on the left (no digit or decimal point just before them; a letter may be:
+# "is72", "答案是72", "7x3"). A "-" or "$" sign counts only when it is not glued to a word or number on the
+# left (so "3-4" is 3 and 4, not 3 and -4); the sign may come before or after "$". Digits with proper
+# thousands groups ("1,234,567") or none; optional decimals. A trailing "." with no digit after it (end of
+# a sentence) is not part of the number.
+_NUMBER = re.compile(r"(?:(?<![\w.])(-)?\$(-)?|(?<![\w.])(-)|(?<![\d.]))"  # sign / "$" / bare digits
+                     r"(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)")
+_MARKER = re.compile(r"#{4,}\s*")
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -40,8 +45,8 @@ def _numbers(text: str) -> list[tuple[int, Decimal]]:
     """(start offset, value) of every number in ``text``, in order."""
     out = []
     for m in _NUMBER.finditer(text):
-        negative = (m.group(1) is not None) != (m.group(2) is not None)
-        value = Decimal(m.group(3).replace(",", "") + (m.group(4) or ""))
+        negative = sum(m.group(g) is not None for g in (1, 2, 3)) % 2 == 1
+        value = Decimal(m.group(4).replace(",", "") + (m.group(5) or ""))
         out.append((m.start(), -value if negative else value))
     return out
 

@@ -51,10 +51,29 @@ def test_extract_reference():
     ("I cannot solve this.", None, None),
     ("", None, None),
     ("Step 1: 2x = 10. Step 2: x = 5", None, "5"),
+    # a longer run of "#" is the same marker
+    ("##### 5", "5", "5"),
+    ("Total: 9\n###### $1,200", "1200", "1200"),
+    # numbers glued to the text before them
+    ("The answer is72", None, "72"),
+    ("所以答案是72", None, "72"),
+    ("所以答案是72元。", None, "72"),
+    ("7x3", None, "3"),
+    ("7x3=21", None, "21"),
+    ("v2 of the plan costs $-4", None, "-4"),
+    ("Answer:-6", None, "-6"),
+    ("up to 3.14159", None, "3.14159"),
 ])
 def test_strict_and_flexible_extraction(output, strict, flexible):
     assert strict_answer(output) == (None if strict is None else Decimal(strict))
     assert flexible_answer(output) == (None if flexible is None else Decimal(flexible))
+
+
+def test_every_number_of_glued_text_is_found():
+    from pipeline.answers import _numbers
+
+    assert [v for _, v in _numbers("7x3=21")] == [7, 3, 21]
+    assert [v for _, v in _numbers("is72, 所以答案是8, 12-3")] == [72, 8, 12, 3]  # "12-3" is 12 and 3
 
 
 def test_scoring_compares_numerically():
