@@ -2,10 +2,16 @@
 
 An output folder holds ``checkpoint-last/`` (the model as ``save_pretrained`` + the cache's tokenizer +
 ``train_config.json`` + ``provenance.json`` + ``trainer_state.pt`` with optimizer, scaler, RNG and data
-position) and ``final/`` (the same without the trainer state). Each folder is written beside its final name
-and renamed into place (``write_folder_atomically``); ``write_model_folder`` is the one place that decides
-what a saved student folder contains. ``check_resume`` accepts a checkpoint only for the same settings and
-caches.
+position) and ``final/`` (the same without the trainer state). ``write_model_folder`` is the one place that
+decides what a saved student folder contains.
+
+Integrity: each folder is written beside its final name as ``.NAME.tmp-PID``; its ``manifest.json`` (every
+file's size and xxh3-128 content hash, and the step) is written last, then the folder is synced and renamed
+into place (``write_folder_atomically``). Replacing a folder takes two renames (old aside to
+``.NAME.old-PID``, new into place); a crash between them leaves no ``NAME/`` but two complete hidden folders,
+and ``recover_folders`` (run at every start) renames the newest complete one back into place and removes
+every hidden leftover. ``check_resume`` verifies the manifest (``verify_folder``: one line naming the
+damaged file) and accepts a checkpoint only for the same settings and caches.
 """
 
 from __future__ import annotations
@@ -23,8 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.util import UserError, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fsync_tree
+from cache.util import (
+    UserError,
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_hash,
+    fsync_dir,
+    fsync_tree,
+)
 from cache.version import __version__
+from student.metrics import METRICS
+from student.model_card import write_model_card
 from student.train_config import RESUME_FREE, TrainConfig
 from student.train_data import TrainData
 
@@ -33,6 +49,9 @@ FINAL = "final"
 TRAIN_CONFIG = "train_config.json"
 PROVENANCE = "provenance.json"
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+FOLDER_FORMAT = "fnet-distill-student-folder"
+FOLDER_FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
@@ -80,13 +99,15 @@ def provenance(cfg: TrainConfig, data: TrainData, state: dict[str, Any], *, worl
 def write_model_folder(folder: Path, model: nn.Module, tokenizer_dir: Path | None, cfg: TrainConfig,
                        prov: dict[str, Any]) -> None:
     """Everything a saved student folder holds besides the trainer state: ``save_pretrained`` weights +
-    config, the cache's tokenizer, the resolved train config and the provenance."""
+    config (and the model code, for ``trust_remote_code``), the cache's tokenizer, the resolved train config,
+    the provenance and the model card ``README.md``."""
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         shutil.copytree(tokenizer_dir, folder, dirs_exist_ok=True)
     model.save_pretrained(folder)
     atomic_write_json(folder / TRAIN_CONFIG, {"config": cfg.to_json(),
                                               "student": model.config.to_diff_dict()})
     atomic_write_json(folder / PROVENANCE, prov)
+    write_model_card(folder, cache_dir=cfg.cache, metrics_file=cfg.out / METRICS)
 
 
 def write_trainer_state(folder: Path, trainer: dict[str, Any]) -> None:
@@ -95,15 +116,59 @@ def write_trainer_state(folder: Path, trainer: dict[str, Any]) -> None:
     atomic_write_bytes(folder / TRAINER_STATE, buf.getvalue())
 
 
-def write_folder_atomically(out: Path, name: str, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` fills a hidden folder beside ``out / name``, which is then synced and renamed into place
-    (the previous folder of that name is replaced); on any error the hidden folder is removed."""
+def write_folder_manifest(folder: Path, step: int) -> dict[str, Any]:
+    """``manifest.json``: size and content hash of every other file under ``folder``, and the step."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "hash": file_hash(path)}
+    manifest = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "step": int(step),
+                "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def folder_problem(folder: Path) -> str | None:
+    """What is wrong with a saved folder against its manifest (the first damaged file), or None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FOLDER_FORMAT or not isinstance(files, dict):
+            return f"{MANIFEST} is not a student-folder manifest"
+    except FileNotFoundError:
+        return f"has no {MANIFEST} (an interrupted write, or a folder not written by train-student)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{rel} has {size} bytes but the manifest records {want['bytes']} (truncated or replaced)"
+        if file_hash(path) != want["hash"]:
+            return f"{rel} does not match its content hash in {MANIFEST} (damaged or replaced)"
+    return None
+
+
+def verify_folder(folder: Path, what: str) -> dict[str, Any]:
+    """The folder's manifest after checking every file against it; one-line UserError naming the file."""
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise UserError(f"{what}: {folder}: {problem}; restore the folder from a copy or start a new --out")
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def write_folder_atomically(out: Path, name: str, write: Callable[[Path], None], step: int) -> Path:
+    """``write(tmp)`` fills a hidden folder beside ``out / name``; its manifest is written last, then the
+    folder is synced and renamed into place (the previous folder of that name is replaced). On an error the
+    hidden folder is removed."""
     dst = out / name
     tmp = out / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        write_folder_manifest(tmp, step)
         fsync_tree(tmp)
         atomic_replace_dir(tmp, dst)
     except BaseException:
@@ -112,11 +177,42 @@ def write_folder_atomically(out: Path, name: str, write: Callable[[Path], None])
     return dst
 
 
+def _hidden_leftovers(out: Path, name: str) -> list[Path]:
+    return sorted(p for pattern in (f".{name}.tmp-*", f".{name}.old-*") for p in out.glob(pattern)
+                  if p.is_dir())
+
+
+def recover_folders(out: Path, names: tuple[str, ...] = (CHECKPOINT, FINAL)) -> list[str]:
+    """After a crash: where ``out / NAME`` is missing, rename the complete hidden copy with the highest step
+    (``.NAME.tmp-*`` / ``.NAME.old-*``, complete per its manifest) into place; then remove every hidden
+    leftover. Returns one note per recovered folder."""
+    notes = []
+    if not out.is_dir():
+        return notes
+    for name in names:
+        leftovers = _hidden_leftovers(out, name)
+        dst = out / name
+        if not dst.exists():
+            # the newest step wins; at equal steps the new copy (.tmp-) over the one moved aside (.old-)
+            complete = [(json.loads((p / MANIFEST).read_text())["step"], ".tmp-" in p.name, p)
+                        for p in leftovers if folder_problem(p) is None]
+            if complete:
+                step, _, best = max(complete, key=lambda c: (c[0], c[1]))
+                os.replace(best, dst)
+                fsync_dir(out)
+                notes.append(f"recovered {dst} (step {step}) from {best.name}, left by an interrupted write")
+        for p in _hidden_leftovers(out, name):
+            shutil.rmtree(p, ignore_errors=True)
+    return notes
+
+
 # ------------------------------------------------------------------------------------------------- resume
 
 
 def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
-    """The checkpoint's trainer state, after checking it was made by this config on this cache."""
+    """The checkpoint's trainer state, after checking its files against its manifest and that it was made
+    by this config on this cache."""
+    verify_folder(ckpt, "--resume")
     try:
         saved_cfg = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
         prov = json.loads((ckpt / PROVENANCE).read_text())
@@ -135,4 +231,8 @@ def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any
     if diff:
         raise UserError(f"--resume: {ckpt} was made with other settings ({'; '.join(diff)}); resume with the "
                         "same options and cache, or start a new --out")
-    return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, EOFError) as e:
+        raise UserError(f"--resume: {ckpt / TRAINER_STATE} cannot be read ({str(e).splitlines()[0]}); "
+                        "start a new --out") from None

@@ -59,7 +59,7 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, (dict, list)):
         return f"`{json.dumps(v, sort_keys=True)}`"
-    return f"`{v}`" if isinstance(v, str) else str(v)
+    return str(v)
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
@@ -69,7 +69,7 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
 
 def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | None = None,
                       provenance: dict[str, Any] | None = None, cache_manifest: dict[str, Any] | None = None,
-                      metrics: dict[str, Any] | None = None, name: str = "student") -> str:
+                      metrics: dict[str, Any] | None = None, name: str | None = None) -> str:
     """The card's Markdown. ``config`` is the student's ``config.json``; ``train_config`` the ``"config"``
     part of ``train_config.json``; ``provenance`` its ``provenance.json``; ``cache_manifest`` the teacher
     cache's ``manifest.json``; ``metrics`` the last validation record."""
@@ -93,7 +93,8 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "tags: [knowledge-distillation, causal-stft-fnet, attention-free, custom_code]",
         "---",
         "",
-        f"# {name}: causal STFT FNet student" + (f" distilled from {teacher_name}" if teacher_name else ""),
+        f"# {name + ': c' if name else 'C'}ausal STFT FNet student"
+        + (f" distilled from {teacher_name}" if teacher_name else ""),
         "",
         "An attention-free causal language model: each layer mixes the last W positions with the real part "
         "of a 2-D FFT and a linear projection (a causal convolution), then an FFN. Trained by offline "
@@ -187,6 +188,6 @@ def write_model_card(folder: Path, *, cache_dir: Path | None = None, metrics_fil
         _read_json(folder / "config.json"), train_config=train.get("config"),
         provenance=_read_json(folder / "provenance.json"),
         cache_manifest=_read_json(Path(cache_dir) / "manifest.json" if cache_dir is not None else None),
-        metrics=last_eval(metrics_file), name=name or folder.name)
+        metrics=last_eval(metrics_file), name=name)
     atomic_write_bytes(folder / CARD, text.encode())
     return folder / CARD

@@ -32,10 +32,10 @@ def test_card_names_teacher_data_budget_metrics_and_usage(tmp_path):
     card = write_model_card(folder, cache_dir=cache, metrics_file=metrics).read_text()
 
     assert card.startswith("---\nlibrary_name: transformers\n")
-    assert "distilled from Qwen/Qwen2-0.5B-Instruct" in card
+    assert "# Causal STFT FNet student distilled from Qwen/Qwen2-0.5B-Instruct\n" in card
     assert f"| parameters | {count_parameters(model):,} |" in card
-    for text in ("`abc123`", "| optimizer steps | 321 |", "| supervised tokens seen | 45,000 |",
-                 "`topk_tail`", "| val_ce | 2.25 |", "| val_top1_agree | 0.5 |", "| sequences | 7,473 |",
+    for text in ("| abc123 |", "| optimizer steps | 321 |", "| supervised tokens seen | 45,000 |",
+                 "| topk_tail |", "| val_ce | 2.25 |", "| val_top1_agree | 0.5 |", "| sequences | 7,473 |",
                  "trust_remote_code=True", "model.generate(", "At most 64 positions", "previous 6 tokens"):
         assert text in card, text
     assert "| val_ce | 3 |" not in card  # the last validation, not an earlier one
