@@ -21,8 +21,13 @@ Alignment (docs/cache-spec.md): teacher row j of a sequence predicts ``input_ids
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -319,12 +324,30 @@ def _split_to_multiple(step: list[np.ndarray], world_size: int) -> list[np.ndarr
     return step
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the worker is killed as soon as the training process dies, even by
+    ``kill -9`` (Linux parent-death signal; PyTorch's own watchdog would take up to 5 s, or hang while a
+    worker flushes a full queue). If the parent is already gone, exit now."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
 def make_dataloader(dataset: CacheDataset, sampler: TokenBudgetBatchSampler, collator: Collator, *,
                     num_workers: int = 0, device: torch.device | str | None = None,
                     persistent_workers: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     """DataLoader that takes its order from ``sampler`` and pins memory when the target device is CUDA.
-    ``generator`` (optional) supplies the workers' base seed instead of the global torch RNG."""
+    ``generator`` (optional) supplies the workers' base seed instead of the global torch RNG. Workers die
+    with the process that made the loader (``exit_with_parent``)."""
     pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
                       pin_memory=pin, persistent_workers=persistent_workers and num_workers > 0,
-                      generator=generator)
+                      generator=generator,
+                      worker_init_fn=partial(exit_with_parent, os.getpid()) if num_workers > 0 else None)

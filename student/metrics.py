@@ -33,6 +33,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
 
+    def last(self, event: str) -> dict[str, Any]:
+        """The last record of this event kind (``train`` or ``eval``), {} if none (or not rank 0)."""
+        if not (self.enabled and self.path.exists()):
+            return {}
+        for ln in reversed(self.path.read_text().splitlines()):
+            if ln.strip() and json.loads(ln).get("event") == event:
+                return json.loads(ln)
+        return {}
+
     def plot(self) -> None:
         if self.enabled:
             plot_curves(self.path, self.png)

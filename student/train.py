@@ -41,7 +41,9 @@ from student.checkpoint import (
     FINAL,
     TRAINER_STATE,
     check_resume,
+    folder_problem,
     provenance,
+    recover_folders,
     rng_state,
     set_rng_state,
     write_folder_atomically,
@@ -53,6 +55,7 @@ from student.device import Dist, resolve_device
 from student.losses import DistillTargets, LossSums, chunked_distill_loss, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
+from student.progress import Progress
 from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
 from student.train_config import TrainConfig
 from student.train_data import TrainData, check_student_vocabulary, open_training_data, student_model_config
@@ -186,6 +189,10 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     device = resolve_device(cfg.device, dist)
     precision = resolve_precision(cfg.precision, device)
     ckpt = cfg.out / CHECKPOINT
+    if dist.rank == 0:  # a crash between the two renames of a folder replace leaves it hidden: put it back
+        for note in recover_folders(cfg.out):
+            print(f"train-student: {note}", file=sys.stderr)
+    dist.barrier()
     if cfg.resume and not (ckpt / TRAINER_STATE).is_file():
         raise UserError(f"--resume: there is no checkpoint in {ckpt}; run without --resume to start")
     if not cfg.resume and ckpt.exists():
@@ -195,7 +202,7 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     saved = None
     if cfg.resume:
         saved = check_resume(cfg, ckpt, data)
-        model = CausalFNetForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        model = load_student_folder(ckpt, "--resume")
         check_student_vocabulary(model.config, data)
     else:
         mc = student_model_config(cfg, data)
@@ -242,6 +249,15 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     if saved is not None:
         _load_trainer_state(run, saved)
     return run
+
+
+def load_student_folder(folder: Path, what: str) -> CausalFNetForCausalLM:
+    """The student saved in ``folder`` (fp32), or a one-line UserError when its files do not load."""
+    try:
+        return CausalFNetForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{what}: the student in {folder} does not load ({str(e).splitlines()[0][:300]}); "
+                        "pass a folder written by train-student") from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -387,7 +403,7 @@ def save_checkpoint(run: Run) -> None:
             _save_model_folder(run, folder)
             write_trainer_state(folder, trainer)
 
-        write_folder_atomically(run.cfg.out, CHECKPOINT, write)
+        write_folder_atomically(run.cfg.out, CHECKPOINT, write, run.state.step)
     run.last_checkpoint_step = run.state.step
     run.dist.barrier()
 
@@ -395,7 +411,8 @@ def save_checkpoint(run: Run) -> None:
 def save_final(run: Run) -> Path:
     """``final/``: the model alone, for ``CausalFNetForCausalLM.from_pretrained``, with its tokenizer."""
     if run.is_main:
-        write_folder_atomically(run.cfg.out, FINAL, lambda folder: _save_model_folder(run, folder))
+        write_folder_atomically(run.cfg.out, FINAL, lambda folder: _save_model_folder(run, folder),
+                                run.state.step)
     run.dist.barrier()
     return run.cfg.out / FINAL
 
@@ -414,17 +431,18 @@ def _load_trainer_state(run: Run, saved: dict[str, Any]) -> None:
 
 
 def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
-    """Train to ``cfg.steps`` optimizer steps, evaluating, logging and checkpointing on the way."""
-    from tqdm.auto import tqdm
-
+    """Train to ``cfg.steps`` optimizer steps, evaluating, logging and checkpointing on the way. A resumed
+    run that had already finished only rewrites ``final/`` when it is missing or damaged."""
     t_start = time.perf_counter()
     cfg, st = run.cfg, run.state
     lc = cfg.loss_config()
     sched = cfg.schedule_config()
     metrics = MetricsLog(cfg.out, run.is_main, st.step if cfg.resume else None)
+    if st.step >= cfg.steps:
+        return _already_finished(run, metrics, t_start)
     last_eval: dict[str, Any] = {}
     last_train: dict[str, Any] = {}
-    if run.is_main and cfg.progress:
+    if run.is_main:
         _describe(run)
 
     def run_eval() -> None:
@@ -437,8 +455,9 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
 
     if st.step == 0 and cfg.eval_every:
         run_eval()
-    bar = tqdm(total=cfg.steps, initial=st.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-               desc="train", disable=not (cfg.progress and run.is_main))
+    # a bar on a terminal; in a log file one plain line every --log-every steps (or 30 s) with loss and ETA
+    bar = Progress(cfg.steps, desc="train", unit="step", initial=st.step,
+                   enabled=cfg.progress and run.is_main, every=cfg.log_every)
     window = np.zeros(7)
     window_t, window_steps = time.perf_counter(), 0
     try:
@@ -466,6 +485,7 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
                 st.supervised_tokens += int(sums[4])
                 window += np.asarray(sums)
                 window_steps += 1
+                shown = {}
                 if st.step % cfg.log_every == 0 or st.step == cfg.steps:
                     dt = max(time.perf_counter() - window_t, 1e-9)
                     rows = max(window[4], 1.0)
@@ -479,11 +499,10 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
                         "steps_per_s": window_steps / dt, "elapsed_s": time.perf_counter() - t_start,
                     }
                     metrics.write(last_train)
-                    bar.set_postfix(loss=f"{last_train['loss']:.4f}",
-                                    tok_s=f"{last_train['tokens_per_s']:,.0f}", refresh=False)
+                    shown = {"loss": last_train["loss"]}
                     window[:] = 0
                     window_t, window_steps = time.perf_counter(), 0
-                bar.update(1)
+                bar.update(1, tokens=int(sums[5]), **shown)
                 if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.steps:
                     run_eval()
                 if cfg.save_every and st.step % cfg.save_every == 0 and st.step < cfg.steps:
@@ -507,6 +526,22 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
     final = {k: v for k, v in {**last_train, **last_eval}.items() if k != "event"}
     final.update(step=st.step, tokens=st.tokens, supervised_tokens=st.supervised_tokens, wall_s=wall)
     return TrainResult(out_dir=cfg.out, final_metrics=final, wall_s=wall)
+
+
+def _already_finished(run: Run, metrics: MetricsLog, t_start: float) -> TrainResult:
+    """``--resume`` of a run whose last checkpoint is its final step: its final evaluation is already in
+    ``metrics.jsonl``; only a missing or damaged ``final/`` is written again."""
+    st = run.state
+    if run.is_main:
+        print(f"train-student: the run in {run.cfg.out} already reached step {st.step}; nothing to train",
+              file=sys.stderr)
+    if run.is_main and folder_problem(run.cfg.out / FINAL) is not None:
+        write_folder_atomically(run.cfg.out, FINAL, lambda folder: _save_model_folder(run, folder), st.step)
+    run.dist.barrier()
+    last = {k: v for k, v in {**metrics.last("train"), **metrics.last("eval")}.items() if k != "event"}
+    wall = time.perf_counter() - t_start
+    last.update(step=st.step, tokens=st.tokens, supervised_tokens=st.supervised_tokens, wall_s=wall)
+    return TrainResult(out_dir=run.cfg.out, final_metrics=last, wall_s=wall)
 
 
 def _diverged_message(run: Run, loss: float) -> str:

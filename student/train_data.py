@@ -82,9 +82,10 @@ def _check_same_vocabulary(train, val) -> None:
 
 
 def open_training_data(cfg: TrainConfig) -> TrainData:
-    """Open and check the caches: intact (manifest, index and every shard hash), a temperature the cache
-    serves exactly, samples for ``--kd sampled``, a validation set from the same teacher/tokenizer."""
-    reader = open_cache(cfg.cache, verify_hashes="all")
+    """Open and check the caches: intact (manifest, index, every shard and attachment hash, as ``cache
+    verify`` checks them), a temperature the cache serves exactly, samples for ``--kd sampled``, a validation
+    set from the same teacher/tokenizer."""
+    reader = open_cache(cfg.cache, verify_hashes="all", verify_attachments=True)
     if len(reader) == 0:
         raise UserError(f"the cache {cfg.cache} holds no sequences; rebuild it with teacher-cache")
     needs_kd = cfg.alpha < 1.0
@@ -102,7 +103,7 @@ def open_training_data(cfg: TrainConfig) -> TrainData:
         temp_index = 0  # CE only
     val_reader, val = None, None
     if cfg.val_cache is not None:
-        val_reader = open_cache(cfg.val_cache, verify_hashes="all")
+        val_reader = open_cache(cfg.val_cache, verify_hashes="all", verify_attachments=True)
         _check_same_vocabulary(reader, val_reader)
         train = CacheDataset(reader)
         val = CacheDataset(val_reader)

@@ -34,7 +34,8 @@ def teacher_rows(z: np.ndarray, k: int, temps: tuple[float, ...]) -> tuple:
 
 def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: int = 0, k: int = 8,
                        temps: tuple[float, ...] = (1.0, 2.0), samples: int = 0, lengths=(10, 20),
-                       equal_length: int | None = None, tokenizer_hash: str = "bigram-tok") -> Path:
+                       equal_length: int | None = None, tokenizer_hash: str = "bigram-tok",
+                       attachments: dict[str, Path] | None = None) -> Path:
     """Sequences drawn from the bigram teacher (prompt of 3-5 tokens, then the answer, ending with EOS);
     teacher rows are its exact distributions. Written with the real CacheWriter in 2 units."""
     rng = np.random.default_rng(seed)
@@ -75,8 +76,8 @@ def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: 
     with CacheWriter(path, fingerprint=fp, settings=settings) as w:
         w.write_unit(0, recs[:half])
         w.write_unit(1, recs[half:])
-        w.finalize(2, tokenizer={"vocab_size": V, "eos_token_id": EOS, "pad_token_id": PAD,
-                                 "hash": tokenizer_hash})
+        w.finalize(2, attachments=attachments, tokenizer={"vocab_size": V, "eos_token_id": EOS,
+                                                          "pad_token_id": PAD, "hash": tokenizer_hash})
     return path
 
 
