@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from student.train_data import TrainData
 
 CHECKPOINT = "checkpoint-last"
 FINAL = "final"
+BEST = "best"
 TRAIN_CONFIG = "train_config.json"
 PROVENANCE = "provenance.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -182,7 +184,7 @@ def _hidden_leftovers(out: Path, name: str) -> list[Path]:
                   if p.is_dir())
 
 
-def recover_folders(out: Path, names: tuple[str, ...] = (CHECKPOINT, FINAL)) -> list[str]:
+def recover_folders(out: Path, names: tuple[str, ...] = (CHECKPOINT, FINAL, BEST)) -> list[str]:
     """After a crash: where ``out / NAME`` is missing, rename the complete hidden copy with the highest step
     (``.NAME.tmp-*`` / ``.NAME.old-*``, complete per its manifest) into place; then remove every hidden
     leftover. Returns one note per recovered folder."""
@@ -209,18 +211,40 @@ def recover_folders(out: Path, names: tuple[str, ...] = (CHECKPOINT, FINAL)) -> 
 # ------------------------------------------------------------------------------------------------- resume
 
 
-def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
-    """The checkpoint's trainer state, after checking its files against its manifest and that it was made
-    by this config on this cache."""
+def resume_config(cfg: TrainConfig, ckpt: Path) -> TrainConfig:
+    """The config to resume with, after checking the checkpoint's files against its manifest. With
+    ``--extend`` the schedule is the checkpoint's (``warmup``; the cosine over its ``schedule_steps``, else
+    its ``steps``) and ``--steps`` may only grow; the steps beyond the schedule run at ``min_lr``."""
     verify_folder(ckpt, "--resume")
+    try:
+        saved = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
+        saved_steps = int(saved["steps"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--resume: {ckpt / TRAIN_CONFIG} is unreadable ({e}); start a new --out") from None
+    if not cfg.extend:
+        if saved.get("schedule_steps") is not None:
+            raise UserError(f"--resume: the run in {cfg.out} was extended to {saved_steps} steps with "
+                            f"--extend; resume it with --extend --steps {saved_steps} (or more)")
+        return cfg
+    if cfg.steps < saved_steps:
+        raise UserError(f"--extend: --steps {cfg.steps} is below the checkpoint's {saved_steps}; pass a "
+                        "larger --steps")
+    return replace(cfg, warmup=int(saved["warmup"]),
+                   schedule_steps=int(saved.get("schedule_steps") or saved_steps))
+
+
+def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
+    """The checkpoint's trainer state, after checking that it was made by this config on these caches
+    (``resume_config`` has checked its files against its manifest)."""
     try:
         saved_cfg = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
         prov = json.loads((ckpt / PROVENANCE).read_text())
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
     now = cfg.to_json()
+    grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
     diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
-            if k not in RESUME_FREE and saved_cfg.get(k) != now[k]]
+            if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
     if prov.get("cache_fingerprint_digest") != data.reader.fingerprint_digest:
         diff.append(f"cache fingerprint: {prov.get('cache_fingerprint_digest')} in the checkpoint, "
                     f"{data.reader.fingerprint_digest} for --cache {cfg.cache}")

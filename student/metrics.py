@@ -1,23 +1,32 @@
-"""``metrics.jsonl`` (one JSON object per training-log or evaluation event) and its plot ``curves.png``."""
+"""``metrics.jsonl`` (one JSON object per training-log or evaluation event), its plot ``curves.png`` and,
+with ``--report-to tensorboard``, the same numbers as TensorBoard scalars in ``tensorboard/``."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from cache.util import atomic_write_bytes
+from cache.util import UserError, atomic_write_bytes
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per log or eval event) and its ``curves.png``; rank 0 only."""
+    """``metrics.jsonl`` (one JSON object per log or eval event) and its ``curves.png``; rank 0 only.
 
-    def __init__(self, out: Path, enabled: bool, keep_until_step: int | None):
+    ``keep_until_step``: a resumed run keeps what was logged up to its checkpoint's step and drops the rest
+    (the resumed run logs those steps again), so no line is duplicated or lost; ``None`` starts afresh.
+    ``tensorboard``: every numeric field of every record also goes to TensorBoard as ``EVENT/FIELD`` at its
+    step (events after the checkpoint's step are purged on resume, as in ``metrics.jsonl``)."""
+
+    def __init__(self, out: Path, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
         self.path, self.png, self.enabled = out / METRICS, out / CURVES, enabled
+        self.tb = None
         if not enabled:
             return
         if keep_until_step is None:
@@ -26,12 +35,25 @@ class MetricsLog:
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= keep_until_step]
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
+        if tensorboard:
+            self.tb = _tensorboard_writer(out / TENSORBOARD, keep_until_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def last(self, event: str) -> dict[str, Any]:
         """The last record of this event kind (``train`` or ``eval``), {} if none (or not rank 0)."""
@@ -45,6 +67,18 @@ class MetricsLog:
     def plot(self) -> None:
         if self.enabled:
             plot_curves(self.path, self.png)
+
+
+def _tensorboard_writer(folder: Path, keep_until_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install 'fnet-distill[tensorboard]'), or drop --report-to") from None
+    if keep_until_step is None:
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh run, like metrics.jsonl
+        return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=keep_until_step + 1)
 
 
 def _line_step(line: str) -> int | None:

@@ -37,15 +37,19 @@ from torch import Tensor, nn
 
 from cache.util import UserError
 from student.checkpoint import (
+    BEST,
     CHECKPOINT,
     FINAL,
+    MANIFEST,
     TRAINER_STATE,
     check_resume,
     folder_problem,
     provenance,
     recover_folders,
+    resume_config,
     rng_state,
     set_rng_state,
+    verify_folder,
     write_folder_atomically,
     write_model_folder,
     write_trainer_state,
@@ -122,6 +126,8 @@ class TrainState:
     batches_consumed: int = 0  # global steps done in ``epoch``
     tokens: int = 0  # real (non-padding) tokens seen, all ranks
     supervised_tokens: int = 0
+    best_val_ce: float | None = None  # --keep-best: the lowest validation CE so far and its step
+    best_step: int | None = None
 
 
 @dataclass
@@ -198,12 +204,16 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     if not cfg.resume and ckpt.exists():
         raise UserError(f"{cfg.out} already holds a training run ({CHECKPOINT}/); pass --resume to "
                         "continue it or choose another --out")
+    if cfg.resume:
+        cfg = resume_config(cfg, ckpt)  # checks the files; with --extend, the checkpoint's schedule
     data = open_training_data(cfg)
     saved = None
     if cfg.resume:
         saved = check_resume(cfg, ckpt, data)
         model = load_student_folder(ckpt, "--resume")
         check_student_vocabulary(model.config, data)
+    elif cfg.init_from is not None:
+        model = init_from_folder(cfg, data)
     else:
         mc = student_model_config(cfg, data)
         torch.manual_seed(cfg.seed)
@@ -258,6 +268,28 @@ def load_student_folder(folder: Path, what: str) -> CausalFNetForCausalLM:
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"{what}: the student in {folder} does not load ({str(e).splitlines()[0][:300]}); "
                         "pass a folder written by train-student") from None
+
+
+def init_from_folder(cfg: TrainConfig, data: TrainData) -> CausalFNetForCausalLM:
+    """``--init-from``: a trained student's weights and shape, checked against this run's caches (files
+    against the folder's manifest, vocabulary, special ids, positions)."""
+    folder = cfg.init_from
+    if (folder / MANIFEST).exists():
+        verify_folder(folder, "--init-from")
+    model = load_student_folder(folder, "--init-from")
+    mc = model.config
+    try:
+        check_student_vocabulary(mc, data)
+    except UserError as e:
+        raise UserError(f"--init-from {folder} does not fit this cache: {e}") from None
+    if (mc.pad_token_id, mc.eos_token_id) != (data.pad_id, data.eos_id):
+        raise UserError(f"--init-from {folder} was trained with pad/eos ids {mc.pad_token_id}/"
+                        f"{mc.eos_token_id} but the cache's tokenizer has {data.pad_id}/{data.eos_id}; use a "
+                        "student trained from a cache of the same tokenizer")
+    if data.longest > mc.max_position_embeddings:
+        raise UserError(f"--init-from {folder} has max_position_embeddings={mc.max_position_embeddings} but "
+                        f"the cache holds sequences of {data.longest} tokens; use one with more positions")
+    return model
 
 
 def _seed_everything(seed: int) -> None:
@@ -408,6 +440,14 @@ def save_checkpoint(run: Run) -> None:
     run.dist.barrier()
 
 
+def save_best(run: Run) -> None:
+    """``best/``: the model at the evaluation with the lowest validation CE so far (``--keep-best``)."""
+    if run.is_main:
+        write_folder_atomically(run.cfg.out, BEST, lambda folder: _save_model_folder(run, folder),
+                                run.state.step)
+    run.dist.barrier()
+
+
 def save_final(run: Run) -> Path:
     """``final/``: the model alone, for ``CausalFNetForCausalLM.from_pretrained``, with its tokenizer."""
     if run.is_main:
@@ -437,7 +477,8 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
     cfg, st = run.cfg, run.state
     lc = cfg.loss_config()
     sched = cfg.schedule_config()
-    metrics = MetricsLog(cfg.out, run.is_main, st.step if cfg.resume else None)
+    metrics = MetricsLog(cfg.out, run.is_main, st.step if cfg.resume else None,
+                         tensorboard=cfg.report_to == "tensorboard")
     if st.step >= cfg.steps:
         return _already_finished(run, metrics, t_start)
     last_eval: dict[str, Any] = {}
@@ -452,6 +493,9 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
         last_eval = {"event": "eval", "step": st.step, "tokens": st.tokens, **evaluate(run)}
         metrics.write(last_eval)
         metrics.plot()
+        if cfg.keep_best and (st.best_val_ce is None or last_eval["val_ce"] < st.best_val_ce):
+            st.best_val_ce, st.best_step = last_eval["val_ce"], st.step
+            save_best(run)
 
     if st.step == 0 and cfg.eval_every:
         run_eval()
@@ -522,6 +566,7 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
     save_checkpoint(run)
     save_final(run)
     metrics.plot()
+    metrics.close()
     wall = time.perf_counter() - t_start
     final = {k: v for k, v in {**last_train, **last_eval}.items() if k != "event"}
     final.update(step=st.step, tokens=st.tokens, supervised_tokens=st.supervised_tokens, wall_s=wall)

@@ -12,11 +12,13 @@ from student.losses import LossConfig
 from student.schedule import OptimizerConfig, ScheduleConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")
 
 # Settings that may change between an interrupted run and its resumption: they do not change the result
 # (cache paths are checked by fingerprint digest instead).
 RESUME_FREE = frozenset({"cache", "val_cache", "out", "resume", "num_workers", "device", "compile",
-                         "eval_every", "save_every", "log_every", "progress"})
+                         "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
+                         "report_to"})
 
 
 @dataclass
@@ -25,13 +27,20 @@ class TrainConfig:
     fields) replaces the shape fields ``hidden_size .. dropout``. ``warmup=None`` means
     ``min(100, steps // 10)``. ``accum`` is micro-batches per rank per step; ``step_tokens`` instead sets
     the global step size (``ceil(step_tokens / batch_tokens)`` micro-batches over all ranks).
-    ``eval_every``/``save_every`` 0 mean only at the end."""
+    ``eval_every``/``save_every`` 0 mean only at the end.
+
+    ``init_from``: start from the weights (and shape) of a trained student folder instead of a random
+    initialisation. ``extend`` (with ``resume``): continue to a larger ``steps``; the learning-rate schedule
+    stays the checkpoint's (``warmup`` and the cosine over ``schedule_steps``, the original ``steps``) and
+    the added steps run at ``min_lr``. ``keep_best``: also keep ``best/``, the model with the lowest
+    validation CE so far. ``report_to``: ``tensorboard`` also writes the metrics as TensorBoard events."""
 
     cache: Path
     out: Path
     val_cache: Path | None = None
     val_fraction: float = 0.0
     student_config: Path | None = None
+    init_from: Path | None = None
     hidden_size: int = 256
     layers: int = 4
     ffn: int = 1024
@@ -59,6 +68,10 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 10
     resume: bool = False
+    extend: bool = False
+    schedule_steps: int | None = None
+    keep_best: bool = False
+    report_to: str = "none"
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -69,6 +82,7 @@ class TrainConfig:
         self.out = Path(self.out)
         self.val_cache = None if self.val_cache is None else Path(self.val_cache)
         self.student_config = None if self.student_config is None else Path(self.student_config)
+        self.init_from = None if self.init_from is None else Path(self.init_from)
         if self.warmup is None:
             self.warmup = min(100, self.steps // 10)
         if self.val_cache is not None and self.val_fraction:
@@ -96,11 +110,27 @@ class TrainConfig:
             raise UserError(f"--clip must be >= 0 (0 disables clipping; got {self.clip})")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {'|'.join(PRECISIONS)} (got {self.precision!r})")
+        if self.extend and not self.resume:
+            raise UserError("--extend continues a run to a larger --steps; use it with --resume")
+        if self.schedule_steps is not None and not 1 <= self.schedule_steps <= self.steps:
+            raise UserError(f"schedule_steps must be in [1, steps={self.steps}] (got {self.schedule_steps})")
+        if self.keep_best and self.val_cache is None and not self.val_fraction:
+            raise UserError("--keep-best picks the model by validation CE; give --val-cache or "
+                            "--val-fraction")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"--report-to must be one of {'|'.join(REPORT_TO)} (got {self.report_to!r})")
+        if self.init_from is not None:
+            if self.student_config is not None or self.compact_vocab:
+                raise UserError("--init-from takes the student's shape and vocabulary from its folder; drop "
+                                "--student-config / --compact-vocab")
+            if not (self.init_from / "config.json").is_file():
+                raise UserError(f"--init-from {self.init_from} is not a student folder (no config.json); "
+                                "pass a final/, best/ or checkpoint-last/ folder written by train-student")
         if self.student_config is not None and not self.student_config.is_file():
             raise UserError(f"--student-config {self.student_config} is not a file; pass a JSON file of "
                             "CausalFNetConfig fields (e.g. a checkpoint's config.json)")
         self.loss_config()
-        ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup, total_steps=self.steps)
+        self.schedule_config()
         OptimizerConfig(weight_decay=self.weight_decay)
 
     def loss_config(self) -> LossConfig:
@@ -109,7 +139,7 @@ class TrainConfig:
 
     def schedule_config(self) -> ScheduleConfig:
         return ScheduleConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup,
-                              total_steps=self.steps)
+                              total_steps=self.schedule_steps or self.steps)
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

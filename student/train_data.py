@@ -60,6 +60,12 @@ class TrainData:
     pad_id: int
     eos_id: int | None
 
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest sequence of the training and validation caches."""
+        val = np.max(self.val_reader.lengths) if self.val_reader is not None else 0
+        return int(max(np.max(self.reader.lengths), val))
+
 
 def tokenizer_info(reader) -> dict[str, Any]:
     return reader.manifest.get("tokenizer") or {}
@@ -158,9 +164,8 @@ def student_model_config(cfg: TrainConfig, data: TrainData) -> CausalFNetConfig:
         d.update(vocab_size=len(ids), vocab_map=ids.tolist(), full_vocab_size=reader.vocab_size)
     mc = CausalFNetConfig(**d)
     check_student_vocabulary(mc, data)
-    longest = int(max(np.max(reader.lengths), np.max(data.val_reader.lengths) if data.val_reader else 0))
-    if longest > mc.max_position_embeddings:
-        raise UserError(f"the cache holds sequences of {longest} tokens but the student has "
+    if data.longest > mc.max_position_embeddings:
+        raise UserError(f"the cache holds sequences of {data.longest} tokens but the student has "
                         f"max_position_embeddings={mc.max_position_embeddings}; raise --max-positions")
     return mc
 

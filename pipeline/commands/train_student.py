@@ -10,13 +10,18 @@ import typer
 
 def train_student_command(
     cache: Path = typer.Option(..., help="Teacher cache folder (from teacher-cache) to train from."),
-    out: Path = typer.Option(..., help="Output folder: checkpoint-last/, final/, metrics.jsonl, curves.png."),
+    out: Path = typer.Option(..., help="Output folder: checkpoint-last/, final/ (best/ with --keep-best), "
+                             "metrics.jsonl, curves.png."),
     val_cache: Path = typer.Option(None, help="Validation cache from the same teacher and tokenizer (e.g. "
                                    "teacher-cache on the GSM8K test split)."),
     val_fraction: float = typer.Option(0.0, help="Hold out this fraction of --cache for validation instead "
                                        "(chosen deterministically from --seed)."),
     student_config: Path = typer.Option(None, help="JSON file of CausalFNetConfig fields (e.g. a "
                                         "checkpoint's config.json); replaces --hidden-size .. --dropout."),
+    init_from: Path = typer.Option(None, help="Start from the weights of a trained student folder (final/, "
+                                   "best/ or checkpoint-last/ of a train-student run) instead of a random "
+                                   "init; its shape and vocabulary replace --hidden-size .. --dropout and "
+                                   "must fit the cache. Optimizer and schedule start afresh."),
     hidden_size: int = typer.Option(256, help="Student width d."),
     layers: int = typer.Option(4, help="Student blocks."),
     ffn: int = typer.Option(1024, help="FFN inner width."),
@@ -52,6 +57,13 @@ def train_student_command(
     log_every: int = typer.Option(10, help="Write a metrics line every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoint-last/ "
                                 "(same options and cache; the result equals an uninterrupted run)."),
+    extend: bool = typer.Option(False, "--extend", help="With --resume: continue to a larger --steps. The "
+                                "learning-rate schedule stays the original run's (warmup, cosine to its "
+                                "--steps); the added steps run at --min-lr."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="Also keep best/: the model at the evaluation "
+                                   "with the lowest validation CE (needs --val-cache or --val-fraction)."),
+    report_to: str = typer.Option("none", help="none | tensorboard: also write the metrics.jsonl numbers as "
+                                  "TensorBoard scalars to OUT/tensorboard/ (needs the tensorboard package)."),
     seed: int = typer.Option(0, help="Seed of the initialisation, data order and validation split."),
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
@@ -62,7 +74,8 @@ def train_student_command(
 
     loss = alpha * CE(labels) + (1 - alpha) * tau^2 * KD, per supervised token of the whole optimizer step.
 
-    Works under torchrun (gloo on CPU, nccl on GPU). --resume continues OUT/checkpoint-last/ exactly.
+    Works under torchrun (gloo on CPU, nccl on GPU). --resume continues OUT/checkpoint-last/ exactly
+    (its files are checked against its manifest.json first); --resume --extend --steps N goes further.
 
     A NaN/inf loss stops the run (exit 2) and keeps the last good checkpoint.
     """
@@ -73,6 +86,7 @@ def train_student_command(
     hf_logging.disable_progress_bar()
     cfg = TrainConfig(
         cache=cache, out=out, val_cache=val_cache, val_fraction=val_fraction, student_config=student_config,
+        init_from=init_from, extend=extend, keep_best=keep_best, report_to=report_to,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, alpha=alpha,
