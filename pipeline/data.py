@@ -158,7 +158,7 @@ def load_examples(dataset: str, split: str = "train", *, config_name: str = "mai
             value = obj.get(key)
             if not isinstance(value, str) or not value.strip():
                 state = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
-                raise UserError(f"{where}: row {i} has a {state} {key!r} field; fix or remove that row")
+                raise UserError(f"{where}: row {i}: the {key!r} field is {state}; fix or remove that row")
         examples.append(Example(row=i, question=obj["question"], answer=obj["answer"]))
     return examples
 

@@ -7,27 +7,41 @@ from pathlib import Path
 from cache.util import UserError
 
 
-def load_student(model_dir: Path, device: str = "cpu"):
-    """(model, tokenizer) from a checkpoint folder written with ``save_pretrained`` (tokenizer included)."""
-    import torch
+def load_student(model_dir: Path, device: str = "auto"):
+    """(model, tokenizer) from a student folder written by train-student (tokenizer included); anything else
+    (a missing folder, another model type, a broken config) is refused with one line."""
+    import json
+
     from transformers import AutoTokenizer
 
+    from student.device import resolve_device
     from student.modeling import CausalFNetForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
+    config = model_dir / "config.json"
+    if not config.is_file():
         raise UserError(f"{model_dir} is not a model folder (no config.json); pass a folder written by "
-                        "train-student or save_pretrained")
+                        "train-student (OUT/final)")
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{config} is not a valid model config ({e}); pass a folder written by "
+                        "train-student (OUT/final)") from None
+    student_type = CausalFNetForCausalLM.config_class.model_type
+    if kind != student_type:
+        raise UserError(f"{model_dir} holds a {kind!r} model, not a student ({student_type!r}); generate "
+                        "runs students only (score other causal LMs with fnet-distill eval --model)")
+    torch_device = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise UserError(f"no tokenizer in {model_dir} ({e}); save the teacher's tokenizer into the model "
-                        "folder with tokenizer.save_pretrained") from e
+        raise UserError(f"no usable tokenizer in {model_dir} ({str(e).splitlines()[0]}); save the teacher's "
+                        "tokenizer into the model folder with tokenizer.save_pretrained") from None
     try:
-        torch_device = torch.device(device)
         model = CausalFNetForCausalLM.from_pretrained(model_dir).to(torch_device).eval()
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"cannot load the student from {model_dir} on {device!r}: {e}") from e
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the student from {model_dir} ({str(e).splitlines()[0]}); pass a "
+                        "complete folder written by train-student") from None
     return model, tokenizer
 
 

@@ -46,8 +46,19 @@ def resolve_device(device: str = "auto", dist: Dist | None = None) -> torch.devi
         device = f"cuda:{dist.local_rank}"
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise UserError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu "
+                            "(or auto)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}; "
+                            "pick one of them or use --device auto")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device} requested but MPS is not available; use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 FNET = str(Path(sys.executable).with_name("fnet-distill"))
 
 
@@ -22,11 +24,187 @@ def test_every_command_is_registered_with_help():
         assert run_cli(*args, "--help").returncode == 0
 
 
-def test_disk_error_is_one_line_and_exit_2(tmp_path):
+# ------------------------------------------------------------------------------ options, help, version
+
+
+def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fnet-distill", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_version(monkeypatch, capsys):
+    from pipeline import __version__
+
+    assert in_process(monkeypatch, capsys, "--version") == (0, f"fnet-distill {__version__}\n", "")
+
+
+def test_yes_no_options_are_shown_and_parsed_as_flags(monkeypatch, capsys):
+    commands = [["teacher-cache"], ["cache", "info"], ["cache", "verify"], ["train-student"], ["eval"],
+                ["generate"], ["demo"], []]
+    for args in commands:
+        code, out, _ = in_process(monkeypatch, capsys, *args, "--help")
+        assert code == 0 and "<bool>" not in out, args
+    _, out, _ = in_process(monkeypatch, capsys, "train-student", "--help")
+    assert "--compact-vocab  " in out and "--progress / --no-progress" in out and "--steps <int>" in out
+    code, _, err = in_process(monkeypatch, capsys, "train-student", "--cache", "c", "--out", "o",
+                              "--compact-vocab", "true")
+    line = one_error_line(err)
+    assert code == 2 and "(true)" in line and "flags" in line and "train-student --help" in line
+
+
+def test_usage_errors_are_one_line(monkeypatch, capsys):
+    for args, needle in [(["train-student", "--out", "o"], "Missing option '--cache'"),
+                         (["train-student", "--cache", "c", "--out", "o", "--steps", "x"], "'--steps'"),
+                         (["nope"], "No such command 'nope'"),
+                         (["eval", "--model", "m", "--bogus"], "--bogus")]:
+        code, _, err = in_process(monkeypatch, capsys, *args)
+        assert code == 2 and needle in one_error_line(err), args
+
+
+def test_make_help_lists_every_target():
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-s", "help"], cwd=repo, capture_output=True, text=True, timeout=60).stdout
+    listed = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"demo", "demo-gsm8k", "clean", "test", "install"} <= listed
+
+
+def test_license_is_spdx_with_a_license_file():
+    tomllib = pytest.importorskip("tomllib")
+    repo = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (repo / "LICENSE").read_text().startswith("MIT License")
+
+
+# ------------------------------------------------------------------------------------ error messages
+
+
+def test_os_errors_get_the_disk_hint_only_when_the_disk_is_full(tmp_path):
+    import errno
+    import shutil
+
+    from pipeline.cli import os_error_line
+
+    full = os_error_line(OSError(errno.ENOSPC, "No space left on device", "x"))
+    assert "free disk space" in full and "--resume" in full
+    for e in (NotADirectoryError(errno.ENOTDIR, "Not a directory", "x"),
+              FileNotFoundError(errno.ENOENT, "No such file or directory", "model.safetensors")):
+        assert "free disk space" not in os_error_line(e) and "check the path" in os_error_line(e)
+    assert "permissions" in os_error_line(PermissionError(errno.EACCES, "Permission denied", "x"))
+
+    # a copy on a full disk: copytree gathers one (src, dst, why) per file; one line, first file + count
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}.json").write_text("{}")
+
+    def no_space(a, b):
+        raise OSError(errno.ENOSPC, "No space left on device", b)
+
+    try:
+        shutil.copytree(src, tmp_path / "dst", copy_function=no_space)
+    except shutil.Error as e:
+        line = os_error_line(e)
+    assert "\n" not in line and "(and 4 more files)" in line and "No space left" in line
+    assert "free disk space" in line and "[(" not in line
+
+
+def test_disk_error_names_the_path_without_the_disk_hint(monkeypatch, capsys, tmp_path):
+    from helpers import write_bigram_cache
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    out = run_cli("demo", "--tiny", "--out", str(blocker / "demo"))
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Not a directory" in lines[0]
-    assert "rerun the same command" in lines[0]
+    cache = write_bigram_cache(tmp_path / "cache", n=4)
+    code, _, err = in_process(monkeypatch, capsys, "train-student", "--cache", str(cache), "--out",
+                              str(blocker / "run"), "--no-progress", "--num-workers", "0")
+    line = one_error_line(err)
+    assert code == 2 and "Not a directory" in line and "free disk space" not in line
+
+
+def test_generate_refuses_what_is_not_a_student(monkeypatch, capsys, tmp_path, tiny_qwen_dir):
+    code, out, err = in_process(monkeypatch, capsys, "generate", "--model", str(tiny_qwen_dir),
+                                "--prompt", "hi")
+    line = one_error_line(err)
+    assert code == 2 and out == "" and "'qwen2' model, not a student" in line and "eval --model" in line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    code, _, err = in_process(monkeypatch, capsys, "generate", "--model", str(bad), "--prompt", "hi")
+    assert code == 2 and "not a valid model config" in one_error_line(err)
+
+
+def test_every_device_error_is_one_line(monkeypatch, capsys, tmp_path, tiny_qwen_dir, qwen_tokenizer_dir,
+                                        gsm8k_slice):
+    import torch
+    from helpers import write_bigram_cache
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the messages on a machine without CUDA")
+
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "config.json").write_text('{"model_type": "causal_stft_fnet"}')
+    cache = write_bigram_cache(tmp_path / "cache", n=4)
+    runs = {
+        "generate": ["generate", "--model", str(student), "--prompt", "hi"],
+        "eval": ["eval", "--model", str(tiny_qwen_dir), "--tokenizer", str(qwen_tokenizer_dir),
+                 "--dataset", str(gsm8k_slice), "--limit", "1", "--no-progress"],
+        "teacher-cache": ["teacher-cache", "--teacher", str(tiny_qwen_dir), "--tokenizer",
+                          str(qwen_tokenizer_dir), "--dataset", str(gsm8k_slice), "--limit", "2",
+                          "--out", str(tmp_path / "tc"), "--no-progress"],
+        "train-student": ["train-student", "--cache", str(cache), "--out", str(tmp_path / "run"),
+                          "--no-progress", "--num-workers", "0"],
+    }
+    for name, args in runs.items():
+        for device, needle in [("cuda", "CUDA is not available"), ("cuda:x", "is not a device"),
+                               ("meta", "not supported")]:
+            code, _, err = in_process(monkeypatch, capsys, *args, "--device", device)
+            line = one_error_line(err)
+            assert code == 2 and needle in line, (name, line)
+            assert f"--device {device}" in line.replace("'", ""), (name, line)
+
+
+def test_eval_refuses_a_folder_that_is_not_a_model(monkeypatch, capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    code, _, err = in_process(monkeypatch, capsys, "eval", "--model", str(tmp_path / "run"))
+    assert code == 2 and "has no config.json" in one_error_line(err)
+    (tmp_path / "run" / "config.json").write_text("{")
+    code, _, err = in_process(monkeypatch, capsys, "eval", "--model", str(tmp_path / "run"))
+    assert code == 2 and "not valid JSON" in one_error_line(err)
+
+
+def test_teacher_cache_reports_a_corrupt_teacher_config(monkeypatch, capsys, tmp_path, gsm8k_slice):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"model_type": "qwen2", ')
+    code, _, err = in_process(monkeypatch, capsys, "teacher-cache", "--teacher", str(teacher), "--dataset",
+                              str(gsm8k_slice), "--out", str(tmp_path / "c"))
+    line = one_error_line(err)
+    assert code == 2 and "config.json is not valid JSON" in line and "tokenizer" not in line
+
+
+def test_cache_info_prints_the_teacher_readably(monkeypatch, capsys, tmp_path):
+    from pipeline.commands.cache import _teacher_line
+
+    assert _teacher_line({"kind": "hub", "id": "Qwen/Qwen2-0.5B-Instruct", "revision": "abc123"}) == \
+        "Qwen/Qwen2-0.5B-Instruct (Hugging Face Hub, revision abc123)"
+    assert _teacher_line({"kind": "local", "hash": "xxh3_128:00ff"}) == \
+        "local model folder (hash of config.json and weights xxh3_128:00ff)"
+    from helpers import write_bigram_cache
+
+    cache = write_bigram_cache(tmp_path / "cache", n=4)
+    code, out, _ = in_process(monkeypatch, capsys, "cache", "info", str(cache))
+    teacher = [ln for ln in out.splitlines() if ln.startswith("teacher ")]
+    assert code == 0 and teacher and "{" not in teacher[0]

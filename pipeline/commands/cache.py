@@ -69,6 +69,19 @@ def _encoding_line(s: dict[str, Any]) -> str:
     return out
 
 
+def _teacher_line(t: Any) -> str:
+    """The fingerprint's teacher identity for people: ``Qwen/Qwen2-0.5B-Instruct (Hugging Face Hub, revision
+    …)`` or ``local model folder (hash of config.json and weights xxh3_128:…)``."""
+    if not isinstance(t, dict):
+        return str(t)
+    if t.get("kind") == "hub":
+        rev = t.get("revision")
+        return f"{t.get('id')} (Hugging Face Hub" + (f", revision {rev}" if rev else "") + ")"
+    if t.get("kind") == "local":
+        return f"local model folder (hash of config.json and weights {t.get('hash')})"
+    return ", ".join(f"{k} {v}" for k, v in t.items())
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -98,7 +111,7 @@ def register(app: typer.Typer) -> None:
         rows = [
             ("cache", f"{s['path']} ({s['format']}, format v{s['format_version']}, "
                       f"code {s['code_version']})"),
-            ("teacher", str(s["teacher"])),
+            ("teacher", _teacher_line(s["teacher"])),
             ("sequences", f"{s['sequences']:,}"),
             ("supervised tokens", f"{s['supervised_tokens']:,}"),
             ("total tokens", f"{s['total_tokens']:,}"),

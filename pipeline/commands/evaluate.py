@@ -26,7 +26,8 @@ def eval_command(
     out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
                              "answers, verdicts) to this JSONL file."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: bool = typer.Option(True, help="Progress on stderr: a bar on a terminal, else a line every "
+                                  "30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
 ) -> None:
     """Greedy GSM8K accuracy (strict '#### N' and flexible last-number match) of a student or a teacher."""
     from transformers.utils import logging as hf_logging

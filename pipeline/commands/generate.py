@@ -12,13 +12,17 @@ from pipeline.generate import generate_text, load_student
 def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
-        model: Path = typer.Option(..., "--model", help="student checkpoint folder (weights + tokenizer)"),
-        prompt: str = typer.Option(..., "--prompt", help="user message; the chat template is applied"),
-        max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
-        top_k: int = typer.Option(0, "--top-k", min=0, help="sample from the k most likely ids (0 = all)"),
-        seed: int = typer.Option(0, "--seed"),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+        model: Path = typer.Option(..., "--model", help="Student folder written by train-student (final/ or "
+                                   "checkpoint-last/; weights, config and tokenizer)."),
+        prompt: str = typer.Option(..., "--prompt", help="User message; the tokenizer's chat template is "
+                                   "applied."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation budget (cut to "
+                                           "the model's positions)."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature (0: "
+                                          "greedy)."),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely ids (0: all)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the sampling (unused when greedy)."),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
     ) -> None:
         """Generate an answer with a trained student (fast rolling-state decoder)."""
         m, tok = load_student(model, device)

@@ -68,7 +68,8 @@ def teacher_cache(
     unit_size: int = typer.Option(256, help="Sequences per unit (a shard, the resume granularity and the "
                                   "work item assigned round-robin to torchrun ranks)."),
     seed: int = typer.Option(0, help="Seed of the per-(sequence, position) sampling streams."),
-    progress: bool = typer.Option(True, help="Show the progress bar (rank 0)."),
+    progress: bool = typer.Option(True, help="Progress on stderr (rank 0): a bar on a terminal, else a line "
+                                  "every 30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
 ) -> None:
     """Run the teacher once over chat-formatted GSM8K and write its sparse next-token distributions
     (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache."""
