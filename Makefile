@@ -34,8 +34,8 @@ DEMO_SCALE ?= 1
 
 .PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench bench-gpu clean
 
-help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -83,5 +83,5 @@ bench: install ## benchmarks (results go to bench/results/*.json; table in READM
 bench-gpu: install ## the GPU-only checks in one run (needs CUDA): bench/results/gpu.json
 	$(PY) bench/gpu_check.py
 
-clean:
+clean: ## delete runs/ (caches, students, demo reports) and .pytest_cache
 	rm -rf runs .pytest_cache
