@@ -106,3 +106,11 @@ def test_pipeline_text_generation_gives_the_fast_decoders_text(tmp_path):
     fast = model.generate_fast(ids, max_new_tokens=8, eos_token_id=EOS)
     assert text == tok.decode(fast[0, ids.shape[1]:], skip_special_tokens=True)
     assert tiny_tokenizer().decode(fast[0]).startswith(prompt)
+
+
+def test_beam_search_on_the_state_equals_beam_search_recomputing_the_prefix():
+    # use_cache=False: transformers feeds the whole sequence each step (no state), an independent route.
+    model = tiny_student()
+    ids, mask = padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
