@@ -14,7 +14,7 @@ import torch
 from cache.format import open_cache
 from cache.util import UserError
 from student.data import CacheDataset
-from student.modeling import CausalFNetConfig, compact_ids_from_cache
+from student.modeling import CausalFNetConfig, ModelInputError, compact_ids_from_cache
 from student.train_config import TrainConfig
 
 
@@ -162,7 +162,11 @@ def student_model_config(cfg: TrainConfig, data: TrainData) -> CausalFNetConfig:
     if cfg.compact_vocab:
         ids = cache_token_ids(data)
         d.update(vocab_size=len(ids), vocab_map=ids.tolist(), full_vocab_size=reader.vocab_size)
-    mc = CausalFNetConfig(**d)
+    try:
+        mc = CausalFNetConfig(**d)
+    except ModelInputError as e:  # the portable model files raise their own ValueError type
+        where = "student options" if cfg.student_config is None else f"--student-config {cfg.student_config}"
+        raise UserError(f"{where}: {e}") from None
     check_student_vocabulary(mc, data)
     if data.longest > mc.max_position_embeddings:
         raise UserError(f"the cache holds sequences of {data.longest} tokens but the student has "
