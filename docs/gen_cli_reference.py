@@ -1,16 +1,26 @@
-"""Regenerate the README's CLI reference from the real `--help` output: `python docs/gen_cli_reference.py`."""
+"""Regenerate docs/cli.md from the real `--help` output: `python docs/gen_cli_reference.py`.
+
+`--check` exits 1 when docs/cli.md differs from what the current code prints (tests/test_cli.py runs it).
+"""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OUT = Path(__file__).resolve().parent / "cli.md"
 COMMANDS = [[], ["teacher-cache"], ["cache", "info"], ["cache", "verify"], ["train-student"], ["eval"],
             ["generate"], ["demo"]]
+HEADER = """# Command-line reference
+
+Generated from the real `--help` output by `python docs/gen_cli_reference.py`; do not edit by hand.
+
+Every command prints one line starting with `error:` and exits with 2 on a bad input (what is wrong, what to
+do); yes/no options are flags (`--compact-vocab`, `--no-progress`) and take no value. Progress goes to stderr:
+a bar on a terminal, one plain line every 30 s in a log file (`FNET_PROGRESS_SECONDS` sets the interval).
+"""
 
 
 def help_text(args: list[str]) -> str:
@@ -21,16 +31,21 @@ def help_text(args: list[str]) -> str:
     return "\n".join(line.rstrip() for line in out.splitlines()).strip("\n")
 
 
-def main() -> None:
-    parts = ["<!-- CLI -->", "## CLI reference", "",
-             "Generated from the real `--help` output by `python docs/gen_cli_reference.py`.", ""]
+def render() -> str:
+    parts = [HEADER]
     for args in COMMANDS:
-        parts += [f"### `fnet-distill {' '.join(args)} --help`".replace("  ", " "), "", "```",
-                  help_text(args), "```", ""]
-    parts.append("<!-- /CLI -->")
-    text = README.read_text()
-    new = re.sub(r"<!-- CLI -->.*<!-- /CLI -->", lambda _: "\n".join(parts), text, flags=re.S)
-    README.write_text(new)
+        parts += [f"## `{' '.join(['fnet-distill', *args])}`", "", "```", help_text(args), "```", ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    text = render()
+    if "--check" in sys.argv[1:]:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python docs/gen_cli_reference.py", file=sys.stderr)
+            sys.exit(1)
+        return
+    OUT.write_text(text)
 
 
 if __name__ == "__main__":
