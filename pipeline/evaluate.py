@@ -86,6 +86,18 @@ class EvalResult:
 # ------------------------------------------------------------------------------------ model and tokenizer
 
 
+def not_a_model_folder(folder: Path) -> str:
+    """Why ``folder`` (without a config.json) is not a model folder, and what to pass instead."""
+    if (folder / "final" / "config.json").is_file():
+        return (f"{folder} is a training run folder, not a model; pass its model folder, "
+                f"--model {folder / 'final'}")
+    if (folder / "manifest.json").is_file() or any(folder.glob("journal.rank*.jsonl")):
+        return (f"{folder} is a teacher cache, not a model; pass a student folder (train-student's "
+                "OUT/final) or a causal LM folder made by save_pretrained")
+    return (f"{folder} is not a model folder (no config.json); pass a folder made by save_pretrained (for a "
+            "student, train-student's OUT/final)")
+
+
 def model_type(model: str) -> str:
     """``model_type`` from the config of a local folder or a Hub id."""
     from pipeline.teacher import looks_local
@@ -97,8 +109,7 @@ def model_type(model: str) -> str:
                             "folder made by save_pretrained")
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
-            raise UserError(f"model folder {folder} has no config.json; pass a folder made by "
-                            "save_pretrained")
+            raise UserError(not_a_model_folder(folder))
         try:
             cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.util import UserError
+from pipeline.evaluate import not_a_model_folder
 
 
 def load_student(model_dir: Path, device: str = "auto"):
@@ -20,8 +21,7 @@ def load_student(model_dir: Path, device: str = "auto"):
     model_dir = Path(model_dir)
     config = model_dir / "config.json"
     if not config.is_file():
-        raise UserError(f"{model_dir} is not a model folder (no config.json); pass a folder written by "
-                        "train-student (OUT/final)")
+        raise UserError(not_a_model_folder(model_dir))
     try:
         kind = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:

@@ -175,11 +175,21 @@ def test_every_device_error_is_one_line(monkeypatch, capsys, tmp_path, tiny_qwen
             assert f"--device {device}" in line.replace("'", ""), (name, line)
 
 
-def test_eval_refuses_a_folder_that_is_not_a_model(monkeypatch, capsys, tmp_path):
+def test_eval_and_generate_refuse_a_folder_that_is_not_a_model(monkeypatch, capsys, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     code, _, err = in_process(monkeypatch, capsys, "eval", "--model", str(tmp_path / "run"))
-    assert code == 2 and "has no config.json" in one_error_line(err)
+    assert code == 2 and "not a model folder (no config.json)" in one_error_line(err)
+    (tmp_path / "run" / "final").mkdir()
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    code, _, err = in_process(monkeypatch, capsys, "generate", "--model", str(tmp_path / "run"),
+                              "--prompt", "x")
+    assert code == 2 and f"--model {tmp_path / 'run' / 'final'}" in one_error_line(err)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    code, _, err = in_process(monkeypatch, capsys, "eval", "--model", str(cache))
+    assert code == 2 and "is a teacher cache, not a model" in one_error_line(err)
     (tmp_path / "run" / "config.json").write_text("{")
     code, _, err = in_process(monkeypatch, capsys, "eval", "--model", str(tmp_path / "run"))
     assert code == 2 and "not valid JSON" in one_error_line(err)
