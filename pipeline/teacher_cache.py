@@ -168,6 +168,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
                                              timeout=datetime.timedelta(hours=6))
     writer = None
     try:
+        device = resolve_device(cfg.device, dist)  # a bad --device fails before any loading
         check_teacher_source(cfg.teacher)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher,
                                    flag="--tokenizer" if cfg.tokenizer else "--teacher")
@@ -176,7 +177,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         if not data.seqs:
             raise UserError(f"all {data.dropped} rows are longer than --max-length {cfg.max_length}; raise "
                             "--max-length or use --overflow truncate")
-        teacher = load_teacher(cfg.teacher, device=str(resolve_device(cfg.device, dist)), dtype=cfg.dtype)
+        teacher = load_teacher(cfg.teacher, device=str(device), dtype=cfg.dtype)
         check_token_ids(len(tokenizer), max(int(s.input_ids.max()) for s in data.seqs), teacher.vocab_size)
         settings = cfg.target_settings()
         settings.check_vocab(teacher.vocab_size)
