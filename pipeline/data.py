@@ -8,6 +8,7 @@ supervised tokens are the answer and the closing eos, and nothing after it.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,9 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 def _read_hub(dataset: str, config_name: str, split: str) -> list[dict[str, Any]]:
     hub_local_only(dataset, flag="--dataset", what="dataset", filename="README.md", repo_type="dataset")
     import datasets
+
+    if not sys.stderr.isatty():  # its bars redraw with carriage returns: one huge line in a log file
+        datasets.disable_progress_bars()
 
     try:
         ds = datasets.load_dataset(dataset, config_name, split=split)

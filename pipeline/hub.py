@@ -10,6 +10,7 @@ naming the flag that takes a local folder or file instead.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -70,6 +71,10 @@ def hub_local_only(name: str, *, flag: str, what: str, filename: str = "config.j
     ``UserError`` that names ``flag``, e.g. ``--teacher path/to/folder``."""
     reason = hub_unreachable_reason()
     if reason is None:
+        if not sys.stderr.isatty():  # download bars redraw with carriage returns: one huge line in a log
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
         return False
     if is_cached(name, filename, repo_type):
         return True
