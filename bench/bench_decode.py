@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_student import synthetic_targets  # noqa: E402  (the same synthetic teacher targets)
 
 from cache.util import atomic_write_json  # noqa: E402
-from student.losses import chunked_distill_loss, combine_loss  # noqa: E402
+from student.chunked_loss import chunked_distill_loss  # noqa: E402
+from student.losses import combine_loss  # noqa: E402
 from student.modeling import CausalFNetForCausalLM, count_parameters, student_config  # noqa: E402
 
 FULL_VOCAB = 151_936

@@ -27,10 +27,17 @@ VOCAB = 151_936
 
 
 def load_losses(impl: str | None):
+    """The loss functions under test: this repository's (``student.losses`` + ``student.chunked_loss``), or
+    one file that defines them all (e.g. an older ``losses.py``)."""
     if impl is None:
-        import student.losses as mod
+        from types import SimpleNamespace
 
-        return mod
+        import student.chunked_loss as chunked
+        import student.losses as defs
+
+        return SimpleNamespace(DistillTargets=defs.DistillTargets, distill_loss_sums=defs.distill_loss_sums,
+                               combine_loss=defs.combine_loss,
+                               chunked_distill_loss=chunked.chunked_distill_loss)
     spec = importlib.util.spec_from_file_location("losses_under_test", impl)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

@@ -27,7 +27,8 @@ from peak_rss import reset_peak_rss, status_mib  # noqa: E402  (this folder)
 
 import student.modeling as modeling  # noqa: E402
 from cache.util import atomic_write_json  # noqa: E402
-from student.losses import DistillTargets, chunked_distill_loss, combine_loss  # noqa: E402
+from student.chunked_loss import chunked_distill_loss  # noqa: E402
+from student.losses import DistillTargets, combine_loss  # noqa: E402
 from student.modeling import (  # noqa: E402
     CausalFNetConfig,
     CausalFNetForCausalLM,

@@ -54,9 +54,10 @@ from student.checkpoint import (
     write_model_folder,
     write_trainer_state,
 )
+from student.chunked_loss import chunked_distill_loss
 from student.data import Collator, TokenBudgetBatchSampler, gather_rows, make_dataloader
 from student.device import Dist, resolve_device
-from student.losses import DistillTargets, LossSums, chunked_distill_loss, combine_loss, grad_weights_for
+from student.losses import DistillTargets, LossSums, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
 from student.progress import Progress

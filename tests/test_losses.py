@@ -10,16 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from cache.util import UserError
+from student.chunked_loss import chunked_distill_loss, loss_fn_for
 from student.losses import (
     KD_KINDS,
     DistillTargets,
     LossConfig,
-    chunked_distill_loss,
     combine_loss,
     distill_loss_sums,
     grad_weights_for,
     kd_sum,
-    loss_fn_for,
 )
 
 

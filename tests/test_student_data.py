@@ -13,6 +13,7 @@ from helpers import random_samples  # tests/ is on sys.path under pytest
 
 from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache
 from cache.util import UserError
+from student.chunked_loss import chunked_distill_loss
 from student.data import (
     Batch,
     CacheDataset,
@@ -21,7 +22,7 @@ from student.data import (
     gather_rows,
     make_dataloader,
 )
-from student.losses import DistillTargets, chunked_distill_loss, distill_loss_sums
+from student.losses import DistillTargets, distill_loss_sums
 
 VOCAB, K, PAD = 97, 4, 96
 
