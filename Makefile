@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench bench-gpu clean
+.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench bench-gpu study clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -82,6 +82,9 @@ bench: install ## benchmarks (results go to bench/results/*.json; table in READM
 
 bench-gpu: install ## the GPU-only checks in one run (needs CUDA): bench/results/gpu.json
 	$(PY) bench/gpu_check.py
+
+study: install ## student quality vs cache bytes on the demo assets (~30 min): runs/study/study.{md,png,json}
+	nice -n 5 $(PY) bench/study_cache_size.py --out runs/study
 
 clean: ## delete runs/ (caches, students, demo reports) and .pytest_cache
 	rm -rf runs .pytest_cache
