@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -77,17 +76,20 @@ def test_helpers_publish_with_the_umask(tmp_path, umask):
     assert stat.S_IMODE(script.stat().st_mode) == 0o755
 
 
-def test_checkpoint_and_final_follow_the_umask(tmp_path):
+def test_checkpoint_and_final_follow_the_umask(tmp_path, umask, monkeypatch, capsys):
+    from pipeline.cli import main
+
     cache = write_bigram_cache(tmp_path / "cache", n=8)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "train-student",
-           "--cache", str(cache), "--out", str(out), "--hidden-size", "16", "--layers", "1", "--ffn", "32",
-           "--window", "4", "--max-positions", "64", "--steps", "2", "--batch-tokens", "96", "--warmup", "1",
-           "--eval-every", "0", "--save-every", "1", "--num-workers", "0", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                         preexec_fn=lambda: os.umask(0o022))
-    assert res.returncode == 0, res.stderr
+    umask(0o022)
+    monkeypatch.setattr(sys, "argv", [
+        "fnet-distill", "train-student", "--cache", str(cache), "--out", str(out), "--hidden-size", "16",
+        "--layers", "1", "--ffn", "32", "--window", "4", "--max-positions", "64", "--steps", "2",
+        "--batch-tokens", "96", "--warmup", "1", "--eval-every", "0", "--save-every", "1",
+        "--num-workers", "0", "--no-progress"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0, capsys.readouterr().err
     for name in ("checkpoint-last", "final"):
         assert (out / name / "model.safetensors").exists()
         assert_shared(out / name)
