@@ -1,5 +1,6 @@
 """The packages import one way: ``cache`` <- ``student`` <- ``pipeline``, and no project module imports itself
-back through others. Every ``import`` is read from the source (AST), including imports inside functions."""
+back through others. Every ``import`` is read from the source (AST), including imports inside functions.
+Command-line (Typer) code lives only in ``pipeline/commands/`` and ``pipeline/cli.py``."""
 
 from __future__ import annotations
 
@@ -123,6 +124,19 @@ def test_no_import_cycle_between_project_modules():
     assert len(graph) > 30  # the walk found the packages
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_command_line_code_lives_in_pipeline_commands():
+    """``student/`` and ``cache/`` carry no Typer code; each command module is in ``pipeline/commands``."""
+    found = []
+    for name, path in project_modules(ROOT).items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        uses = any(isinstance(n, ast.Import) and any(a.name.split(".")[0] == "typer" for a in n.names)
+                   or isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "typer"
+                   for n in ast.walk(tree))
+        if uses and not (name.startswith("pipeline.commands.") or name == "pipeline.cli"):
+            found.append(name)
+    assert not found, f"Typer imported outside pipeline/commands and pipeline/cli.py: {found}"
 
 
 def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
