@@ -2,7 +2,7 @@
 ``Qwen2ForCausalLM`` of the same width, depth and FFN size with its KV cache, side by side in one run.
 Writes bench/results/decode.json.
 
-    nice -n 5 python bench/bench_decode.py [--quick] [--threads 2] [--out bench/results/decode.json]
+    nice -n 5 python bench/bench_decode.py [--quick] [--threads 1] [--reps 2] [--reps32 1] [--out FILE]
 
 * generation: a 64-token prompt + 256 new tokens (greedy, no eos), batch 1 and batch 32, tokens/s over the
   whole call (prefill included) for the student's ``generate_fast``, the student's ``generate()`` (rolling
@@ -213,8 +213,10 @@ def bench_state_memory(lengths: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few tokens and one repetition (a smoke test)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine a second thread mostly waits)")
     ap.add_argument("--reps", type=int, default=2, help="repetitions per generation measurement (median)")
+    ap.add_argument("--reps32", type=int, default=1, help="repetitions at batch 32 (default 1)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decode.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,7 +233,8 @@ def main() -> None:
     }
     for vocab in (COMPACT_VOCAB, FULL_VOCAB):
         for batch in (1, 32):
-            result["generation"].append(bench_generation(vocab, batch, new, reps))
+            n_reps = reps if batch == 1 else args.reps32
+            result["generation"].append(bench_generation(vocab, batch, new, n_reps))
     result["training"] = bench_training(8 if not args.quick else 2, 256 if not args.quick else 64,
                                         1 if args.quick else 3)
     result["state_memory"] = bench_state_memory([256, 1024, 2048] if not args.quick else [64, 128])
