@@ -113,4 +113,6 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if rv == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        print("interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
