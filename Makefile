@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k bench bench-gpu study clean
+.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k demo-teacher bench bench-gpu study clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -76,6 +76,9 @@ demo: install ## the whole pipeline offline on the embedded default, with a repo
 
 demo-gsm8k: install ## the same flow on the real Qwen2 tokenizer + a GSM8K slice (needs ../shared)
 	$(CLI) demo --out runs/demo-gsm8k --gsm8k --scale $(DEMO_SCALE)
+
+demo-teacher: install ## retrain the shipped demo teacher from its seed (after a generator/tokenizer change)
+	$(CLI) demo --rebuild-teacher
 
 bench: install ## benchmarks (results go to bench/results/*.json; table in README)
 	$(PY) bench/run_all.py

@@ -1,11 +1,12 @@
 """``fnet-distill demo --tiny`` through the real CLI: every stage's folder, the report's files and fields,
-and that the numbers in the report are the ones the stages wrote (metrics.jsonl, cache manifests, eval
+and that the numbers in the report (per-seed rows, means, spreads, paired differences, gap closed, the step
+KD reaches CE-only's final CE) are the ones the stages wrote (metrics.jsonl, cache manifests, eval
 records)."""
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from typer.testing import CliRunner
 from cache.util import UserError
 from pipeline.cli import app
 
-STAGES = ("assets", "teacher-cache train", "teacher-cache test", "train-student KD", "train-student CE",
-          "teacher val CE", "eval teacher", "eval kd", "eval ce", "total")
+SEEDS = (0, 1)
+RUNS = tuple(f"{m}-s{sd}" for sd in SEEDS for m in ("kd", "ce"))
+STAGES = ("assets", "teacher-cache train", "teacher-cache test", "train-students (4 runs, 2 at a time)",
+          "teacher val CE", "eval teacher", *(f"eval {r}" for r in RUNS), "total")
 FAIRNESS_FREE = {"out", "alpha"}
 
 
@@ -33,84 +36,131 @@ def tiny_demo(tmp_path_factory) -> tuple[Path, str]:
     return out, _demo(out).output
 
 
+def _metrics(student_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (student_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
 def _last_eval(student_dir: Path) -> dict:
-    rows = [json.loads(ln) for ln in (student_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r for r in rows if r.get("event") == "eval"][-1]
+    return [r for r in _metrics(student_dir) if r.get("event") == "eval"][-1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def test_report_files_and_fields(tiny_demo):
     out, stdout = tiny_demo
-    for name in ("assets", "cache-train", "cache-test", "student-kd/final", "student-ce/final"):
+    for name in ("assets", "cache-train", "cache-test", *(f"student-{r}/final" for r in RUNS)):
         assert (out / name).is_dir(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert md in stdout
-    for row in ("| teacher |", "| KD student |", "| CE-only student |", "| cache-train |", "| cache-test |"):
-        assert row in md
     report = json.loads((out / "report.json").read_text())
     assert report["markdown"] == md
-    assert set(report["wall_s"]) == set(STAGES)
+    assert report["config"]["resolved"]["seeds"] == list(SEEDS)
+    assert list(report["wall_s"]) == list(STAGES)
     assert all(v >= 0 for v in report["wall_s"].values())
     assert report["wall_s"]["total"] >= sum(v for k, v in report["wall_s"].items() if k != "total") - 1e-6
     for key in ("cpu_model", "usable_cores", "torch", "torch_threads"):
         assert key in report["machine"]
-    for name in ("teacher", "kd", "ce"):
-        row = report["models"][name]
-        for key in ("val_ce", "val_kl", "val_top1_agree", "exact"):
-            assert key in row, (name, key)
-        assert math.isfinite(row["val_ce"]) and row["val_ce"] > 0
-    v = report["kd_vs_ce"]
-    assert v["val_ce"] == (report["models"]["kd"]["val_ce"] < report["models"]["ce"]["val_ce"])
-    assert v["val_kl"] == (report["models"]["kd"]["val_kl"] < report["models"]["ce"]["val_kl"])
-    assert ("**yes**" if v["val_ce"] else "**no**") in md
+    assert set(report["runs"]) == set(RUNS)
+    for row in ("| teacher |", "| KD student (2 seeds) |", "| CE only student (2 seeds) |",
+                "| KD - CE only (paired) |", "| cache-train |", "| cache-test |", "**Verdict.**"):
+        assert row in md, row
+    for sd in SEEDS:
+        for name in ("KD", "CE only"):
+            run = report["runs"][f"{'kd' if name == 'KD' else 'ce'}-s{sd}"]
+            assert f"| {name} | {sd} | {run['strict_acc']:.1%} ({run['exact']['strict_correct']}/" in md
+    assert report["student_parameters"] > 0 and report["assets"]["teacher_parameters"] > 0
 
 
 def test_report_numbers_come_from_the_stages(tiny_demo):
     out, _ = tiny_demo
     report = json.loads((out / "report.json").read_text())
-    models = report["models"]
-    for name in ("kd", "ce"):
+    runs, teacher = report["runs"], report["teacher"]
+    for name in RUNS:
         last = _last_eval(out / f"student-{name}")
         for key in ("val_ce", "val_kl", "val_top1_agree"):
-            assert models[name][key] == pytest.approx(last[key], rel=1e-12), (name, key)
+            assert runs[name][key] == pytest.approx(last[key], rel=1e-12), (name, key)
+        records = _records(out / f"eval-{name}.jsonl")
+        exact = runs[name]["exact"]
+        assert exact["n"] == len(records) == report["config"]["resolved"]["eval_limit"]
+        assert exact["strict_correct"] == sum(r["strict_correct"] for r in records)
+        assert exact["flexible_correct"] == sum(r["flexible_correct"] for r in records)
+        assert runs[name]["strict_acc"] == exact["strict_correct"] / exact["n"]
+        # One accuracy point per intermediate evaluation, on the first curve_problems test problems.
+        evals = [r["step"] for r in _metrics(out / f"student-{name}") if r.get("event") == "eval"]
+        assert [r["step"] for r in runs[name]["curve_exact"]] == [s for s in evals if 0 < s < evals[-1]]
+        n_curve = report["config"]["resolved"]["curve_problems"]
+        assert all(r["n"] == n_curve for r in runs[name]["curve_exact"])
     # The teacher's label CE is measured on exactly the supervised tokens the students are validated on.
-    assert models["teacher"]["val_tokens"] == models["kd"]["val_tokens"] == models["ce"]["val_tokens"]
-    assert models["teacher"]["val_ce"] < models["ce"]["val_ce"]
+    assert teacher["val_tokens"] == runs["kd-s0"]["val_tokens"] == runs["ce-s1"]["val_tokens"]
+    t_records = _records(out / "eval-teacher.jsonl")
+    assert teacher["exact"]["strict_correct"] == sum(r["strict_correct"] for r in t_records)
     for split in ("train", "test"):
         manifest = json.loads((out / f"cache-{split}" / "manifest.json").read_text())
         c = report["caches"][split]
         assert c["bytes_per_token"] == pytest.approx(manifest["stats"]["bytes_per_token"])
         assert c["tokens"] == manifest["num_tokens"] and c["sequences"] == manifest["num_sequences"]
-    for name in ("teacher", "kd", "ce"):
-        records = [json.loads(ln) for ln in (out / f"eval-{name}.jsonl").read_text().splitlines()]
-        exact = models[name]["exact"]
-        assert exact["n"] == len(records) == report["config"]["resolved"]["eval_limit"]
-        assert exact["strict_correct"] == sum(r["strict_correct"] for r in records)
-        assert exact["flexible_correct"] == sum(r["flexible_correct"] for r in records)
+
+
+def test_means_spreads_and_gap_closed_recompute(tiny_demo):
+    out, _ = tiny_demo
+    report = json.loads((out / "report.json").read_text())
+    runs, summary, t_ce = report["runs"], report["summary"], report["teacher"]["val_ce"]
+    for method in ("kd", "ce"):
+        for key in ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree"):
+            values = [runs[f"{method}-s{sd}"][key] for sd in SEEDS]
+            got = summary["methods"][method][key]
+            assert got["values"] == pytest.approx(values)
+            assert got["mean"] == pytest.approx(statistics.fmean(values))
+            assert got["std"] == pytest.approx(statistics.stdev(values))
+    for key in ("strict_acc", "val_ce", "val_kl"):
+        diffs = [runs[f"kd-s{sd}"][key] - runs[f"ce-s{sd}"][key] for sd in SEEDS]
+        assert summary["paired_kd_minus_ce"][key]["mean"] == pytest.approx(statistics.fmean(diffs))
+    gaps = [(runs[f"ce-s{sd}"]["val_ce"] - runs[f"kd-s{sd}"]["val_ce"]) / (runs[f"ce-s{sd}"]["val_ce"] - t_ce)
+            for sd in SEEDS]
+    assert summary["gap_closed"]["mean"] == pytest.approx(statistics.fmean(gaps))
+    assert f"{summary['gap_closed']['mean']:.0%} ± {summary['gap_closed']['std']:.0%}" in report["markdown"]
+    for sd in SEEDS:
+        target = runs[f"ce-s{sd}"]["val_ce"]
+        evals = [r for r in _metrics(out / f"student-kd-s{sd}") if r.get("event") == "eval"]
+        first = next((r["step"] for r in evals if r["val_ce"] <= target), None)
+        assert summary["kd_reaches_ce_final_val_ce_step"][str(sd)] == first
+    v = summary["verdict"]
+    kd, ce = summary["methods"]["kd"]["strict_acc"], summary["methods"]["ce"]["strict_acc"]
+    assert v["exact_answer"]["pass"] == (kd["mean"] - ce["mean"] > max(kd["std"], ce["std"]))
+    assert v["val_ce"]["pass"] == (summary["methods"]["kd"]["val_ce"]["mean"]
+                                  < summary["methods"]["ce"]["val_ce"]["mean"])
+    assert v["pass"] == (v["exact_answer"]["pass"] and v["val_ce"]["pass"] and v["val_kl"]["pass"])
 
 
 def test_kd_and_ce_runs_differ_only_in_alpha(tiny_demo):
     out, _ = tiny_demo
-    kd = json.loads((out / "student-kd" / "final" / "train_config.json").read_text())
-    ce = json.loads((out / "student-ce" / "final" / "train_config.json").read_text())
-    assert ce["config"]["alpha"] == 1.0 and kd["config"]["alpha"] < 1.0
-    diff = {k for k in kd["config"] if kd["config"][k] != ce["config"][k]}
-    assert diff == FAIRNESS_FREE
-    assert kd["student"] == ce["student"]
+    for sd in SEEDS:
+        kd = json.loads((out / f"student-kd-s{sd}" / "final" / "train_config.json").read_text())
+        ce = json.loads((out / f"student-ce-s{sd}" / "final" / "train_config.json").read_text())
+        assert ce["config"]["alpha"] == 1.0 and kd["config"]["alpha"] < 1.0
+        assert kd["config"]["seed"] == ce["config"]["seed"] == sd
+        diff = {k for k in kd["config"] if kd["config"][k] != ce["config"][k]}
+        assert diff == FAIRNESS_FREE
+        assert kd["student"] == ce["student"]
 
 
 def test_rerun_reuses_assets_and_caches_and_retrains(tiny_demo):
     out, _ = tiny_demo
-    before = (out / "student-kd" / "metrics.jsonl").stat().st_mtime_ns
-    _demo(out, "--steps", "3", "--eval-limit", "0")
+    before = (out / "student-kd-s0" / "metrics.jsonl").stat().st_mtime_ns
+    _demo(out, "--steps", "3", "--eval-limit", "0", "--seeds", "1")
     report = json.loads((out / "report.json").read_text())
     assert report["assets"]["reused"] is True
     for split in ("train", "test"):
         c = report["caches"][split]
         assert c["units_skipped"] == c["units_total"] >= 1
-    assert (out / "student-kd" / "metrics.jsonl").stat().st_mtime_ns != before
-    assert _last_eval(out / "student-kd")["step"] == 3
-    assert report["models"]["kd"]["exact"] is None and "not run" in report["markdown"]
+    assert (out / "student-kd-s0" / "metrics.jsonl").stat().st_mtime_ns != before
+    assert _last_eval(out / "student-kd-s0")["step"] == 3
+    assert not (out / "student-kd-s1").exists() and not (out / "eval-kd-s1.jsonl").exists()
+    assert report["runs"]["kd-s0"]["exact"] is None and "not run" in report["markdown"]
+    assert "exact_answer" not in report["summary"]["verdict"]
 
 
 def test_gsm8k_without_shared_files_is_one_clear_error(tmp_path):
@@ -124,6 +174,8 @@ def test_bad_options_are_refused(tmp_path):
         _demo(tmp_path / "a", "--scale", "0")
     with pytest.raises(UserError, match="--alpha"):
         _demo(tmp_path / "b", "--alpha", "1")
+    with pytest.raises(UserError, match="--seeds"):
+        _demo(tmp_path / "c", "--seeds", "0")
 
 
 @pytest.mark.slow
@@ -133,5 +185,5 @@ def test_gsm8k_smoke(tmp_path, qwen_tokenizer_dir, gsm8k_dir):
     report = json.loads((out / "report.json").read_text())
     assert report["variant"] == "gsm8k smoke test"
     assert report["assets"]["tokenizer_vocab"] >= 151_000
-    assert report["models"]["teacher"]["val_tokens"] == report["models"]["kd"]["val_tokens"] > 0
-    assert (out / "curves.png").is_file() and (out / "eval-kd.jsonl").is_file()
+    assert report["teacher"]["val_tokens"] == report["runs"]["kd-s0"]["val_tokens"] > 0
+    assert (out / "curves.png").is_file() and (out / "eval-kd-s0.jsonl").is_file()

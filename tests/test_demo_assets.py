@@ -14,7 +14,14 @@ import pytest
 from cache.util import UserError
 from pipeline.demo import assets as assets_mod
 from pipeline.demo.assets import build_demo_assets
-from pipeline.demo.problems import TEMPLATES, generate_splits, iter_problems, write_jsonl
+from pipeline.demo.problems import (
+    TEMPLATES,
+    generate_splits,
+    is_test_question,
+    iter_problems,
+    teacher_pool,
+    write_jsonl,
+)
 from pipeline.demo.teacher import encode_chat_rows, evaluate_teacher
 from pipeline.demo.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, PAD_TOKEN
 
@@ -73,10 +80,22 @@ def test_splits_recompute_deterministic_and_disjoint(tmp_path):
     qs_train, qs_test = [r["question"] for r in train], [r["question"] for r in test]
     assert len(set(qs_train)) == 400 and len(set(qs_test)) == 100
     assert not set(qs_train) & set(qs_test)
-    first_words = {r["question"].split(" ")[1] for r in train}
+    first_words = {r["question"].split(" ")[0] for r in train}
     assert len(first_words) > 10
     write_jsonl(tmp_path / "t.jsonl", test)
     assert [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()] == test
+
+
+def test_held_out_questions_never_reach_a_training_set():
+    _, test = generate_splits(50, 200, seed=0)
+    train_big, _ = generate_splits(2000, 16, seed=0)
+    pool = teacher_pool(3000, seed=0)
+    assert all(is_test_question(r["question"]) for r in test)
+    held_out = {r["question"] for r in test}
+    assert not held_out & {r["question"] for r in train_big + pool}
+    for row in pool[:200]:
+        _check_problem(row)
+    assert pool == teacher_pool(3000, seed=0) and pool[:50] != train_big[:50]
 
 
 def test_stream_prefix_is_stable():
@@ -91,7 +110,7 @@ def test_impossible_sizes_are_user_errors():
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
-    return build_demo_assets(tmp_path_factory.mktemp("demo") / "assets", scale=0.05, seed=0)
+    return build_demo_assets(tmp_path_factory.mktemp("demo") / "assets", scale=0.05, seed=0, tiny=True)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +174,7 @@ def test_stage_one_reads_the_demo_data(tiny_assets, demo_tokenizer):
     examples = load_examples(folder, "test")
     assert [(e.question, e.answer) for e in examples] == [(r["question"], r["answer"]) for r in rows]
     data = load_tokenized(demo_tokenizer, DataConfig(dataset=folder, split="train"))
-    assert len(data.seqs) == 150 and data.dropped == 0
+    assert len(data.seqs) == 50 and data.dropped == 0
 
 
 def test_loss_mask_covers_the_answer_and_im_end(demo_tokenizer, tiny_assets):
@@ -209,10 +228,10 @@ def test_assets_layout_and_reuse(tiny_assets):
         assert path.exists(), path
     assert tiny_assets.stats["reused"] is False
     train = [json.loads(line) for line in tiny_assets.train_jsonl.read_text().splitlines()]
-    assert len(train) == 150
+    assert len(train) == 50
     root = tiny_assets.teacher_dir.parent
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    again = build_demo_assets(root, scale=0.05, seed=0)
+    again = build_demo_assets(root, scale=0.05, seed=0, tiny=True)
     assert again.stats["reused"] is True and again.stats["key"] == tiny_assets.stats["key"]
     assert again.teacher_dir == tiny_assets.teacher_dir
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
@@ -223,17 +242,22 @@ def _stub_teacher(tokenizer, train_rows, val_rows, out_dir, cfg, log=None) -> di
     from pathlib import Path
 
     Path(out_dir, "config.json").write_text(json.dumps({"steps": cfg.steps, "rows": len(train_rows)}))
-    return {"val": {"ce": 1.0, "ppl": 2.7}, "uniform_ce": 6.0}
+    return {"val": {"ce": 1.0, "ppl": 2.7, "top1": 0.5}, "uniform_ce": 6.0, "parameters": 7, "wall_s": 0.0,
+            "config": {"steps": cfg.steps}}
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the teacher was retrained although a matching shipped teacher exists")
 
 
 def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, monkeypatch):
     monkeypatch.setattr(assets_mod, "train_teacher", _stub_teacher)
     out = tmp_path / "assets"
-    small = {"n_train": 24, "n_test": 6, "teacher_steps": 2}
+    small = {"n_train": 24, "n_test": 6, "teacher_steps": 2, "tiny": True, "shipped": None}
     (tmp_path / ".assets.build-999999999-abc").mkdir()
     first = build_demo_assets(out, seed=1, **small)
     train_1 = first.train_jsonl.read_text()
-    assert first.stats["reused"] is False
+    assert first.stats["reused"] is False and first.stats["teacher_source"] == "trained"
 
     second = build_demo_assets(out, seed=2, **small)
     assert second.stats["reused"] is False and second.stats["key"] != first.stats["key"]
@@ -255,9 +279,55 @@ def test_assets_rebuild_on_new_settings_and_survive_a_failed_build(tmp_path, mon
         rebuilt = build_demo_assets(out, seed=2, **sizes)
         assert rebuilt.stats["reused"] is False
         written = json.loads((rebuilt.teacher_dir / "config.json").read_text())
-        assert written == {"steps": sizes["teacher_steps"], "rows": sizes["n_train"]}
+        assert written == {"steps": sizes["teacher_steps"], "rows": assets_mod.TINY_POOL}
+        assert len(rebuilt.train_jsonl.read_text().splitlines()) == sizes["n_train"]
     assert build_demo_assets(out, scale=1, seed=2, **sizes).stats["reused"] is True
     assert build_demo_assets(out, scale=0.5, seed=2, **sizes).stats["reused"] is False
+
+
+def test_shipped_teacher_fingerprint_rule(tmp_path, monkeypatch):
+    """A shipped teacher is used while its fingerprint (generator version, tokenizer recipe, teacher
+    config, pool, seed) matches and its files are intact; any change retrains it."""
+    monkeypatch.setattr(assets_mod, "train_teacher", _stub_teacher)
+    shipped = tmp_path / "shipped"
+    recipe_args = {"tiny": True, "teacher_steps": 2}
+    assets_mod.ship_teacher(shipped, seed=0, **recipe_args)
+    fp = json.loads((shipped / assets_mod.FINGERPRINT).read_text())
+    assert fp["fingerprint"] == assets_mod.json_hash(assets_mod.teacher_recipe(0, **recipe_args))
+    assert set(fp["files"]) == {p.name for p in (shipped / "teacher").iterdir()}
+
+    def build(name: str):
+        return build_demo_assets(tmp_path / name, n_train=24, n_test=6, shipped=shipped, **recipe_args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assets_mod, "train_teacher", _no_training)
+        used = build("a")
+    assert used.stats["teacher_source"] == "shipped"
+    shipped_config = (shipped / "teacher" / "config.json").read_bytes()
+    assert (used.teacher_dir / "config.json").read_bytes() == shipped_config
+    assert (used.tokenizer_dir / "tokenizer.json").is_file()
+
+    for attr in ("GENERATOR_VERSION", "TOKENIZER_VERSION", "RECIPE_VERSION", "VOCAB_SIZE", "TINY_POOL"):
+        with monkeypatch.context() as patch:
+            patch.setattr(assets_mod, attr, getattr(assets_mod, attr) + 1)
+            recipe = assets_mod.teacher_recipe(0, **recipe_args)
+            usable, why = assets_mod.shipped_teacher_status(recipe, shipped)
+            assert not usable and "another recipe" in why, attr
+            rebuilt = build(f"b-{attr}")
+            assert rebuilt.stats["teacher_source"] == "trained", attr
+
+    (shipped / "teacher" / "config.json").write_text("{}")
+    usable, why = assets_mod.shipped_teacher_status(assets_mod.teacher_recipe(0, **recipe_args), shipped)
+    assert not usable and "do not match" in why
+    assert build("c").stats["teacher_source"] == "trained"
+
+
+def test_the_shipped_teacher_matches_the_current_recipe():
+    """Fails when the generator, tokenizer or teacher recipe changed without `make demo-teacher`."""
+    usable, why = assets_mod.shipped_teacher_status(assets_mod.teacher_recipe(0))
+    assert usable, why
+    size = sum(p.stat().st_size for p in assets_mod.SHIPPED_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
 
 
 def test_assets_refuse_a_foreign_folder_and_bad_scale(tmp_path):

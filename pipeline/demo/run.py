@@ -1,20 +1,26 @@
-"""``fnet-distill demo``: the whole pipeline end to end, then a KD-vs-CE report.
+"""``fnet-distill demo``: the whole pipeline end to end, then a KD-vs-CE report over several student seeds.
 
 Stages, each with its own folder under ``out``:
 
-1. ``assets/``: data, tokenizer and teacher. The embedded default (``pipeline.demo.build_demo_assets``), or
-   with ``gsm8k=True`` a GSM8K slice + the real Qwen2 tokenizer from ``shared`` + a small random-init Qwen2
-   teacher (a smoke test of the real path). Reused while their settings are unchanged.
+1. ``assets/``: data, tokenizer and teacher. The embedded default (``pipeline.demo.build_demo_assets``: the
+   shipped teacher when its fingerprint matches, else trained), or with ``gsm8k=True`` a GSM8K slice + the
+   real Qwen2 tokenizer from ``shared`` + a small random-init Qwen2 teacher (a smoke test of the real path).
+   Reused while their settings are unchanged.
 2. ``cache-train/``, ``cache-test/``: ``run_teacher_cache`` on both splits (fingerprinted; a finished cache of
    the same fingerprint is reused, one of another fingerprint is rebuilt).
-3. ``student-kd/``, ``student-ce/``: ``train_student`` twice with the same student, steps, data order, seed
-   and learning rate; only ``alpha`` differs (CE-only is ``alpha = 1``). Always retrained.
-4. ``eval-{teacher,kd,ce}.jsonl``: greedy exact-answer accuracy on the test split (``evaluate_model``).
-5. ``report.md``, ``report.json``, ``curves.png``.
+3. ``student-kd-s<seed>/``, ``student-ce-s<seed>/`` for each student seed: ``train_student`` with the same
+   student, steps, data order, initialisation (the seed) and learning rate; only ``alpha`` differs (CE-only is
+   ``alpha = 1``). At every evaluation point the checkpoint also answers the first ``curve_problems`` test
+   problems (``exact.jsonl``), so accuracy has a curve. Always retrained.
+4. ``eval-teacher.jsonl``, ``eval-{kd,ce}-s<seed>.jsonl``: greedy exact-answer accuracy on the test split
+   (``evaluate_model``).
+5. ``report.md``, ``report.json``, ``curves.png``: per-seed rows, mean and spread per method, paired KD - CE
+   differences, the share of the CE-only-to-teacher gap KD closes, the step at which KD reaches CE-only's
+   final validation CE, and the acceptance verdict.
 
-Validation metrics are the training loop's final evaluation on ``cache-test`` (label CE, KL(teacher ||
-student) at T = 1 over top-k + tail, top-1 agreement with the teacher). The teacher's row is its own label CE
-on the same supervised tokens (KL 0 and agreement 1 by definition).
+Validation metrics are the training loop's evaluations on ``cache-test`` (label CE, KL(teacher || student)
+at T = 1 over top-k + tail, top-1 agreement with the teacher). The teacher's row is its own label CE on the
+same supervised tokens (KL 0 and agreement 1 by definition).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,19 +53,23 @@ Log = Callable[[str], None]
 
 GSM8K_MARKER = "gsm8k_assets.json"
 GSM8K_RECIPE_VERSION = 1
+METHODS = ("kd", "ce")
+METHOD_NAMES = {"teacher": "teacher", "kd": "KD", "ce": "CE only"}
+# The per-run metrics the report summarises (mean and spread over seeds, paired KD - CE differences).
+RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree")
 
 
 @dataclass
 class StudentBudget:
-    """The student and its training budget, shared by the KD and the CE-only run (only ``alpha`` differs)."""
+    """The student and its training budget, shared by the KD and the CE-only runs (only ``alpha`` differs)."""
 
-    hidden_size: int = 128
-    layers: int = 2
-    ffn: int = 512
-    window: int = 16
-    max_positions: int = 512
+    hidden_size: int = 64
+    layers: int = 3
+    ffn: int = 256
+    window: int = 32
+    max_positions: int = 256
     dropout: float = 0.1
-    steps: int = 300
+    steps: int = 400
     batch_tokens: int = 2048
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -67,25 +78,28 @@ class StudentBudget:
     kd: str = "topk_tail"
     alpha: float = 0.5
     temperature: float = 1.0
-    eval_points: int = 5
+    eval_points: int = 8
     compact_vocab: bool = False
 
 
 @dataclass
 class DemoConfig:
-    """One demo run. ``scale`` multiplies data sizes, teacher steps, student steps and evaluated problems."""
+    """One demo run. ``scale`` multiplies data sizes, student steps and evaluated problems."""
 
     out: Path
     scale: float = 1.0
     seed: int = 0
+    seeds: int | None = None
     gsm8k: bool = False
     tiny: bool = False
     shared: Path | None = None
     steps: int | None = None
     eval_limit: int | None = None
-    max_new_tokens: int = 160
+    curve_problems: int | None = None
+    max_new_tokens: int = 64
     topk: int = 32
     num_threads: int | None = 1
+    jobs: int | None = None
     progress: bool = True
     student: StudentBudget = field(default_factory=StudentBudget)
 
@@ -95,11 +109,18 @@ class DemoConfig:
             self.shared = Path(self.shared)
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise UserError(f"--scale {self.scale} must be a positive number (1 is the default budget)")
+        if self.jobs is not None and self.jobs < 1:
+            raise UserError(f"--jobs must be at least 1 (got {self.jobs}); 1 trains the students one by one")
+        if self.seeds is not None and self.seeds < 1:
+            raise UserError(f"--seeds must be at least 1 (got {self.seeds}); 3 gives a spread")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {self.steps})")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise UserError(f"--eval-limit must be >= 0 (0 skips the exact-answer evaluation; got "
                             f"{self.eval_limit})")
+        if self.curve_problems is not None and self.curve_problems < 0:
+            raise UserError(f"--curve-problems must be >= 0 (0: no accuracy curve; got "
+                            f"{self.curve_problems})")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.topk < 1:
@@ -107,6 +128,8 @@ class DemoConfig:
         if not 0.0 <= self.student.alpha < 1.0:
             raise UserError(f"--alpha {self.student.alpha} must be in [0, 1): the KD run needs a KD term "
                             "(the CE-only run uses alpha 1)")
+        if not self.student.temperature > 0:
+            raise UserError(f"--temperature {self.student.temperature} must be positive (1 is the default)")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; pass a folder for the demo outputs")
 
@@ -114,6 +137,20 @@ class DemoConfig:
 
     def asset_scale(self) -> float:
         return 0.05 * self.scale if self.tiny else self.scale
+
+    def resolved_jobs(self) -> int:
+        """Students trained at the same time (one process each): default one per usable core, at most 2."""
+        if self.jobs is not None:
+            return self.jobs
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        return max(1, min(2, cores))
+
+    def student_seeds(self) -> list[int]:
+        n = self.seeds if self.seeds is not None else (2 if (self.tiny or self.gsm8k) else 3)
+        return list(range(self.seed, self.seed + n))
 
     def resolved_steps(self) -> int:
         if self.steps is not None:
@@ -126,18 +163,23 @@ class DemoConfig:
             return self.eval_limit
         return max(1, round((4 if self.tiny else 8 if self.gsm8k else 300) * self.scale))
 
+    def resolved_curve_problems(self) -> int:
+        n = self.curve_problems if self.curve_problems is not None else (
+            2 if self.tiny else 4 if self.gsm8k else 100)
+        return min(n, self.resolved_eval_limit())
+
     def resolved_student(self) -> StudentBudget:
         s = self.student
         if self.tiny:
             s = replace(s, hidden_size=32, layers=1, ffn=64, window=8, batch_tokens=2048, warmup=2,
-                        eval_points=2)
+                        eval_points=3)
         if self.gsm8k:
             s = replace(s, hidden_size=64, layers=2, ffn=256, window=16, batch_tokens=4096, warmup=5,
                         eval_points=2, compact_vocab=True, max_positions=640)
         return replace(s, steps=self.resolved_steps())
 
     def max_length(self) -> int:
-        return 640 if self.gsm8k else 512
+        return 640 if self.gsm8k else 256
 
     def resolved_max_new_tokens(self) -> int:
         return min(self.max_new_tokens, 48) if (self.tiny or self.gsm8k) else self.max_new_tokens
@@ -146,7 +188,9 @@ class DemoConfig:
         d = asdict(self)
         d["out"], d["shared"] = str(self.out), None if self.shared is None else str(self.shared)
         d["resolved"] = {"asset_scale": self.asset_scale(), "student": asdict(self.resolved_student()),
+                         "seeds": self.student_seeds(), "jobs": self.resolved_jobs(),
                          "eval_limit": self.resolved_eval_limit(),
+                         "curve_problems": self.resolved_curve_problems(),
                          "max_new_tokens": self.resolved_max_new_tokens()}
         return d
 
@@ -165,11 +209,14 @@ class Assets:
 def embedded_assets(cfg: DemoConfig, log: Log) -> Assets:
     from pipeline.demo import build_demo_assets
 
-    a = build_demo_assets(cfg.out / "assets", scale=cfg.asset_scale(), seed=cfg.seed, log=log)
+    a = build_demo_assets(cfg.out / "assets", scale=cfg.asset_scale(), seed=cfg.seed, tiny=cfg.tiny, log=log)
     t = a.stats["teacher"]
     info = {"kind": "embedded", "reused": a.stats["reused"], "key": a.stats["key"],
             "tokenizer_vocab": a.stats["tokenizer_vocab"], "teacher_parameters": t["parameters"],
+            "teacher_source": a.stats["teacher_source"],
+            "teacher_source_reason": a.stats["teacher_source_reason"],
             "teacher_val_ce_at_build": t["val"]["ce"], "uniform_ce": t["uniform_ce"],
+            "teacher_train_steps": t["config"]["steps"], "teacher_train_wall_s": t.get("wall_s"),
             "build_wall_s": a.stats["wall_s"]}
     return Assets(a.train_jsonl.parent, a.tokenizer_dir, a.teacher_dir, info)
 
@@ -272,6 +319,7 @@ def gsm8k_assets(cfg: DemoConfig, log: Log) -> Assets:
     return Assets(*paths, {**info, "reused": False})
 
 
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -298,28 +346,78 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
     return summary
 
 
-def student_stage(cfg: DemoConfig, name: str, alpha: float, log: Log) -> dict[str, Any]:
-    """Train one student into ``out/student-<name>`` from scratch (an old folder there is replaced)."""
-    from student.train import TrainConfig, train_student
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dict[str, Any]:
+    """One student run in a worker process (its own torch thread count; log lines go to stderr)."""
+    import torch
+
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    return student_stage(cfg, assets, method, seed, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]],
+                   log: Log) -> dict[str, dict[str, Any]]:
+    """Train every (method, seed) run, ``cfg.resolved_jobs()`` processes at a time (1: in this process).
+
+    The runs are independent (each its own seed, folder and data order), so running them side by side only
+    changes wall time; progress bars are off in the workers so that their log lines stay readable."""
+    n = min(cfg.resolved_jobs(), len(jobs))
+    if n <= 1:
+        return {run_name(m, sd): student_stage(cfg, assets, m, sd, log) for m, sd in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    quiet = replace(cfg, progress=False)
+    log(f"training {len(jobs)} students, {n} at a time (one process each)")
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {run_name(m, sd): pool.submit(_student_job, quiet, assets, m, sd) for m, sd in jobs}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: Log) -> dict[str, Any]:
+    """Train one student into ``out/student-<method>-s<seed>`` from scratch (an old folder is replaced).
+
+    At every intermediate evaluation the checkpoint answers the first ``curve_problems`` test problems;
+    ``exact.jsonl`` in the folder holds one line per point."""
+    from pipeline.evaluate import evaluate_model
+    from student.train import CHECKPOINT, TrainConfig, TrainHooks, train_student
 
     s = cfg.resolved_student()
+    name = run_name(method, seed)
     out = cfg.out / f"student-{name}"
     shutil.rmtree(out, ignore_errors=True)
     eval_every = max(1, s.steps // max(1, s.eval_points))
+    alpha = s.alpha if method == "kd" else 1.0
     tc = TrainConfig(cache=cfg.out / "cache-train", val_cache=cfg.out / "cache-test", out=out,
                      hidden_size=s.hidden_size, layers=s.layers, ffn=s.ffn, window=s.window,
                      max_positions=s.max_positions, dropout=s.dropout, steps=s.steps,
                      batch_tokens=s.batch_tokens, lr=s.lr, min_lr=s.min_lr,
                      warmup=min(s.warmup, s.steps // 2),
                      weight_decay=s.weight_decay, alpha=alpha, temperature=s.temperature, kd=s.kd,
-                     compact_vocab=s.compact_vocab, eval_every=eval_every, save_every=0,
-                     log_every=max(1, min(10, s.steps // 20)), seed=cfg.seed, device="cpu", num_workers=0,
+                     compact_vocab=s.compact_vocab, eval_every=eval_every, save_every=eval_every,
+                     log_every=max(1, min(10, s.steps // 20)), seed=seed, device="cpu", num_workers=0,
                      progress=cfg.progress)
-    result = train_student(tc)
+    n_curve = cfg.resolved_curve_problems()
+    exact_rows: list[dict[str, Any]] = []
+
+    def answer(step: int) -> None:
+        if n_curve and step % eval_every == 0 and step < s.steps:
+            r = evaluate_model(out / CHECKPOINT, str(assets.data_dir), "test", n_curve,
+                               max_new_tokens=cfg.resolved_max_new_tokens(), batch_size=50, device="cpu",
+                               dtype="float32", progress=False)
+            exact_rows.append({"step": step, "n": r.n, "strict_correct": r.strict_correct,
+                               "flexible_correct": r.flexible_correct})
+
+    result = train_student(tc, TrainHooks(after_step=answer))
     m = result.final_metrics
     log(f"student-{name}: {m['step']} steps in {result.wall_s:.1f}s, val CE "
         f"{m.get('val_ce', float('nan')):.4f}, val KL {m.get('val_kl', float('nan')):.4f}")
-    return {"out": str(out), "alpha": alpha, "train_config": tc.to_json(), "final": m}
+    return {"out": str(out), "method": method, "seed": seed, "alpha": alpha, "train_config": tc.to_json(),
+            "final": m, "curve_exact": exact_rows}
 
 
 def teacher_label_ce(assets: Assets, split: str, max_length: int) -> dict[str, Any]:
@@ -346,9 +444,8 @@ def eval_stage(cfg: DemoConfig, assets: Assets, name: str, model_dir: Path) -> d
     if n == 0:
         return None
     r = evaluate_model(model_dir, str(assets.data_dir), "test", n,
-                       max_new_tokens=cfg.resolved_max_new_tokens(), batch_size=32, device="cpu",
-                       dtype="float32", out=cfg.out / f"eval-{name}.jsonl",
-                       progress=cfg.progress)
+                       max_new_tokens=cfg.resolved_max_new_tokens(), batch_size=50, device="cpu",
+                       dtype="float32", out=cfg.out / f"eval-{name}.jsonl", progress=cfg.progress)
     return r.to_json()
 
 
@@ -381,47 +478,126 @@ def _metrics_rows(student_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_kd_vs_ce(kd_dir: Path, ce_dir: Path, png: Path, teacher_ce: float | None = None) -> None:
-    """Both students on one figure: train/val label CE (left, with the teacher's val CE as a dashed line),
-    val KL to the teacher (right)."""
+def _eval_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one value), min and max of per-seed values."""
+    vals = [float(v) for v in values]
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "values": vals, "n": len(vals)}
+
+
+def kd_reaches_step(kd_dir: Path, target: float) -> int | None:
+    """The first evaluation step at which the KD run's validation CE is at or below ``target``."""
+    for r in _metrics_rows(kd_dir):
+        if r.get("event") == "eval" and r.get("val_ce") is not None and r["val_ce"] <= target:
+            return int(r["step"])
+    return None
+
+
+def curve_points(run: dict[str, Any], eval_file: Path | None, n_curve: int) -> dict[str, list]:
+    """Validation CE and exact-answer accuracy (first ``n_curve`` test problems) against steps for one run;
+    the final point of the accuracy curve is read from the final evaluation's records."""
+    rows = [r for r in _metrics_rows(Path(run["out"])) if r.get("event") == "eval"]
+    ce = [(int(r["step"]), float(r["val_ce"])) for r in rows if r.get("val_ce") is not None]
+    acc = [(r["step"], r["strict_correct"] / r["n"]) for r in run["curve_exact"] if r["n"]]
+    if eval_file is not None and n_curve:
+        rec = _eval_records(eval_file)[:n_curve]
+        acc.append((int(run["final"]["step"]), sum(r["strict_correct"] for r in rec) / len(rec)))
+    return {"val_ce": ce, "strict_acc": acc}
+
+
+def build_summary(teacher: dict[str, Any], runs: dict[str, dict[str, Any]],
+                  seeds: list[int]) -> dict[str, Any]:
+    """Per-method mean/spread, paired KD - CE differences, gap closed, KD-reaches-CE step, verdict."""
+    per = {m: {k: spread([runs[run_name(m, s)][k] for s in seeds]) for k in RUN_METRICS
+               if all(runs[run_name(m, s)][k] is not None for s in seeds)} for m in METHODS}
+    paired = {k: spread([runs[run_name("kd", s)][k] - runs[run_name("ce", s)][k] for s in seeds])
+              for k in RUN_METRICS if k in per["kd"] and k in per["ce"]}
+    gap = [(runs[run_name("ce", s)]["val_ce"] - runs[run_name("kd", s)]["val_ce"])
+           / (runs[run_name("ce", s)]["val_ce"] - teacher["val_ce"]) for s in seeds]
+    reach = {s: runs[run_name("kd", s)]["kd_reaches_ce_final_step"] for s in seeds}
+    verdict: dict[str, Any] = {}
+    if "strict_acc" in paired:
+        kd, ce = per["kd"]["strict_acc"], per["ce"]["strict_acc"]
+        margin = max(kd["std"], ce["std"])
+        verdict["exact_answer"] = {"kd_minus_ce": kd["mean"] - ce["mean"], "seed_spread": margin,
+                                   "pass": kd["mean"] - ce["mean"] > margin}
+    for k in ("val_ce", "val_kl"):
+        verdict[k] = {"kd_minus_ce": paired[k]["mean"], "kd_better_every_seed": paired[k]["max"] < 0,
+                      "pass": per["kd"][k]["mean"] < per["ce"][k]["mean"]}
+    verdict["pass"] = all(v["pass"] for v in verdict.values())
+    return {"methods": per, "paired_kd_minus_ce": paired, "gap_closed": spread(gap),
+            "kd_reaches_ce_final_val_ce_step": reach, "verdict": verdict}
+
+
+def _band(ax, points_by_seed: list[list[tuple[float, float]]], color: str, label: str) -> None:
+    """Thin line per seed, and the mean over seeds with a min-max band where every seed has the step."""
+    for pts in points_by_seed:
+        if pts:
+            ax.plot(*zip(*pts), "-", color=color, alpha=0.3, lw=0.8)
+    common = sorted(set.intersection(*(set(x for x, _ in pts) for pts in points_by_seed))) \
+        if points_by_seed else []
+    if not common:
+        return
+    ys = [[dict(pts)[x] for pts in points_by_seed] for x in common]
+    ax.plot(common, [statistics.fmean(y) for y in ys], "o-", color=color, lw=2, ms=3,
+            label=f"{label} (mean of {len(points_by_seed)})")
+    ax.fill_between(common, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.15)
+
+
+def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any], png: Path,
+                title: str) -> None:
+    """2 x 2: validation CE and exact-answer accuracy against steps (per seed thin, mean with a min-max
+    band, the teacher dashed), and the paired KD - CE difference of each (per seed and mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, folder, color in (("KD", kd_dir, "tab:blue"), ("CE only", ce_dir, "tab:orange")):
-        rows = _metrics_rows(folder)
-        train = [(r["step"], r["ce"]) for r in rows if r.get("event") == "train" and r.get("ce") is not None]
-        val = [r for r in rows if r.get("event") == "eval"]
-        if train:
-            ax.plot(*zip(*train), "-", color=color, alpha=0.45, lw=1, label=f"{label}: train CE")
-        if val:
-            ax.plot([r["step"] for r in val], [r["val_ce"] for r in val], "o-", color=color,
-                    label=f"{label}: val CE")
-            kl = [(r["step"], r["val_kl"]) for r in val if r.get("val_kl") is not None]
-            if kl:
-                ax2.plot(*zip(*kl), "s-", color=color, label=f"{label}: val KL(teacher || student)")
-    if teacher_ce is not None:
-        ax.axhline(teacher_ce, color="gray", ls="--", lw=1, label="teacher: val CE")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("label CE, nats per supervised token")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("KL at T=1, nats per supervised token")
-    ax2.set_yscale("log")
-    ax2.legend(fontsize=8)
-    fig.suptitle("KD vs CE-only student (same student, steps, data order, seed, lr)")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    colors = {"kd": "tab:blue", "ce": "tab:orange"}
+    panels = (("val_ce", "validation label CE (nats / supervised token)", teacher.get("val_ce")),
+              ("strict_acc", "exact-answer accuracy (strict, first test problems)",
+               teacher.get("strict_acc")))
+    for col, (key, ylabel, t_value) in enumerate(panels):
+        ax, dax = axes[0, col], axes[1, col]
+        for m in METHODS:
+            _band(ax, [c[key] for c in curves[m]], colors[m], METHOD_NAMES[m])
+        if t_value is not None:
+            ax.axhline(t_value, color="gray", ls="--", lw=1.2, label="teacher")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        diffs = []
+        for kd, ce in zip(curves["kd"], curves["ce"]):
+            ce_at = dict(ce[key])
+            diffs.append([(x, y - ce_at[x]) for x, y in kd[key] if x in ce_at])
+        _band(dax, diffs, "tab:green", "KD - CE only")
+        dax.axhline(0.0, color="black", lw=0.8)
+        dax.set_ylabel(f"KD - CE only: {'val CE' if key == 'val_ce' else 'accuracy'}"
+                       f" ({'lower' if key == 'val_ce' else 'higher'} is better for KD)")
+        dax.set_xlabel("optimizer step")
+        dax.grid(alpha=0.3)
+        dax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(png, buf.getvalue())
 
 
 def _fmt(x: Any, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _pm(d: dict[str, Any] | None, spec: str, scale: float = 1.0) -> str:
+    if d is None:
+        return "n/a"
+    return f"{format(d['mean'] * scale, spec)} ± {format(d['std'] * scale, spec)}"
 
 
 def _acc(e: dict[str, Any] | None, key: str) -> str:
@@ -431,30 +607,70 @@ def _acc(e: dict[str, Any] | None, key: str) -> str:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    """The markdown report: metrics per model, wall time per stage, cache size, and the KD-vs-CE verdict."""
-    m, c, s = report["models"], report["caches"], report["config"]["resolved"]["student"]
+    """The markdown report: teacher, per-method mean ± spread, per-seed rows, paired differences, verdict,
+    wall time per stage, cache sizes, machine."""
+    t, sm, s = report["teacher"], report["summary"], report["config"]["resolved"]["student"]
+    seeds = report["config"]["resolved"]["seeds"]
+    a = report["assets"]
     lines = [f"# fnet-distill demo report ({report['variant']})", "",
-             f"Teacher: {report['assets']['teacher_parameters']:,} parameters; student: "
-             f"{report['student_parameters']:,} parameters (d={s['hidden_size']}, {s['layers']} layers, "
-             f"FFN {s['ffn']}, W={s['window']}); {s['steps']} steps of <= {s['batch_tokens']} tokens, lr "
-             f"{s['lr']:g}; KD = `{s['kd']}`, alpha {s['alpha']:g}, T {s['temperature']:g}; "
-             "CE only = alpha 1.",
-             "",
-             "| model | val CE (nats/token) | KL to teacher (T=1) | top-1 agreement | exact answer (strict) "
-             "| exact answer (last number) |",
-             "|---|---|---|---|---|---|"]
-    for name, row in (("teacher", m["teacher"]), ("KD student", m["kd"]), ("CE-only student", m["ce"])):
-        lines.append(f"| {name} | {_fmt(row['val_ce'], '.4f')} | {_fmt(row['val_kl'], '.4f')} | "
-                     f"{_fmt(row['val_top1_agree'], '.2%')} | {_acc(row['exact'], 'strict_acc')} | "
-                     f"{_acc(row['exact'], 'flexible_acc')} |")
-    v = report["kd_vs_ce"]
-    lines += ["", f"KD beats CE only on validation CE: **{'yes' if v['val_ce'] else 'no'}** "
-              f"({v['val_ce_delta']:+.4f} nats/token), on KL to the teacher: "
-              f"**{'yes' if v['val_kl'] else 'no'}** ({v['val_kl_delta']:+.4f}). "
-              f"Validation: {m['kd']['val_tokens']:,} supervised tokens of the test split.", "",
+             f"Teacher: Qwen2 ({a['teacher_parameters']:,} parameters, {a.get('teacher_source', 'built')}); "
+             f"student: causal STFT FNet ({report['student_parameters']:,} parameters, "
+             f"{a['teacher_parameters'] / report['student_parameters']:.1f}x fewer; d={s['hidden_size']}, "
+             f"{s['layers']} layers, FFN {s['ffn']}, W={s['window']}, receptive field "
+             f"{s['layers'] * (s['window'] - 1) + 1} tokens). {report['data']['train']:,} training problems, "
+             f"{s['steps']} steps of <= {s['batch_tokens']} tokens ({report['data']['epochs']:.1f} epochs), "
+             f"lr {s['lr']:g}; KD = `{s['kd']}` from the cache (top-{report['config']['topk']} + tail), "
+             f"alpha {s['alpha']:g}, T {s['temperature']:g}; CE only = alpha 1. Student seeds "
+             f"{', '.join(map(str, seeds))}: per seed the KD and CE-only runs share initialisation and data "
+             "order.", "",
+             f"Exact answer on {t['exact']['n'] if t['exact'] else 0} held-out problems; ± is the standard "
+             "deviation over seeds.", "",
+             "| model | exact answer (strict `#### N`) | exact answer (last number) | val CE (nats/token) "
+             "| KL to teacher (T=1) | top-1 agreement |",
+             "|---|---|---|---|---|---|",
+             f"| teacher | {_acc(t['exact'], 'strict_acc')} | {_acc(t['exact'], 'flexible_acc')} | "
+             f"{_fmt(t['val_ce'], '.4f')} | 0 | 100% |"]
+    for m in METHODS:
+        p = sm["methods"][m]
+        lines.append(f"| {METHOD_NAMES[m]} student ({len(seeds)} seeds) | "
+                     f"{_pm(p.get('strict_acc'), '.1f', 100)}% "
+                     f"| {_pm(p.get('flexible_acc'), '.1f', 100)}% | {_pm(p.get('val_ce'), '.4f')} | "
+                     f"{_pm(p.get('val_kl'), '.4f')} | {_pm(p.get('val_top1_agree'), '.1f', 100)}% |")
+    d = sm["paired_kd_minus_ce"]
+    lines.append(f"| KD - CE only (paired) | {_pm(d.get('strict_acc'), '+.1f', 100)} pts | "
+                 f"{_pm(d.get('flexible_acc'), '+.1f', 100)} pts | {_pm(d.get('val_ce'), '+.4f')} | "
+                 f"{_pm(d.get('val_kl'), '+.4f')} | {_pm(d.get('val_top1_agree'), '+.1f', 100)} pts |")
+    v = sm["verdict"]
+    g = sm["gap_closed"]
+    reach = sm["kd_reaches_ce_final_val_ce_step"]
+    lines += ["", "**Verdict.** " + " ".join(filter(None, [
+        (f"KD beats CE only on exact answers by {v['exact_answer']['kd_minus_ce'] * 100:+.1f} points "
+         "against a "
+         f"seed spread of {v['exact_answer']['seed_spread'] * 100:.1f}: "
+         f"**{'yes' if v['exact_answer']['pass'] else 'no'}**.") if "exact_answer" in v else None,
+        f"On validation CE ({v['val_ce']['kd_minus_ce']:+.4f}): "
+        f"**{'yes' if v['val_ce']['pass'] else 'no'}**; "
+        f"on KL to the teacher ({v['val_kl']['kd_minus_ce']:+.4f}): "
+        f"**{'yes' if v['val_kl']['pass'] else 'no'}**.",
+        f"KD closes {g['mean']:.0%} ± {g['std']:.0%} of the CE-only-to-teacher validation-CE gap.",
+        "KD reaches CE only's final validation CE at step " + ", ".join(
+            f"{'never' if st is None else st} (seed {sd})" for sd, st in reach.items())
+        + f" of {s['steps']}.",
+    ])), "", "Per seed:", "",
+        "| run | seed | exact (strict) | exact (last number) | val CE | KL to teacher | top-1 agreement |",
+        "|---|---|---|---|---|---|---|"]
+    for sd in seeds:
+        for m in METHODS:
+            r = report["runs"][run_name(m, sd)]
+            lines.append(f"| {METHOD_NAMES[m]} | {sd} | {_acc(r['exact'], 'strict_acc')} | "
+                         f"{_acc(r['exact'], 'flexible_acc')} | {_fmt(r['val_ce'], '.4f')} | "
+                         f"{_fmt(r['val_kl'], '.4f')} | {_fmt(r['val_top1_agree'], '.2%')} |")
+    lines += ["", f"Validation: {report['teacher']['val_tokens']:,} supervised tokens of the test split. "
+              "Curves: `curves.png`.", "",
               "| stage | wall time (s) |", "|---|---|"]
     for stage, sec in report["wall_s"].items():
         lines.append(f"| {stage} | {sec:.1f} |")
+    c = report["caches"]
     lines += ["", "| cache | sequences | tokens | bytes | bytes/token | bytes/supervised token |",
               "|---|---|---|---|---|---|"]
     for name in ("train", "test"):
@@ -495,51 +711,75 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
 
     assets = timed("assets", lambda: (gsm8k_assets if cfg.gsm8k else embedded_assets)(cfg, log))
     s = cfg.resolved_student()
+    seeds = cfg.student_seeds()
     temps = tuple(sorted({1.0, float(s.temperature)}))
     caches = {split: timed(f"teacher-cache {split}",
                            lambda sp=split: teacher_cache_stage(cfg, assets, sp, temps, log))
               for split in ("train", "test")}
-    kd = timed("train-student KD", lambda: student_stage(cfg, "kd", s.alpha, log))
-    ce = timed("train-student CE", lambda: student_stage(cfg, "ce", 1.0, log))
+    for old in [*cfg.out.glob("student-*"), *cfg.out.glob("eval-*.jsonl")]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()     # runs of an earlier, other seed set
+    jobs = [(m, sd) for sd in seeds for m in METHODS]
+    trained = timed(f"train-students ({len(jobs)} runs, {min(cfg.resolved_jobs(), len(jobs))} at a time)",
+                    lambda: train_students(cfg, assets, jobs, log))
     teacher_val = timed("teacher val CE", lambda: teacher_label_ce(assets, "test", cfg.max_length()))
-    exact = {name: timed(f"eval {name}", lambda n=name, d=folder: eval_stage(cfg, assets, n, d))
-             for name, folder in (("teacher", assets.teacher_dir), ("kd", cfg.out / "student-kd" / "final"),
-                                  ("ce", cfg.out / "student-ce" / "final"))}
-    plot_kd_vs_ce(cfg.out / "student-kd", cfg.out / "student-ce", cfg.out / "curves.png", teacher_val["ce"])
+    exact = {"teacher": timed("eval teacher",
+                              lambda: eval_stage(cfg, assets, "teacher", assets.teacher_dir))}
+    for name, r in trained.items():
+        exact[name] = timed(f"eval {name}",
+                            lambda n=name, r=r: eval_stage(cfg, assets, n, Path(r["out"]) / "final"))
+
+    teacher = {"val_ce": teacher_val["ce"], "val_label_acc": teacher_val["top1"],
+               "val_tokens": teacher_val["tokens"], "val_ppl": teacher_val["ppl"], "exact": exact["teacher"],
+               "strict_acc": None if exact["teacher"] is None else exact["teacher"]["strict_acc"]}
+    runs: dict[str, dict[str, Any]] = {}
+    for sd in seeds:
+        ce_final = trained[run_name("ce", sd)]["final"].get("val_ce")
+        for m in METHODS:
+            name = run_name(m, sd)
+            f, e = trained[name]["final"], exact[name]
+            runs[name] = {"method": m, "seed": sd, "out": trained[name]["out"],
+                          "alpha": trained[name]["alpha"],
+                          "val_ce": f.get("val_ce"), "val_kl": f.get("val_kl"),
+                          "val_top1_agree": f.get("val_top1_agree"), "val_label_acc": f.get("val_label_acc"),
+                          "val_tokens": f.get("val_tokens"), "train_wall_s": f.get("wall_s"), "exact": e,
+                          "strict_acc": None if e is None else e["strict_acc"],
+                          "flexible_acc": None if e is None else e["flexible_acc"],
+                          "kd_reaches_ce_final_step": (kd_reaches_step(Path(trained[name]["out"]), ce_final)
+                                                       if m == "kd" and ce_final is not None else None),
+                          "curve_exact": trained[name]["curve_exact"], "final": f}
+    n_curve = cfg.resolved_curve_problems()
+    curves = {m: [curve_points(runs[run_name(m, sd)],
+                               cfg.out / f"eval-{run_name(m, sd)}.jsonl" if exact[run_name(m, sd)] else None,
+                               n_curve) for sd in seeds] for m in METHODS}
+    t_curve = dict(teacher)
+    if exact["teacher"] is not None and n_curve:
+        rec = _eval_records(cfg.out / "eval-teacher.jsonl")[:n_curve]
+        t_curve["strict_acc"] = sum(r["strict_correct"] for r in rec) / len(rec)
+    summary = build_summary(teacher, runs, seeds)
+    student = CausalFNetForCausalLM.from_pretrained(Path(runs[run_name("kd", seeds[0])]["out"]) / "final")
+    n_student = count_parameters(student)
+    plot_curves(curves, t_curve, cfg.out / "curves.png",
+                f"KD (topk_tail, alpha {s.alpha:g}, T {s.temperature:g}) vs CE only: {n_student:,}-parameter "
+                f"FNet students from a {assets.info['teacher_parameters']:,}-parameter Qwen2 teacher, "
+                f"seeds {', '.join(map(str, seeds))} (thin: per seed; band: min-max)")
     wall["total"] = time.perf_counter() - t_start
-
-    def student_row(r: dict[str, Any], name: str) -> dict[str, Any]:
-        f = r["final"]
-        return {"val_ce": f.get("val_ce"), "val_kl": f.get("val_kl"),
-                "val_top1_agree": f.get("val_top1_agree"), "val_label_acc": f.get("val_label_acc"),
-                "val_tokens": f.get("val_tokens"),
-                "train_wall_s": f.get("wall_s"), "exact": exact[name], "final": f}
-
-    models = {
-        "teacher": {"val_ce": teacher_val["ce"], "val_kl": 0.0, "val_top1_agree": 1.0,
-                    "val_label_acc": teacher_val["top1"], "val_tokens": teacher_val["tokens"],
-                    "val_ppl": teacher_val["ppl"], "exact": exact["teacher"]},
-        "kd": student_row(kd, "kd"), "ce": student_row(ce, "ce"),
-    }
-    kd_m, ce_m = models["kd"], models["ce"]
-    student = CausalFNetForCausalLM.from_pretrained(cfg.out / "student-kd" / "final")
+    n_train = caches["train"]["sequences"]
     report = {
         "variant": "gsm8k smoke test" if cfg.gsm8k else ("tiny" if cfg.tiny else "embedded default"),
         "config": cfg.to_json(), "assets": assets.info, "machine": machine_info(),
-        "student_parameters": count_parameters(student),
-        "models": models,
-        "kd_vs_ce": {"val_ce": kd_m["val_ce"] < ce_m["val_ce"], "val_kl": kd_m["val_kl"] < ce_m["val_kl"],
-                     "val_ce_delta": kd_m["val_ce"] - ce_m["val_ce"],
-                     "val_kl_delta": kd_m["val_kl"] - ce_m["val_kl"]},
+        "student_parameters": n_student,
+        "data": {"train": n_train, "test": caches["test"]["sequences"],
+                 "epochs": (s.steps * s.batch_tokens) / max(1, caches["train"]["tokens"])},
+        "teacher": teacher, "runs": runs, "summary": summary, "curves": curves,
         "caches": {split: {k: caches[split][k] for k in ("sequences", "tokens", "supervised_tokens", "bytes",
                                                          "bytes_per_token", "bytes_per_supervised_token",
                                                          "units_skipped", "units_total")}
                    for split in caches},
-        "train": {"kd": kd, "ce": ce},
+        "train": trained,
         "wall_s": wall,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",
                   "assets": "assets", "caches": ["cache-train", "cache-test"],
-                  "students": ["student-kd", "student-ce"],
+                  "students": [f"student-{n}" for n in runs],
                   "eval": [f"eval-{n}.jsonl" for n, e in exact.items() if e is not None]},
     }
     report["markdown"] = render_report(report)

@@ -131,11 +131,13 @@ def build_teacher_model(vocab_size: int, tokenizer, cfg: TeacherConfig):
 
 
 def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict], out_dir: str | Path,
-                  cfg: TeacherConfig, log: Callable[[str], None] | None = None) -> dict:
+                  cfg: TeacherConfig, log: Callable[[str], None] | None = None,
+                  after_step: Callable[[int, object], None] | None = None) -> dict:
     """Train the teacher on the assistant tokens of ``train_rows``, save it into ``out_dir``, return stats.
 
-    Stats include the validation CE (nats per supervised token) before and after training, the uniform
-    baseline ``ln(vocab)`` and the training loss curve.
+    ``after_step(step, model)`` (1-based step) lets a caller look at the model during training. Stats
+    include the validation CE (nats per supervised token) before and after training, the uniform baseline
+    ``ln(vocab)`` and the training loss curve.
     """
     import torch
 
@@ -172,6 +174,8 @@ def train_teacher(tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict
         train_tokens += n
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
             log(f"teacher step {step + 1}/{cfg.steps} loss {curve[-1]:.3f}")
+        if after_step is not None:
+            after_step(step + 1, model)
     model.eval()
     val_after = evaluate_teacher(model, val, pad_id)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

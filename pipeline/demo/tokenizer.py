@@ -13,6 +13,9 @@ from pathlib import Path
 
 from cache.util import UserError
 
+# Bump when the tokenizer recipe (pre-tokenization, trainer settings, special tokens) changes.
+TOKENIZER_VERSION = 1
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
