@@ -25,17 +25,27 @@ def demo_command(
                               "comparison)."),
     steps: int = typer.Option(None, help="Student optimizer steps for both runs (default: the tuned budget "
                               "times --scale)."),
-    seed: int = typer.Option(0, help="Seed of the assets, the teacher cache sampling and both students (same "
-                             "initialisation and data order for KD and CE)."),
+    seed: int = typer.Option(0, help="Seed of the assets and the teacher cache sampling, and the first "
+                             "student seed (per seed, KD and CE share initialisation and data order)."),
+    seeds: int = typer.Option(None, help="Student seeds per method (seed, seed+1, ...); default 3 (2 with "
+                              "--tiny or --gsm8k)."),
     alpha: float = typer.Option(None, help="Label-CE weight of the KD run (the CE-only run uses 1); default: "
                                 "the tuned value."),
     temperature: float = typer.Option(None, help="KD temperature of the KD run; default: the tuned value."),
     lr: float = typer.Option(None, help="Peak learning rate of both runs; default: the tuned value."),
     eval_limit: int = typer.Option(None, help="Test problems for the exact-answer evaluation of each model "
                                    "(0 skips it); default: the whole test split (300 x --scale problems)."),
-    max_new_tokens: int = typer.Option(160, help="Generation budget per problem in the exact-answer eval."),
+    curve_problems: int = typer.Option(None, help="Test problems answered at every evaluation point for the "
+                                       "accuracy curves (0: none); default 100."),
+    max_new_tokens: int = typer.Option(64, help="Generation budget per problem in the exact-answer eval."),
+    rebuild_teacher: bool = typer.Option(False, "--rebuild-teacher", help="Retrain the shipped demo teacher "
+                                         "from its seed into pipeline/demo/pretrained/ (minutes) and exit; "
+                                         "what `make demo-teacher` runs after a generator or tokenizer "
+                                         "change."),
     threads: int = typer.Option(1, help="torch CPU threads; 1 is robust on a shared machine (the demo's "
                                 "models are tiny), 0 keeps torch's default."),
+    jobs: int = typer.Option(None, help="Students trained at the same time, one process each (default: one "
+                             "per usable core, at most 2; 1 trains them one after the other)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run the whole pipeline offline and write a KD-vs-CE report (validation CE, KL to the teacher, top-1
@@ -48,11 +58,19 @@ def demo_command(
     from pipeline.demo.run import DemoConfig, StudentBudget, run_demo
 
     hf_logging.disable_progress_bar()
+    if rebuild_teacher:
+        from pipeline.demo.assets import SHIPPED_DIR, ship_teacher
+
+        stats = ship_teacher(SHIPPED_DIR, log=typer.echo)
+        typer.echo(f"shipped teacher: {SHIPPED_DIR} ({stats['parameters']:,} parameters, val CE "
+                   f"{stats['val']['ce']:.4f})")
+        return
     budget = StudentBudget()
     given = {"alpha": alpha, "temperature": temperature, "lr": lr}
     overrides = {k: v for k, v in given.items() if v is not None}
     cfg = DemoConfig(out=out, scale=scale, seed=seed, gsm8k=gsm8k, tiny=tiny, shared=shared, steps=steps,
-                     eval_limit=eval_limit, max_new_tokens=max_new_tokens, num_threads=threads or None,
+                     seeds=seeds, eval_limit=eval_limit, curve_problems=curve_problems,
+                     max_new_tokens=max_new_tokens, num_threads=threads or None, jobs=jobs,
                      progress=progress, student=replace(budget, **overrides))
     report = run_demo(cfg)
     typer.echo("")
