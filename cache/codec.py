@@ -11,8 +11,9 @@ What is stored per record (docs/cache-format.md has the layout and the measured 
   nats below the row's top log-prob (non-decreasing, so stored as gaps; capped at ``_MAX_NATS``). The top
   entry needs no value: the decoder rebuilds the absolute log-probs from the stored tail mass, so the kept
   entries plus the tail sum to 1 at every cached temperature, and ``topk_shift`` is derived, not stored.
-- The tail mass per cached temperature as a 16-bit code of ``-log2(tail)`` (relative error <= 6.8e-4;
-  0 is exact).
+- Per cached temperature the smaller of the tail mass and the kept mass, as a 16-bit code of its
+  ``-log2`` plus a flag bit (relative error <= 6.8e-4 on both, even when one is within 1e-3 of 1; a zero
+  tail is exact).
 - With ``top_p``, a row keeps the fewest ids whose T=1 mass reaches ``top_p`` (at most ``topk``); the mass
   of the dropped ids moves into the tail at every temperature, exactly (computed from the teacher's own
   values before quantisation). Decoded rows keep the ``[n, topk]`` shape: the slots after the kept ids
@@ -56,14 +57,18 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(buf: bytes | np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: ``n`` values of ``bits`` bits as int64."""
+    """Inverse of ``pack_bits``: ``n`` values of ``bits`` bits as int64 (each read from a 5-byte window)."""
     if n == 0 or bits == 0:
         return np.zeros(n, dtype=np.int64)
     raw = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
-    planes = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
-    if bits < 32:
-        planes = np.concatenate([planes, np.zeros((n, 32 - bits), np.uint8)], axis=1)
-    return np.packbits(planes, axis=1, bitorder="little").view("<u4").reshape(n).astype(np.int64)
+    padded = np.zeros(raw.size + 8, dtype=np.uint64)
+    padded[: raw.size] = raw
+    start = np.arange(n, dtype=np.int64) * bits
+    byte, shift = start >> 3, (start & 7).astype(np.uint64)
+    window = padded[byte]
+    for j in range(1, 5):
+        window |= padded[byte + j] << np.uint64(8 * j)
+    return ((window >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _rice_cost(v: np.ndarray, r: int) -> int:
@@ -95,24 +100,24 @@ def _encode_ints(values: np.ndarray) -> bytes:
     return _STREAM.pack(1, n, best_r, unary_len) + ubytes + low
 
 
-def _decode_ints(buf: memoryview, pos: int) -> tuple[np.ndarray, int]:
+def _decode_ints(buf: np.ndarray, pos: int) -> tuple[np.ndarray, int]:
     mode, n, param, unary_len = _STREAM.unpack_from(buf, pos)
     pos += _STREAM.size
     if mode == 0:
         nbytes = (n * param + 7) // 8
-        out = unpack_bits(np.frombuffer(buf, np.uint8, nbytes, pos), param, n) if n else np.zeros(0, np.int64)
+        out = unpack_bits(buf[pos:pos + nbytes], param, n) if n else np.zeros(0, np.int64)
         return out, pos + nbytes
     if mode != 1:
         raise ValueError(f"unknown integer stream mode {mode}")
     ubytes = (unary_len + 7) // 8
-    unary = np.unpackbits(np.frombuffer(buf, np.uint8, ubytes, pos), count=unary_len, bitorder="little")
+    unary = np.unpackbits(buf[pos:pos + ubytes], count=unary_len, bitorder="little")
     pos += ubytes
     zeros = np.flatnonzero(unary == 0)
     if zeros.size != n:
         raise ValueError("Rice stream is corrupt (wrong number of terminators)")
     q = np.diff(zeros, prepend=-1) - 1
     lbytes = (n * param + 7) // 8
-    low = unpack_bits(np.frombuffer(buf, np.uint8, lbytes, pos), param, n) if param else 0
+    low = unpack_bits(buf[pos:pos + lbytes], param, n) if param else 0
     return (q << param) | low, pos + lbytes
 
 
@@ -132,6 +137,22 @@ def encode_tail(t: np.ndarray) -> np.ndarray:
 def decode_tail(code: np.ndarray) -> np.ndarray:
     code = np.asarray(code, dtype=np.int64)
     return np.where(code == 0, 0.0, np.exp2(-(code - 1) / _TAIL_SCALE))
+
+
+def encode_masses(tail: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Per row and temperature the smaller of the tail and the kept mass, as ``code << 1 | is_kept``: both
+    keep a relative error <= 6.8e-4 even when one of them is within 1e-3 of 1."""
+    tail, kept = np.asarray(tail, np.float64), np.asarray(kept, np.float64)
+    use_kept = tail > 0.5
+    return (encode_tail(np.where(use_kept, kept, tail)) << 1) | use_kept
+
+
+def decode_masses(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tail, kept mass) from ``encode_masses`` codes."""
+    codes = np.asarray(codes, np.int64)
+    m = decode_tail(codes >> 1)
+    use_kept = (codes & 1).astype(bool)
+    return np.where(use_kept, 1.0 - m, m), np.where(use_kept, m, 1.0 - m)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,6 +198,9 @@ def encode_record(r: CacheRecord, settings: CacheSettings) -> bytes:
     else:
         kept, tail = np.full(n, k, dtype=np.int64), np.asarray(r.tail_mass, dtype=np.float64)
     keep = np.arange(k)[None, :] < kept[:, None]  # [n, k]
+    shift = np.asarray(r.topk_shift, dtype=np.float64)
+    kept_mass = np.stack([np.where(keep, np.exp(lp / t + shift[:, i:i + 1]), 0.0).sum(1)
+                          for i, t in enumerate(settings.temperatures)], 1) if n else tail
     q = np.minimum(np.rint((lp[:, :1] - lp) / step), round(_MAX_NATS / step)).astype(np.int64)
     q = np.maximum.accumulate(np.maximum(q, 0), axis=1)  # non-decreasing even after the cap
     gaps = np.diff(q, axis=1)[keep[:, 1:]] if k > 1 else np.zeros(0, np.int64)
@@ -185,7 +209,8 @@ def encode_record(r: CacheRecord, settings: CacheSettings) -> bytes:
              _encode_ints(r.input_ids), np.packbits(r.loss_mask, bitorder="little").tobytes()]
     if settings.top_p is not None:
         parts.append(_encode_ints(kept - 1))
-    parts += [_encode_ints(r.topk_ids[keep]), _encode_ints(gaps), _encode_ints(encode_tail(tail).reshape(-1))]
+    parts += [_encode_ints(r.topk_ids[keep]), _encode_ints(gaps),
+              _encode_ints(encode_masses(tail, kept_mass).reshape(-1))]
     if _anchor_index(settings) is None:  # no T=1 tail to anchor the absolute log-probs: keep the top one
         parts.append(np.asarray(lp[:, 0], dtype="<f4").tobytes())
     if settings.samples > 0:
@@ -201,13 +226,13 @@ def encode_record(r: CacheRecord, settings: CacheSettings) -> bytes:
 def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | np.ndarray,
                   settings: CacheSettings) -> CacheRecord:
     """The ``CacheRecord`` of one compact byte string (same shapes and dtypes as the exact encoding)."""
-    buf = memoryview(blob if not isinstance(blob, np.ndarray) else blob.tobytes())
+    buf = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob.view(np.uint8)
     k, temps = settings.topk, settings.temperatures
     L, n, _m, m_samples = _HDR.unpack_from(buf, 0)
     pos = _HDR.size
     input_ids, pos = _decode_ints(buf, pos)
     mb = (L + 7) // 8
-    loss_mask = np.unpackbits(np.frombuffer(buf, np.uint8, mb, pos), count=L, bitorder="little").astype(bool)
+    loss_mask = np.unpackbits(buf[pos:pos + mb], count=L, bitorder="little").astype(bool)
     pos += mb
     if settings.top_p is not None:
         kept, pos = _decode_ints(buf, pos)
@@ -217,7 +242,8 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     flat_ids, pos = _decode_ints(buf, pos)
     gaps, pos = _decode_ints(buf, pos)
     tcode, pos = _decode_ints(buf, pos)
-    tail = decode_tail(tcode).reshape(n, len(temps))
+    tail, kept_mass = (x.reshape(n, len(temps)) for x in decode_masses(tcode))
+    log_kept = np.log(np.maximum(kept_mass, 1e-300))
     keep = np.arange(k)[None, :] < kept[:, None]
     q = np.zeros((n, k), dtype=np.int64)
     if k > 1:
@@ -227,15 +253,15 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     rel = np.where(keep, -q * settings.lp_step, -np.inf)  # log p_1 up to a per-row constant
     a = _anchor_index(settings)
     if a is None:
-        top = np.frombuffer(buf, "<f4", n, pos).astype(np.float64)
+        top = buf[pos:pos + 4 * n].copy().view("<f4").astype(np.float64)
         pos += 4 * n
         lp = rel + top[:, None]
     else:
         lse = _logsumexp(rel)
-        lp = rel + (np.log1p(-np.minimum(tail[:, a], 1.0 - 1e-12)) - lse)[:, None]
+        lp = rel + (log_kept[:, a] - lse)[:, None]
     shift = np.zeros((n, len(temps)), dtype=np.float64)
     for i, t in enumerate(temps):
-        shift[:, i] = np.log1p(-np.minimum(tail[:, i], 1.0 - 1e-12)) - _logsumexp(lp / t)
+        shift[:, i] = log_kept[:, i] - _logsumexp(lp / t)
     ids = np.zeros((n, k), dtype=np.int32)
     ids[keep] = flat_ids
     if n and not keep.all():
@@ -293,8 +319,11 @@ def row_kl(exact: CacheRecord, decoded: CacheRecord, temperatures: tuple[float, 
         with np.errstate(divide="ignore", invalid="ignore"):
             head = np.where(kept & (p > 0), p * (np.log(p) - np.log(q)), 0.0).sum(1)
             tl = np.where(tail_p > 0, tail_p * (np.log(tail_p) - np.log(np.maximum(tail_q, 1e-300))), 0.0)
-        # normalise the exact side's rounding (its bins may sum to 1 +- 1e-7) so KL >= 0 is meaningful
-        out[:, i] = head + tl - (np.where(kept, p, 0.0).sum(1) + tail_p - 1.0)
+        # generalised KL (sum p log p/q - sum p + sum q >= 0): neither side's bins sum to 1 exactly after
+        # rounding (float16 log-probs, float32 tails), and this keeps the measure non-negative
+        mass_p = np.where(kept, p, 0.0).sum(1) + tail_p
+        mass_q = np.where(kept, q, 0.0).sum(1) + tail_q
+        out[:, i] = head + tl - mass_p + mass_q
     return out
 
 
