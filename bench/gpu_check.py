@@ -7,7 +7,7 @@
    bf16 autocast and fp16 autocast. Records step time, peak device memory over the timed steps, whether the
    loss and every gradient stay finite, and the loss's relative difference to fp32.
 2. The conv1d / block-FFT crossover of the fast mixing layer on this device: forward + backward of one layer,
-   kernel given. From the table it suggests ``FFT_CROSSOVER[device]`` for ``student/modeling.py``: the
+   kernel given. From the table it suggests ``FFT_CROSSOVER[device]`` for ``student/stft.py``: the
    smallest effective window L from which the FFT route won every measured case.
 3. Stage one on a random Qwen2-0.5B-shaped teacher in bf16: ``bench_teacher_cache.py --config qwen2-0.5b``.
    It needs the Qwen2 tokenizer and GSM8K under ``$FNET_SHARED`` (default ``../shared``). Its JSON lands
