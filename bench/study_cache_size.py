@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bytes_per[src] = write_variant(caches / "full", caches / "rs12-draws", caches / src, src, vocab)
     print(f"caches ready after {time.time() - t0:.0f} s", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for v in variants:
-        src, kind, alpha = VARIANTS[v]
-        for seed in range(seeds):
+    result: dict[str, Any] = {}
+    for seed in range(seeds):  # seeds outer: a run stopped early still has every variant at seed 0
+        for v in variants:
+            src, kind, alpha = VARIANTS[v]
             sd = out / "students" / f"{v}-s{seed}"
             shutil.rmtree(sd, ignore_errors=True)
             cfg = TrainConfig(cache=caches / src, val_cache=caches / "val", out=sd, hidden_size=64, layers=2,
@@ -192,28 +193,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            "wall_s": res.wall_s})
             print(f"{v:18s} seed {seed}: val CE {m.get('val_ce', float('nan')):.4f}  accuracy "
                   f"{runs[v][-1]['accuracy']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+            result = write_results(out, args, runs, bytes_per, steps, seeds, problems, vocab, t0)
+    return result
+
+
+def write_results(out: Path, args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
+                  bytes_per: dict[str, Any], steps: int, seeds: int, problems: int, vocab: int,
+                  t0: float) -> dict[str, Any]:
+    """study.json, study.md and study.png from the runs so far (rewritten after every student)."""
     table = []
-    for v in variants:
+    for v, rs in runs.items():
         man = bytes_per[VARIANTS[v][0]]
         row = {"variant": v, "cache": VARIANTS[v][0], "kd": VARIANTS[v][1], "alpha": VARIANTS[v][2],
-               "bytes_per_supervised_token": man["stats"]["bytes_per_supervised_token"],
-               "seeds": len(runs[v])}
+               "bytes_per_supervised_token": man["stats"]["bytes_per_supervised_token"], "seeds": len(rs)}
         for key in ("val_ce", "val_kl", "accuracy"):
-            row[key], row[key + "_std"] = summarise([r[key] for r in runs[v]])
+            row[key], row[key + "_std"] = summarise([r[key] for r in rs])
         table.append(row)
     result = {"benchmark": "study_cache_size", "quick": args.quick, "steps": steps, "seeds": seeds,
               "problems": problems, "vocab_size": vocab, "wall_s": time.time() - t0, "table": table,
               "runs": runs}
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    lines = ["| variant | bytes/sup. token | val CE | val KL | exact-answer accuracy |",
-             "|---|---|---|---|---|"]
+    lines = ["| variant | bytes/sup. token | seeds | val CE | val KL | exact-answer accuracy |",
+             "|---|---|---|---|---|---|"]
     for r in table:
         size = "— (labels only)" if r["alpha"] == 1.0 else f"{r['bytes_per_supervised_token']:.1f}"
-        lines.append(f"| {r['variant']} | {size} | {r['val_ce']:.4f} ± "
-                     f"{r['val_ce_std']:.4f} | {r['val_kl']:.4f} ± {r['val_kl_std']:.4f} | "
+        lines.append(f"| {r['variant']} | {size} | {r['seeds']} | "
+                     f"{r['val_ce']:.4f} ± {r['val_ce_std']:.4f} | "
+                     f"{r['val_kl']:.4f} ± {r['val_kl_std']:.4f} | "
                      f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     plot(table, out / "study.png")
     return result
 
