@@ -334,6 +334,10 @@ class CausalFNetForCausalLM(CausalFNetModel, GenerationMixin):
                 logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> CausalFNetLMOutput:
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
+        if cache is not None and not isinstance(cache, RollingStateCache):
+            raise ModelInputError(f"this model's decoding state is a RollingStateCache, not a "
+                                  f"{type(cache).__name__}; pass use_cache=True (or the cache a previous "
+                                  "call returned) instead")
         if cache is None and use_cache:
             cache = self.new_cache(input_ids.shape[0])
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)  # (B, T, d)

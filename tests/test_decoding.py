@@ -3,6 +3,7 @@ every step, and a cost per token that does not grow with the prefix."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_student import EOS, PAD, save_student, tiny_student, tiny_tokenizer  # tests/ is on sys.path
 
@@ -114,3 +115,12 @@ def test_beam_search_on_the_state_equals_beam_search_recomputing_the_prefix():
     ids, mask = padded_batch()
     kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=PAD)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_a_key_value_cache_is_refused_with_one_line():
+    from transformers import DynamicCache
+
+    from student.modeling import ModelInputError
+
+    with pytest.raises(ModelInputError, match="RollingStateCache"):
+        tiny_student()(torch.tensor([[13, 14]]), cache=DynamicCache())
