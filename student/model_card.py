@@ -145,13 +145,17 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        "tok = AutoTokenizer.from_pretrained(DIR)",
+        "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).eval()",
         "messages = [{\"role\": \"user\", \"content\": \"What is 12 * 7?\"}]",
-        "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-        "out = model.generate(ids, max_new_tokens=256, do_sample=False)",
-        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+        "                                 return_dict=True)",
+        "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)",
+        "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
         "```",
+        "",
+        "(`trust_remote_code=True` on the tokenizer too: transformers reads the model's config to pick the "
+        "tokenizer and would otherwise ask before running the folder's config code.)",
         "",
         "`generate()` carries a rolling window state: each new token costs the same whatever the length so "
         "far, and the state per sequence has a fixed size. `pipeline(\"text-generation\", model=DIR, "
