@@ -13,7 +13,7 @@ REQUESTS = [("the answer is", " 3"), ("the sum of 3 and 4 is", " 7 ."), ("red ca
 
 
 def own_loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
-    """Sum of log p(continuation token | prefix) from ``model(ids).logits``, and whether each is the argmax."""
+    """Sum of log p(continuation token | prefix) from ``model(ids).logits``; whether each is the argmax."""
     ctx, cont = tok(context)["input_ids"], tok(continuation)["input_ids"]
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
