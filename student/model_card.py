@@ -134,7 +134,9 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "",
         "The full resolved settings are in `train_config.json`, the origin in `provenance.json`.",
         "",
-        "## Final validation",
+        "## Validation",
+        *([f"The run's last validation before this folder was written (step {metrics.get('step')}):", ""]
+          if metrics else []),
         *(_table([(k, v) for k, v in metrics.items() if k not in ("event",)]) if metrics
           else ["No validation was run for this folder (no `--val-cache` / `--val-fraction`)."]),
         "",
