@@ -38,7 +38,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache  # noqa: E402
+from cache.format import (  # noqa: E402
+    CacheRecord,
+    CacheSettings,
+    CacheWriter,
+    FingerprintMismatch,
+    open_cache,
+)
 from cache.util import UserError  # noqa: E402
 
 TEMPS = (1.0, 2.0)
@@ -79,9 +85,11 @@ def derive(rec: CacheRecord, k: int, samples: tuple | None) -> CacheRecord:
 
 def write_variant(src: Path, rs12: Path, out: Path, name: str, vocab: int) -> dict[str, Any]:
     """One train cache derived from the full-distribution cache ``src`` (and the 12-draw cache)."""
-    if (out / "manifest.json").exists():
-        return json.loads((out / "manifest.json").read_text())
     full = open_cache(src)
+    if (out / "manifest.json").exists():  # reuse a variant derived from this very full cache
+        m = json.loads((out / "manifest.json").read_text())
+        if m["fingerprint"].get("study_source") == full.fingerprint_digest:
+            return m
     compact = name.endswith("-compact") or name.startswith(("rs", "top-p"))
     k = {"rs12": 1, "rs50": 1, "top-p0.9": 64}.get(name) or int(name.split("-")[0].removeprefix("k"))
     k = min(k, vocab)
@@ -90,7 +98,8 @@ def write_variant(src: Path, rs12: Path, out: Path, name: str, vocab: int) -> di
     s = CacheSettings(topk=k, vocab_size=vocab, samples=samples, temperatures=TEMPS, dtype="float32",
                       encoding="compact" if compact else "exact",
                       top_p=0.9 if name == "top-p0.9" else None)
-    fp = {**full.fingerprint, "study_variant": name, "topk": k, "samples": samples}
+    fp = {**full.fingerprint, "study_variant": name, "study_source": full.fingerprint_digest, "topk": k,
+          "samples": samples}
     shutil.rmtree(out, ignore_errors=True)
     with CacheWriter(out, fp, s) as w:
         units = np.searchsorted(np.asarray(full._starts), np.arange(len(full)), side="right") - 1
@@ -159,10 +168,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for split, path, samples, seed, name in (("train", assets.train_jsonl, 50, 0, "full"),
                                              ("train", assets.train_jsonl, 12, 1, "rs12-draws"),
                                              ("test", assets.test_jsonl, 0, 0, "val")):
-        if not (caches / name / "manifest.json").exists():
-            run_teacher_cache(TeacherCacheConfig(dataset=str(path), split=split, out=caches / name,
-                                                 topk=vocab if name != "rs12-draws" else 1, samples=samples,
-                                                 seed=seed, **common))
+        tc = TeacherCacheConfig(dataset=str(path), split=split, out=caches / name,
+                                topk=vocab if name != "rs12-draws" else 1, samples=samples, seed=seed,
+                                **common)
+        try:
+            run_teacher_cache(tc)  # resumes, or reuses a finished cache of the same fingerprint
+        except FingerprintMismatch:  # assets of other settings (e.g. a new generator): rebuild
+            shutil.rmtree(caches / name)
+            run_teacher_cache(tc)
     bytes_per = {"full": json.loads((caches / "full" / "manifest.json").read_text())}
     for v in variants:
         src = VARIANTS[v][0]

@@ -3,9 +3,11 @@ on chat-formatted GSM8K train rows: a teacher whose next-token distributions are
 (peaked on digits and frequent tokens), unlike a random-weight model's near-uniform ones. Used by
 ``bench/bench_cache_encodings.py`` to measure the cache encodings on realistic distributions.
 
-To fit a few CPU minutes, training computes the softmax over the ids that occur in the training text only
-(about 6% of the vocabulary); the output rows of every other id keep their small random initialisation,
-so the saved model still spreads a little mass over the whole 151,936-id vocabulary, as a real one does.
+To fit a few CPU minutes, training computes an exact softmax over the ids that occur in the training text
+(about 6% of the vocabulary) plus one class standing for the N other ids, which all share one output row
+``w_other`` (its logit is ``h . w_other + log N``, the log of their summed probability). The saved model
+gives every other id that row plus small noise (so their order is not a tie): a full-vocabulary model whose
+distribution is the trained one, mass on unseen ids included.
 
     nice -n 5 python bench/train_gsm8k_teacher.py --out /tmp/gsm8k-teacher --minutes 4
 """
@@ -54,7 +56,9 @@ def main() -> None:
     seen = torch.from_numpy(np.unique(np.concatenate(seqs)))
     remap = torch.full((cfg.vocab_size,), -100, dtype=torch.long)
     remap[seen] = torch.arange(len(seen))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    n_other = cfg.vocab_size - len(seen)
+    w_other = torch.nn.Parameter(torch.zeros(cfg.hidden_size))
+    opt = torch.optim.AdamW([*model.parameters(), w_other], lr=3e-3, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0, step, log = time.time(), 0, []
@@ -68,9 +72,10 @@ def main() -> None:
             labels[b, : len(seqs[i])] = torch.from_numpy(seqs[i])
         attn = (labels != -100).long()
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-        logits = hidden @ model.lm_head.weight[seen].T  # softmax over the ids of the training text
+        logits = torch.cat([hidden @ model.lm_head.weight[seen].T,  # the ids of the training text ...
+                            (hidden @ w_other + float(np.log(n_other)))[..., None]], -1)  # ... and the rest
         target = torch.where(labels[:, 1:] >= 0, remap[labels[:, 1:].clamp_min(0)], -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(seen)), target.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, len(seen) + 1), target.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,6 +83,11 @@ def main() -> None:
         if step % 10 == 0:
             log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
+    with torch.no_grad():
+        other = torch.ones(cfg.vocab_size, dtype=torch.bool)
+        other[seen] = False
+        noise = torch.randn(int(other.sum()), cfg.hidden_size) * 0.01
+        model.lm_head.weight[other] = w_other.detach() + noise
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
