@@ -55,11 +55,11 @@ train_student(TrainConfig(**args["cfg"]), TrainHooks(after_step=after_step))
 """
 
 
-def child(cfg: dict, **args) -> subprocess.Popen:
+def child(cfg: dict, stderr, **args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     payload = json.dumps({"cfg": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}, **args})
     return subprocess.Popen([sys.executable, "-c", CHILD, payload], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=stderr, text=True)
 
 
 def params_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -92,9 +92,11 @@ def reference(tmp_path_factory, cache) -> Path:
 def test_kill_between_the_checkpoint_renames_then_resume_equals_an_uninterrupted_run(tmp_path, cache,
                                                                                       reference):
     out = tmp_path / "run"
-    proc = child(dict(cache=cache, out=out, **TINY), kill_at=1)  # the step-4 checkpoint replaces step 2's
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    with open(tmp_path / "stderr", "w") as err:
+        # killed while the step-4 checkpoint replaces step 2's
+        proc = child(dict(cache=cache, out=out, **TINY), err, kill_at=1)
+        proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
     assert not (out / CHECKPOINT).exists()  # the window: neither name holds a checkpoint
     left = hidden(out)
     assert [n.rsplit("-", 1)[0] for n in left] == [".checkpoint-last.old", ".checkpoint-last.tmp"]
@@ -223,12 +225,15 @@ def test_a_damaged_tokenizer_attachment_is_refused_when_the_cache_opens(tmp_path
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_dataloader_workers_exit_when_the_trainer_is_killed(tmp_path, cache):
     cfg = dict(cache=cache, out=tmp_path / "run", **{**TINY, "steps": 50, "save_every": 0, "num_workers": 2})
-    proc = child(cfg, hang_at_step=2)
-    line = proc.stdout.readline()
+    with open(tmp_path / "stderr", "w") as err:
+        proc = child(cfg, err, hang_at_step=2)
+        line = proc.stdout.readline()
     workers = [int(x) for x in line.split()[1:]]
-    assert line.startswith("WORKERS") and len(workers) == 2, proc.stderr.read()[-2000:]
+    assert line.startswith("WORKERS") and len(workers) == 2, (tmp_path / "stderr").read_text()[-2000:]
+    deadline = time.monotonic() + 2.0
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)  # the trainer only (the workers hold its stdout: communicate() would wait for them)
+    proc.stdout.close()
 
     def alive(pid: int) -> bool:
         try:
@@ -238,7 +243,6 @@ def test_dataloader_workers_exit_when_the_trainer_is_killed(tmp_path, cache):
 
     # Parent-death signal: gone at once (PyTorch's own watchdog alone takes up to 5 s, or never exits a
     # worker blocked on a full queue).
-    deadline = time.monotonic() + 2.0
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in workers)
