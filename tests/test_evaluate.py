@@ -1,5 +1,5 @@
 """``fnet-distill eval``: the real CLI on a tiny student, greedy outputs against the models' own unbatched
-``generate()``, the HF path on a Qwen2 folder, scoring through ``gsm8k_eval``, and input errors."""
+``generate()``, the HF path on a Qwen2 folder, scoring through ``pipeline.answers``, and input errors."""
 
 from __future__ import annotations
 
