@@ -58,7 +58,7 @@ def test_report_files_and_fields(tiny_demo):
     report = json.loads((out / "report.json").read_text())
     assert report["markdown"] == md
     assert report["config"]["resolved"]["seeds"] == list(SEEDS)
-    assert list(report["wall_s"]) == list(STAGES)
+    assert set(report["wall_s"]) == set(STAGES)
     assert all(v >= 0 for v in report["wall_s"].values())
     assert report["wall_s"]["total"] >= sum(v for k, v in report["wall_s"].items() if k != "total") - 1e-6
     for key in ("cpu_model", "usable_cores", "torch", "torch_threads"):

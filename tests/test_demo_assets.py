@@ -174,7 +174,7 @@ def test_stage_one_reads_the_demo_data(tiny_assets, demo_tokenizer):
     examples = load_examples(folder, "test")
     assert [(e.question, e.answer) for e in examples] == [(r["question"], r["answer"]) for r in rows]
     data = load_tokenized(demo_tokenizer, DataConfig(dataset=folder, split="train"))
-    assert len(data.seqs) == 50 and data.dropped == 0
+    assert len(data.seqs) == 32 and data.dropped == 0
 
 
 def test_loss_mask_covers_the_answer_and_im_end(demo_tokenizer, tiny_assets):
@@ -228,7 +228,7 @@ def test_assets_layout_and_reuse(tiny_assets):
         assert path.exists(), path
     assert tiny_assets.stats["reused"] is False
     train = [json.loads(line) for line in tiny_assets.train_jsonl.read_text().splitlines()]
-    assert len(train) == 50
+    assert len(train) == 32
     root = tiny_assets.teacher_dir.parent
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     again = build_demo_assets(root, scale=0.05, seed=0, tiny=True)

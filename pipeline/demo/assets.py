@@ -34,7 +34,7 @@ FINGERPRINT = "fingerprint.json"
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 REBUILD_COMMAND = "make demo-teacher  (= fnet-distill demo --rebuild-teacher)"
 
-BASE_TRAIN = 1000
+BASE_TRAIN = 500
 BASE_TEST = 300
 VOCAB_SIZE = 512
 TOKENIZER_ROWS = 5000

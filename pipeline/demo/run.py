@@ -63,20 +63,20 @@ RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree
 class StudentBudget:
     """The student and its training budget, shared by the KD and the CE-only runs (only ``alpha`` differs)."""
 
-    hidden_size: int = 64
+    hidden_size: int = 32
     layers: int = 3
-    ffn: int = 256
+    ffn: int = 128
     window: int = 32
     max_positions: int = 256
     dropout: float = 0.1
-    steps: int = 400
+    steps: int = 1200
     batch_tokens: int = 2048
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 6e-3
+    min_lr: float = 6e-4
     warmup: int = 30
     weight_decay: float = 0.1
     kd: str = "topk_tail"
-    alpha: float = 0.5
+    alpha: float = 0.2
     temperature: float = 1.0
     eval_points: int = 8
     compact_vocab: bool = False
@@ -568,6 +568,8 @@ def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any
             _band(ax, [c[key] for c in curves[m]], colors[m], METHOD_NAMES[m])
         if t_value is not None:
             ax.axhline(t_value, color="gray", ls="--", lw=1.2, label="teacher")
+        if key == "val_ce":
+            ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
