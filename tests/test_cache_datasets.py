@@ -4,13 +4,14 @@ reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import numpy as np
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import open_cache
+from cache.format import CacheWriter, open_cache
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
 SECTION = "## Reading a cache outside this project"
@@ -46,6 +47,18 @@ def test_datasets_and_pyarrow_open_a_shard_as_documented(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ns["topk_ids"], first_row.topk_ids)
     np.testing.assert_allclose(ns["topk_logprobs"], first_row.topk_logprobs)
 
-    ns2: dict = {}
-    exec(second.replace('"runs/cache/qwen2-0.5b-gsm8k-train"', repr(str(cache))), ns2)  # noqa: S102
-    assert ns2["rec"].topk_ids.shape[1] == 5
+    # the compact encoding (the CLI's default): the same records written compact, opened with datasets
+    # and decoded row by row as documented
+    compact = tmp_path / "compact"
+    settings = dataclasses.replace(reader.settings, encoding="compact")
+    with CacheWriter(compact, fingerprint=reader.fingerprint, settings=settings) as w:
+        w.write_unit(0, list(reader))
+        w.finalize(1, tokenizer=reader.manifest["tokenizer"])
+    shards = sorted(str(p) for p in compact.glob("unit-*.arrow"))
+    ds_compact = datasets.load_dataset("arrow", data_files=shards, split="train")
+    assert "record" in ds_compact.column_names
+    ns2: dict = {"ds": ds_compact}
+    exec(second.replace('"runs/cache/qwen2-0.5b-gsm8k-train"', repr(str(compact))), ns2)  # noqa: S102
+    rec = by_seq[ds_compact[0]["seq_id"]]
+    np.testing.assert_array_equal(ns2["rec"].topk_ids, rec.topk_ids)
+    np.testing.assert_array_equal(ns2["rec"].input_ids, rec.input_ids)
