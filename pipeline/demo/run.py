@@ -599,7 +599,7 @@ def _fmt(x: Any, spec: str) -> str:
 def _pm(d: dict[str, Any] | None, spec: str, scale: float = 1.0) -> str:
     if d is None:
         return "n/a"
-    return f"{format(d['mean'] * scale, spec)} ± {format(d['std'] * scale, spec)}"
+    return f"{format(d['mean'] * scale, spec)} ± {format(d['std'] * scale, spec.lstrip('+'))}"
 
 
 def _acc(e: dict[str, Any] | None, key: str) -> str:
