@@ -1,6 +1,6 @@
 """Regenerate docs/cli.md from the real `--help` output: `python docs/gen_cli_reference.py`.
 
-`--check` exits 1 when docs/cli.md differs from what the current code prints (tests/test_cli.py runs it).
+`--check` exits 1 when docs/cli.md differs from what the current code prints.
 """
 
 from __future__ import annotations
