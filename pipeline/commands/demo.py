@@ -46,7 +46,8 @@ def demo_command(
                                 "models are tiny), 0 keeps torch's default."),
     jobs: int = typer.Option(None, help="Students trained at the same time, one process each (default: one "
                              "per usable core, at most 2; 1 trains them one after the other)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = typer.Option(True, help="Progress on stderr: bars on a terminal, else a line every "
+                                  "30 s (FNET_PROGRESS_SECONDS); stage lines and the report print anyway."),
 ) -> None:
     """Run the whole pipeline offline and write a KD-vs-CE report over student seeds (exact-answer accuracy,
     validation CE, KL to the teacher, top-1 agreement: per seed, mean and spread, paired differences; gap

@@ -68,7 +68,8 @@ def train_student_command(
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
     num_workers: int = typer.Option(2, help="DataLoader worker processes (0 loads in the main process)."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: bool = typer.Option(True, help="Progress on stderr (rank 0): a bar on a terminal, else a line "
+                                  "every 30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
 ) -> None:
     """Train the causal STFT FNet student from a teacher cache (the teacher is never loaded).
 
