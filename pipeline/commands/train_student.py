@@ -69,7 +69,8 @@ def train_student_command(
                                "cuda or cuda:N."),
     num_workers: int = typer.Option(2, help="DataLoader worker processes (0 loads in the main process)."),
     progress: bool = typer.Option(True, help="Progress on stderr (rank 0): a bar on a terminal, else a line "
-                                  "every 30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
+                                  "every --log-every steps or 30 s (FNET_PROGRESS_SECONDS); the summary is "
+                                  "printed either way."),
 ) -> None:
     """Train the causal STFT FNet student from a teacher cache (the teacher is never loaded).
 
