@@ -572,7 +572,8 @@ def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any
             ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         diffs = []
         for kd, ce in zip(curves["kd"], curves["ce"]):
             ce_at = dict(ce[key])
@@ -583,7 +584,8 @@ def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any
                        f" ({'lower' if key == 'val_ce' else 'higher'} is better for KD)")
         dax.set_xlabel("optimizer step")
         dax.grid(alpha=0.3)
-        dax.legend(fontsize=8)
+        if dax.get_legend_handles_labels()[0]:
+            dax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
