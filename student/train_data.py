@@ -101,6 +101,11 @@ def open_training_data(cfg: TrainConfig) -> TrainData:
                             "rebuild it with teacher-cache --samples N or choose another --kd")
         temp_index = 0  # the sampled loss reads no temperature column
     elif needs_kd:
+        if cfg.kd in ("topk_renorm", "reverse_kl") and reader.settings.top_p is not None:
+            # Adaptive-k rows are padded to k with the row's top id: exact for topk_tail (the padding carries
+            # no mass), but renormalising over the slots would count that id again.
+            raise UserError(f"--kd {cfg.kd} cannot read the adaptive-k (--top-p) cache {cfg.cache}; "
+                            "use --kd topk_tail or a cache written without --top-p")
         try:
             temp_index = reader.temperature_index(cfg.temperature)
         except UserError as e:

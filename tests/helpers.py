@@ -35,7 +35,7 @@ def teacher_rows(z: np.ndarray, k: int, temps: tuple[float, ...]) -> tuple:
 def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: int = 0, k: int = 8,
                        temps: tuple[float, ...] = (1.0, 2.0), samples: int = 0, lengths=(10, 20),
                        equal_length: int | None = None, tokenizer_hash: str = "bigram-tok",
-                       attachments: dict[str, Path] | None = None) -> Path:
+                       attachments: dict[str, Path] | None = None, **settings_kw) -> Path:
     """Sequences drawn from the bigram teacher (prompt of 3-5 tokens, then the answer, ending with EOS);
     teacher rows are its exact distributions. Written with the real CacheWriter in 2 units."""
     rng = np.random.default_rng(seed)
@@ -69,7 +69,8 @@ def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: 
                        sample_ids=np.concatenate(s_ids).astype(np.int32),
                        sample_counts=np.concatenate(s_cnt).astype(np.int32))
         recs.append(CacheRecord(**rec))
-    settings = CacheSettings(topk=k, vocab_size=V, samples=samples, temperatures=temps, dtype="float32")
+    settings = CacheSettings(**{"topk": k, "vocab_size": V, "samples": samples, "temperatures": temps,
+                                "dtype": "float32", **settings_kw})
     fp = {"teacher": f"bigram-{teacher_seed}", "tokenizer_hash": tokenizer_hash, "data_seed": seed, "n": n,
           "equal": equal_length, "samples": samples, "temps": list(temps)}
     half = (n + 1) // 2

@@ -102,6 +102,14 @@ def test_refusals_name_the_problem(tmp_path, cache):
         setup(tiny(cache, tmp_path / "g", val_cache=other))
 
 
+def test_renormalising_kinds_refuse_an_adaptive_k_cache(tmp_path):
+    c = write_bigram_cache(tmp_path / "c", n=6, encoding="compact", top_p=0.9)
+    for kind in ("topk_renorm", "reverse_kl"):
+        with pytest.raises(UserError, match=f"--kd {kind} cannot read the adaptive-k"):
+            setup(tiny(c, tmp_path / kind, kd=kind, temperature=1.0))
+    setup(tiny(c, tmp_path / "tail", kd="topk_tail", temperature=1.0))  # exact about the padding: accepted
+
+
 def test_damaged_cache_is_refused_before_training(tmp_path):
     c = write_bigram_cache(tmp_path / "c", n=6)
     shard = sorted(c.glob("unit-*.arrow"))[1]
