@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from study_cache_size import derive  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 from cache.codec import row_kl  # noqa: E402
 from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache  # noqa: E402
 from pipeline.data import DataConfig, load_tokenized, load_tokenizer  # noqa: E402
@@ -59,20 +61,6 @@ VARIANTS = [
     ("compact RS 12 draws (+ top-1)", 1, 12, dict(encoding="compact")),
     ("exact fp16 RS 50 draws (+ top-1)", 1, 50, dict(encoding="exact", dtype="float16")),
 ]
-
-
-def derive(rec: CacheRecord, k: int, samples: dict | None) -> CacheRecord:
-    """The record a top-``k`` teacher pass would have written (exact float64 tail), plus ``samples``."""
-    lp = rec.topk_logprobs.astype(np.float64)
-    tail = rec.tail_mass.astype(np.float64).copy()
-    for i, t in enumerate(TEMPS):
-        tail[:, i] += np.exp(lp[:, k:] / t + rec.topk_shift[:, i:i + 1].astype(np.float64)).sum(1)
-    out = CacheRecord(rec.seq_id, rec.input_ids, rec.loss_mask, rec.assistant_start,
-                      rec.topk_ids[:, :k].copy(), rec.topk_logprobs[:, :k].copy(), rec.topk_shift.copy(),
-                      np.minimum(tail, 1.0).astype(np.float32))
-    if samples is not None:
-        out.sample_offsets, out.sample_ids, out.sample_counts = samples
-    return out
 
 
 def teacher_rows(teacher_dir: str, tokenizer, data, limit: int) -> tuple[list[CacheRecord], dict, dict, dict]:
