@@ -59,15 +59,7 @@ def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: 
                    topk_ids=tk.astype(np.int32), topk_logprobs=lp.astype(np.float32),
                    topk_shift=shift.astype(np.float32), tail_mass=tail.astype(np.float32))
         if samples:
-            offs, s_ids, s_cnt = [0], [], []
-            for row in z:
-                u, c = np.unique(rng.choice(V, size=samples, p=np.exp(log_softmax(row))), return_counts=True)
-                s_ids.append(u)
-                s_cnt.append(c)
-                offs.append(offs[-1] + len(u))
-            rec.update(sample_offsets=np.array(offs, np.int64),
-                       sample_ids=np.concatenate(s_ids).astype(np.int32),
-                       sample_counts=np.concatenate(s_cnt).astype(np.int32))
+            rec.update(teacher_samples(rng, z, samples))
         recs.append(CacheRecord(**rec))
     settings = CacheSettings(**{"topk": k, "vocab_size": V, "samples": samples, "temperatures": temps,
                                 "dtype": "float32", **settings_kw})
@@ -80,6 +72,20 @@ def write_bigram_cache(path: Path, n: int = 24, *, seed: int = 0, teacher_seed: 
         w.finalize(2, attachments=attachments, tokenizer={"vocab_size": V, "eos_token_id": EOS,
                                                           "pad_token_id": PAD, "hash": tokenizer_hash})
     return path
+
+
+def teacher_samples(rng: np.random.Generator, z: np.ndarray, samples: int) -> dict[str, np.ndarray]:
+    """Random-Sampling KD fields drawn from the teacher: ``samples`` draws per row of logits ``z`` (n, V),
+    kept as unique ids + counts (rows in order, so a seeded ``rng`` gives the same draws every time)."""
+    offs, ids, cnts = [0], [], []
+    for row in z:
+        u, c = np.unique(rng.choice(z.shape[1], size=samples, p=np.exp(log_softmax(row))), return_counts=True)
+        ids.append(u)
+        cnts.append(c)
+        offs.append(offs[-1] + len(u))
+    return dict(sample_offsets=np.array(offs, np.int64),
+                sample_ids=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
+                sample_counts=np.concatenate(cnts).astype(np.int32) if cnts else np.zeros(0, np.int32))
 
 
 def random_samples(rng: np.random.Generator, n: int, vocab: int, samples: int) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import log_softmax, teacher_rows  # tests/ is on sys.path under pytest
+from helpers import teacher_rows, teacher_samples  # tests/ is on sys.path under pytest
 
 from cache import codec
 from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache, verify_cache
@@ -42,15 +42,8 @@ def exact_record(rng: np.random.Generator, V: int, k: int, n: int, L: int | None
                       topk_logprobs=lp.astype(np.float32), topk_shift=shift.astype(np.float32),
                       tail_mass=tail.astype(np.float32))
     if samples:
-        offs, s_ids, s_cnt = [0], [], []
-        for row in z:
-            u, c = np.unique(rng.choice(V, size=samples, p=np.exp(log_softmax(row))), return_counts=True)
-            s_ids.append(u)
-            s_cnt.append(c)
-            offs.append(offs[-1] + len(u))
-        rec.sample_offsets = np.array(offs, np.int64)
-        rec.sample_ids = np.concatenate(s_ids).astype(np.int32) if s_ids else np.zeros(0, np.int32)
-        rec.sample_counts = np.concatenate(s_cnt).astype(np.int32) if s_cnt else np.zeros(0, np.int32)
+        for name, value in teacher_samples(rng, z, samples).items():
+            setattr(rec, name, value)
     return rec
 
 
