@@ -46,6 +46,7 @@ from cache.util import (
     file_hash,
     fsync_dir,
     fsync_tree,
+    tree_files,
 )
 from cache.util import json_hash as _json_hash
 from cache.version import __version__
@@ -70,13 +71,6 @@ def _code_version() -> str:
 
 def unit_name(unit: int, fmt: str) -> str:
     return f"unit-{unit:06d}.{fmt}"
-
-
-def _tree_files(root: Path, base: Path) -> list[dict[str, Any]]:
-    """``[{path, bytes, hash}]`` of every file under ``root`` (a file or a folder), paths relative to base."""
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [{"path": p.relative_to(base).as_posix(), "bytes": p.stat().st_size, "hash": file_hash(p)}
-            for p in paths]
 
 
 def _files_hash(files: list[dict[str, Any]]) -> str:
@@ -371,7 +365,7 @@ class CacheWriter:
         else:
             os.replace(tmp, final)
             fsync_dir(self.path)
-        files = _tree_files(final, self.path)
+        files = tree_files(final, self.path)
         lengths = [int(r.input_ids.shape[0]) for r in recs]
         sup = [r.num_supervised for r in recs]
         entry = {
@@ -468,7 +462,7 @@ class CacheWriter:
             "tokenizer": dict(tokenizer) if tokenizer is not None else None,
             "shards": [{k: e[k] for k in ("unit", "file", "files", "bytes", "hash", "first_seq", "num_seqs",
                                           "num_tokens", "num_supervised")} for e in shards],
-            "index": _tree_files(self.path / INDEX, self.path)[0],
+            "index": tree_files(self.path / INDEX, self.path)[0],
             "attachments": attached,
             "stats": all_stats,
             "created_unix": time.time(),
@@ -492,7 +486,7 @@ class CacheWriter:
             shutil.copytree(src, tmp)
             fsync_tree(tmp)
             atomic_replace_dir(tmp, self.path / name)
-            files = _tree_files(self.path / name, self.path)
+            files = tree_files(self.path / name, self.path)
             out[name] = {"dir": name, "files": files, "hash": _files_hash(files)}
         return out
 

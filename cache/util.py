@@ -148,6 +148,15 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return "xxh3_128:" + h.hexdigest()
 
 
+def tree_files(root: Path, base: Path, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """``[{path, bytes, hash}]`` of every file under ``root`` (a file or a folder), paths relative to
+    ``base``, sorted; relative paths in ``skip`` are left out (e.g. the manifest that lists the others)."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    rels = [(p, p.relative_to(base).as_posix()) for p in paths]
+    return [{"path": rel, "bytes": p.stat().st_size, "hash": file_hash(p)}
+            for p, rel in rels if rel not in skip]
+
+
 def bytes_hash(data: bytes) -> str:
     return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 

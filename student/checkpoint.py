@@ -38,6 +38,7 @@ from cache.util import (
     file_hash,
     fsync_dir,
     fsync_tree,
+    tree_files,
 )
 from cache.version import __version__
 from student.metrics import METRICS
@@ -120,9 +121,8 @@ def write_trainer_state(folder: Path, trainer: dict[str, Any]) -> None:
 
 def write_folder_manifest(folder: Path, step: int) -> dict[str, Any]:
     """``manifest.json``: size and content hash of every other file under ``folder``, and the step."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "hash": file_hash(path)}
+    files = {f["path"]: {"bytes": f["bytes"], "hash": f["hash"]}
+             for f in tree_files(folder, folder, skip=(MANIFEST,))}
     manifest = {"format": FOLDER_FORMAT, "format_version": FOLDER_FORMAT_VERSION, "step": int(step),
                 "files": files}
     atomic_write_json(folder / MANIFEST, manifest)
