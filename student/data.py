@@ -28,6 +28,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,62 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache.util import UserError
+
+
+def record_nbytes(rec) -> int:
+    """Bytes held by a record's arrays."""
+    return sum(v.nbytes for v in vars(rec).values() if isinstance(v, np.ndarray))
+
+
+class DecodedRecords:
+    """A cache reader that keeps the records it has decoded in memory, up to ``budget_bytes``.
+
+    Decoding a compact-encoded record (bit-unpacking ids, dequantizing log-probs) costs about as much as a
+    small student's training step, and a training run reads every record once per epoch. The first
+    ``budget_bytes`` worth of records read are kept (no eviction: with shuffled epochs a fixed subset saves
+    the same share of decodes as any policy) and returned again on later reads; their arrays are made
+    read-only, so a consumer that writes into a record fails loudly instead of corrupting the next epoch.
+    Values are identical to the reader's, so training results do not depend on the budget. Pickling (to a
+    DataLoader worker) drops the kept records: every worker keeps its own.
+    """
+
+    def __init__(self, reader, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0 (got {budget_bytes})")
+        self.reader = reader
+        self.budget_bytes = int(budget_bytes)
+        self._kept: dict[int, Any] = {}
+        self.kept_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        rec = self._kept.get(i)
+        if rec is not None:
+            return rec
+        rec = self.reader[i]
+        if self.budget_bytes:
+            n = record_nbytes(rec)
+            if self.kept_bytes + n <= self.budget_bytes:
+                for v in vars(rec).values():
+                    if isinstance(v, np.ndarray):
+                        v.flags.writeable = False
+                self._kept[i] = rec
+                self.kept_bytes += n
+        return rec
+
+    def __getattr__(self, name: str):  # lengths, num_supervised, settings, ...: the reader's
+        if name in ("reader", "_kept"):  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"reader": self.reader, "budget_bytes": self.budget_bytes, "_kept": {}, "kept_bytes": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 class CacheDataset(Dataset):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from cache.util import UserError, atomic_write_bytes
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
+PLOT_INTERVAL_S = 60.0  # curves.png is redrawn at an evaluation at most this often, and always at the end
 
 
 class MetricsLog:
@@ -27,6 +29,7 @@ class MetricsLog:
     def __init__(self, out: Path, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
         self.path, self.png, self.enabled = out / METRICS, out / CURVES, enabled
         self.tb = None
+        self._last_plot = time.monotonic()  # the first redraw comes PLOT_INTERVAL_S in (or at the end)
         if not enabled:
             return
         if keep_until_step is None:
@@ -64,9 +67,13 @@ class MetricsLog:
                 return json.loads(ln)
         return {}
 
-    def plot(self) -> None:
-        if self.enabled:
+    def plot(self, force: bool = False) -> None:
+        """Redraw ``curves.png``; without ``force`` at most once per ``PLOT_INTERVAL_S`` (a redraw costs
+        about a second of matplotlib, as much as many small-model steps)."""
+        now = time.monotonic()
+        if self.enabled and (force or now - self._last_plot >= PLOT_INTERVAL_S):
             plot_curves(self.path, self.png)
+            self._last_plot = time.monotonic()
 
 
 def _tensorboard_writer(folder: Path, keep_until_step: int | None):

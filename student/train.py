@@ -566,7 +566,7 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
     run_eval()
     save_checkpoint(run)
     save_final(run)
-    metrics.plot()
+    metrics.plot(force=True)
     metrics.close()
     wall = time.perf_counter() - t_start
     final = {k: v for k, v in {**last_train, **last_eval}.items() if k != "event"}

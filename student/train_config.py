@@ -18,7 +18,7 @@ REPORT_TO = ("none", "tensorboard")
 # (cache paths are checked by fingerprint digest instead).
 RESUME_FREE = frozenset({"cache", "val_cache", "out", "resume", "num_workers", "device", "compile",
                          "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
-                         "report_to"})
+                         "report_to", "record_cache_mb"})
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
+    record_cache_mb: int = 512
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -93,7 +94,7 @@ class TrainConfig:
                      "chunk_size", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("eval_every", "save_every", "num_workers"):
+        for name in ("eval_every", "save_every", "num_workers", "record_cache_mb"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.accum is not None and self.step_tokens is not None:

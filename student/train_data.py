@@ -13,7 +13,7 @@ import torch
 
 from cache.format import open_cache
 from cache.util import UserError
-from student.data import CacheDataset
+from student.data import CacheDataset, DecodedRecords
 from student.modeling import CausalFNetConfig, ModelInputError, compact_ids_from_cache
 from student.train_config import TrainConfig
 
@@ -113,16 +113,18 @@ def open_training_data(cfg: TrainConfig) -> TrainData:
     else:
         temp_index = 0  # CE only
     val_reader, val = None, None
+    budget = cfg.record_cache_mb << 20
     if cfg.val_cache is not None:
         val_reader = open_cache(cfg.val_cache, verify_hashes="all", verify_attachments=True)
         _check_same_vocabulary(reader, val_reader)
-        train = CacheDataset(reader)
-        val = CacheDataset(val_reader)
+        train = CacheDataset(DecodedRecords(reader, budget))
+        val = CacheDataset(DecodedRecords(val_reader, budget))
     elif cfg.val_fraction > 0:
         tr, va = split_indices(len(reader), cfg.val_fraction, cfg.seed)
-        train, val, val_reader = SequenceSubset(reader, tr), SequenceSubset(reader, va), reader
+        kept = DecodedRecords(reader, budget)
+        train, val, val_reader = SequenceSubset(kept, tr), SequenceSubset(kept, va), reader
     else:
-        train = CacheDataset(reader)
+        train = CacheDataset(DecodedRecords(reader, budget))
     val_t1 = None
     if val_reader is not None:
         try:

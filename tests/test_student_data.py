@@ -5,6 +5,7 @@ resume) and DataLoader worker independence."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -346,3 +347,47 @@ def test_two_ranks_and_accumulation_give_the_one_big_batch_gradient(reader):
     g_whole = grad([whole], step.num_supervised)
     torch.testing.assert_close(g_ranks, g_one, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g_whole, g_one, rtol=1e-5, atol=1e-7)
+
+
+def test_decoded_records_equal_the_readers_within_the_budget(tmp_path):
+    """DecodedRecords on a compact (bit-packed, quantized) cache: every read equals a fresh decode field by
+    field; the first records up to the byte budget are kept (and only those), read-only, and collate
+    unchanged; pickling (to a DataLoader worker) drops them."""
+    import pickle
+
+    from student.data import DecodedRecords, record_nbytes
+
+    rng = np.random.default_rng(5)
+    s = CacheSettings(topk=K, vocab_size=VOCAB, samples=6, temperatures=(1.0, 2.0), dtype="float16",
+                      encoding="compact")
+    with CacheWriter(tmp_path / "c", fingerprint={"test": "memo"}, settings=s) as w:
+        w.write_unit(0, [make_record(rng, j, 6) for j in range(9)])
+        w.finalize(1, tokenizer={"vocab_size": VOCAB, "eos_token_id": 95, "pad_token_id": PAD})
+    fresh, reader = open_cache(tmp_path / "c"), open_cache(tmp_path / "c")
+    sizes = [record_nbytes(fresh[i]) for i in range(len(fresh))]
+    budget = sum(sizes[:4]) + sizes[4] // 2  # room for records 0-3, not for 4
+    kept = DecodedRecords(reader, budget)
+    assert len(kept) == 9 and np.array_equal(kept.lengths, fresh.lengths)  # the reader's attributes
+    for _ in range(2):  # the second pass returns the kept records
+        for i in range(9):
+            a, b = kept[i], fresh[i]
+            for name, v in vars(b).items():
+                if isinstance(v, np.ndarray):
+                    assert np.array_equal(getattr(a, name), v) and getattr(a, name).dtype == v.dtype, name
+                else:
+                    assert getattr(a, name) == v, name
+    assert sorted(kept._kept) == [0, 1, 2, 3] and kept.kept_bytes == sum(sizes[:4]) <= budget
+    assert kept[2] is kept[2] and kept[6] is not kept[6]
+    with pytest.raises(ValueError):
+        kept[0].topk_ids[0, 0] = 1  # kept arrays are read-only
+    collate = Collator(pad_id=PAD)
+    ref = collate([fresh[i] for i in range(4)])
+    got = collate([kept[i] for i in range(4)])  # the collator never writes into a record
+    for f in fields(Batch):
+        x, y = getattr(ref, f.name), getattr(got, f.name)
+        assert (x is None and y is None) or torch.equal(x, y), f.name
+    clone = pickle.loads(pickle.dumps(kept))
+    assert clone.kept_bytes == 0 and not clone._kept and clone.budget_bytes == budget
+    assert np.array_equal(clone[3].topk_ids, fresh[3].topk_ids) and 3 in clone._kept
+    none = DecodedRecords(open_cache(tmp_path / "c"), 0)
+    assert np.array_equal(none[1].topk_logprobs, fresh[1].topk_logprobs) and not none._kept

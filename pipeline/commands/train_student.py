@@ -68,6 +68,9 @@ def train_student_command(
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
     num_workers: int = typer.Option(2, help="DataLoader worker processes (0 loads in the main process)."),
+    record_cache_mb: int = typer.Option(512, help="MiB of decoded cache records each loading process keeps "
+                                        "in memory (per cache) so later epochs skip decoding; 0 decodes at "
+                                        "every read. Results do not depend on it."),
     progress: bool = typer.Option(True, help="Progress on stderr (rank 0): a bar on a terminal, else a line "
                                   "every --log-every steps or 30 s (FNET_PROGRESS_SECONDS); the summary is "
                                   "printed either way."),
@@ -95,7 +98,7 @@ def train_student_command(
         temperature=temperature, kd=kd, chunk_size=chunk_size, compact_vocab=compact_vocab,
         precision=precision, compile=compile, grad_checkpointing=grad_checkpointing, eval_every=eval_every,
         save_every=save_every, log_every=log_every, resume=resume, seed=seed, device=device,
-        num_workers=num_workers, progress=progress,
+        num_workers=num_workers, record_cache_mb=record_cache_mb, progress=progress,
     )
     result = train_student(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
