@@ -17,8 +17,9 @@ from pipeline.cli import app
 
 SEEDS = (0, 1)
 RUNS = tuple(f"{m}-s{sd}" for sd in SEEDS for m in ("kd", "ce"))
-STAGES = ("assets", "teacher-cache train", "teacher-cache test", "train-students (4 runs, 2 at a time)",
-          "teacher val CE", "eval teacher", *(f"eval {r}" for r in RUNS), "total")
+STAGES = ("assets", "teacher-cache train", "teacher-cache test",
+          "students: train + eval (4 runs, 2 at a time; teacher val CE and eval alongside)", "total")
+JOBS = ("teacher val CE", "eval teacher", *(f"{what} {r}" for r in RUNS for what in ("train", "eval")))
 FAIRNESS_FREE = {"out", "alpha"}
 
 
@@ -61,6 +62,9 @@ def test_report_files_and_fields(tiny_demo):
     assert set(report["wall_s"]) == set(STAGES)
     assert all(v >= 0 for v in report["wall_s"].values())
     assert report["wall_s"]["total"] >= sum(v for k, v in report["wall_s"].items() if k != "total") - 1e-6
+    assert set(report["jobs_wall_s"]) == set(JOBS) and all(v > 0 for v in report["jobs_wall_s"].values())
+    for name in RUNS:
+        assert report["jobs_wall_s"][f"train {name}"] == report["runs"][name]["final"]["wall_s"]
     for key in ("cpu_model", "usable_cores", "torch", "torch_threads"):
         assert key in report["machine"]
     assert set(report["runs"]) == set(RUNS)
@@ -93,8 +97,16 @@ def test_report_numbers_come_from_the_stages(tiny_demo):
         assert [r["step"] for r in runs[name]["curve_exact"]] == [s for s in evals if 0 < s < evals[-1]]
         n_curve = report["config"]["resolved"]["curve_problems"]
         assert all(r["n"] == n_curve for r in runs[name]["curve_exact"])
-    # The teacher's label CE is measured on exactly the supervised tokens the students are validated on.
+    # The teacher's label CE is measured on exactly the supervised tokens the students are validated on: the
+    # first val_problems of the test split, while every test problem is answered.
     assert teacher["val_tokens"] == runs["kd-s0"]["val_tokens"] == runs["ce-s1"]["val_tokens"]
+    resolved = report["config"]["resolved"]
+    n_train, n_test = resolved["problems"]
+    assert resolved["val_problems"] < n_test and resolved["eval_limit"] <= n_test
+    assert len((out / "assets" / "data" / "test.jsonl").read_text().splitlines()) == n_test
+    assert len((out / "assets" / "data" / "train.jsonl").read_text().splitlines()) == n_train
+    assert report["caches"]["test"]["sequences"] == resolved["val_problems"]
+    assert report["caches"]["train"]["sequences"] == n_train
     t_records = _records(out / "eval-teacher.jsonl")
     assert teacher["exact"]["strict_correct"] == sum(r["strict_correct"] for r in t_records)
     for split in ("train", "test"):

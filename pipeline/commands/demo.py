@@ -12,9 +12,9 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for every stage's output and the report "
                              "(assets/, cache-train/, cache-test/, student-{kd,ce}-s<seed>/, eval-*.jsonl, "
                              "report.md, report.json, curves.png)."),
-    scale: float = typer.Option(1.0, help="DEMO_SCALE: multiplies training problems, student steps "
-                                "and evaluated problems (1 = the default budget: about 7 minutes on 2 shared "
-                                "CPU cores)."),
+    scale: float = typer.Option(1.0, help="DEMO_SCALE: multiplies training problems (1000), student steps "
+                                "(2400), held-out problems (600) and validation problems (300); 1 = the "
+                                "default budget: under 10 minutes on 2 CPU cores."),
     gsm8k: bool = typer.Option(False, "--gsm8k", help="Run on a GSM8K slice with the real Qwen2 tokenizer "
                                "and a small random-init Qwen2 teacher (a smoke test of the real path; needs "
                                "--shared)."),
@@ -34,7 +34,7 @@ def demo_command(
     temperature: float = typer.Option(None, help="KD temperature of the KD run; default: the tuned value."),
     lr: float = typer.Option(None, help="Peak learning rate of both runs; default: the tuned value."),
     eval_limit: int = typer.Option(None, help="Test problems for the exact-answer evaluation of each model "
-                                   "(0 skips it); default: the whole test split (300 x --scale problems)."),
+                                   "(0 skips it); default: every held-out problem (600 x --scale)."),
     curve_problems: int = typer.Option(None, help="Test problems answered at every evaluation point for the "
                                        "accuracy curves (0: none); default 100."),
     max_new_tokens: int = typer.Option(64, help="Generation budget per problem in the exact-answer eval."),

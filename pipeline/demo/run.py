@@ -57,6 +57,12 @@ METHODS = ("kd", "ce")
 METHOD_NAMES = {"teacher": "teacher", "kd": "KD", "ce": "CE only"}
 # The per-run metrics the report summarises (mean and spread over seeds, paired KD - CE differences).
 RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree")
+# The embedded default's data at --scale 1: training problems; held-out problems (every model's exact-answer
+# accuracy is measured on all of them); the first VAL_PROBLEMS of those are the validation split (cache-test:
+# per-token CE, KL and agreement at every evaluation point, which costs a forward pass per point, so fewer).
+TRAIN_PROBLEMS = 1000
+TEST_PROBLEMS = 600
+VAL_PROBLEMS = 300
 
 
 @dataclass
@@ -69,7 +75,7 @@ class StudentBudget:
     window: int = 32
     max_positions: int = 256
     dropout: float = 0.1
-    steps: int = 1200
+    steps: int = 2400
     batch_tokens: int = 2048
     lr: float = 6e-3
     min_lr: float = 6e-4
@@ -158,10 +164,27 @@ class DemoConfig:
         base = 12 if self.tiny else (60 if self.gsm8k else self.student.steps)
         return max(1, round(base * self.scale))
 
+    def resolved_problems(self) -> tuple[int, int]:
+        """(training, held-out) problems of the embedded default at this scale."""
+        if self.tiny:
+            return max(32, round(32 * self.scale)), max(16, round(16 * self.scale))
+        return max(32, round(TRAIN_PROBLEMS * self.scale)), max(16, round(TEST_PROBLEMS * self.scale))
+
+    def resolved_val_problems(self) -> int | None:
+        """Held-out problems in the validation split (cache-test); None: the whole test split (--gsm8k)."""
+        if self.gsm8k:
+            return None
+        n_test = self.resolved_problems()[1]
+        return min(n_test, 12) if self.tiny else min(n_test, max(16, round(VAL_PROBLEMS * self.scale)))
+
     def resolved_eval_limit(self) -> int:
         if self.eval_limit is not None:
             return self.eval_limit
-        return max(1, round((4 if self.tiny else 8 if self.gsm8k else 300) * self.scale))
+        if self.tiny:
+            return max(1, round(4 * self.scale))
+        if self.gsm8k:
+            return max(1, round(8 * self.scale))
+        return self.resolved_problems()[1]
 
     def resolved_curve_problems(self) -> int:
         n = self.curve_problems if self.curve_problems is not None else (
@@ -189,6 +212,8 @@ class DemoConfig:
         d["out"], d["shared"] = str(self.out), None if self.shared is None else str(self.shared)
         d["resolved"] = {"asset_scale": self.asset_scale(), "student": asdict(self.resolved_student()),
                          "seeds": self.student_seeds(), "jobs": self.resolved_jobs(),
+                         "problems": None if self.gsm8k else list(self.resolved_problems()),
+                         "val_problems": self.resolved_val_problems(),
                          "eval_limit": self.resolved_eval_limit(),
                          "curve_problems": self.resolved_curve_problems(),
                          "max_new_tokens": self.resolved_max_new_tokens()}
@@ -209,7 +234,9 @@ class Assets:
 def embedded_assets(cfg: DemoConfig, log: Log) -> Assets:
     from pipeline.demo import build_demo_assets
 
-    a = build_demo_assets(cfg.out / "assets", scale=cfg.asset_scale(), seed=cfg.seed, tiny=cfg.tiny, log=log)
+    n_train, n_test = cfg.resolved_problems()
+    a = build_demo_assets(cfg.out / "assets", scale=cfg.asset_scale(), seed=cfg.seed, n_train=n_train,
+                          n_test=n_test, tiny=cfg.tiny, log=log)
     t = a.stats["teacher"]
     info = {"kind": "embedded", "reused": a.stats["reused"], "key": a.stats["key"],
             "tokenizer_vocab": a.stats["tokenizer_vocab"], "teacher_parameters": t["parameters"],
@@ -333,6 +360,7 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
     tc = TeacherCacheConfig(teacher=str(assets.teacher_dir), dataset=str(assets.data_dir), split=split,
                             out=out, topk=cfg.topk, temperatures=temperatures, max_length=cfg.max_length(),
                             batch_tokens=8192, device="cpu", unit_size=512, seed=cfg.seed,
+                            limit=cfg.resolved_val_problems() if split == "test" else None,
                             progress=cfg.progress)
     try:
         summary = run_teacher_cache(tc)
@@ -350,32 +378,45 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
 
 
+def student_and_eval(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: Log) -> dict[str, Any]:
+    """Train one student, then measure its exact-answer accuracy (``eval_stage``) in the same process."""
+    trained = student_stage(cfg, assets, method, seed, log)
+    t0 = time.perf_counter()
+    exact = eval_stage(cfg, assets, run_name(method, seed), Path(trained["out"]) / "final")
+    return {**trained, "exact": exact, "eval_wall_s": time.perf_counter() - t0}
+
+
 def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dict[str, Any]:
-    """One student run in a worker process (its own torch thread count; log lines go to stderr)."""
+    """One student run and its eval in a worker process (its own torch thread count; log lines to stderr)."""
     import torch
 
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    return student_stage(cfg, assets, method, seed, lambda msg: print(msg, file=sys.stderr, flush=True))
+    return student_and_eval(cfg, assets, method, seed, lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]],
-                   log: Log) -> dict[str, dict[str, Any]]:
-    """Train every (method, seed) run, ``cfg.resolved_jobs()`` processes at a time (1: in this process).
+def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]], log: Log,
+                   alongside: Callable[[], Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Train and evaluate every (method, seed) run, ``cfg.resolved_jobs()`` processes at a time (1: in this
+    process, one after the other). ``alongside`` (the teacher's measurements) runs in this process while
+    the workers train, so no core waits for it; returns (runs by name, what ``alongside`` returned).
 
     The runs are independent (each its own seed, folder and data order), so running them side by side only
     changes wall time; progress bars are off in the workers so that their log lines stay readable."""
     n = min(cfg.resolved_jobs(), len(jobs))
     if n <= 1:
-        return {run_name(m, sd): student_stage(cfg, assets, m, sd, log) for m, sd in jobs}
+        done = {run_name(m, sd): student_and_eval(cfg, assets, m, sd, log) for m, sd in jobs}
+        return done, (alongside() if alongside is not None else None)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     quiet = replace(cfg, progress=False)
-    log(f"training {len(jobs)} students, {n} at a time (one process each)")
+    log(f"training {len(jobs)} students, {n} at a time (one process each); each answers the test problems "
+        "when it is done")
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {run_name(m, sd): pool.submit(_student_job, quiet, assets, m, sd) for m, sd in jobs}
-        return {name: f.result() for name, f in futures.items()}
+        extra = alongside() if alongside is not None else None
+        return {name: f.result() for name, f in futures.items()}, extra
 
 
 def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: Log) -> dict[str, Any]:
@@ -420,9 +461,9 @@ def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: 
             "final": m, "curve_exact": exact_rows}
 
 
-def teacher_label_ce(assets: Assets, split: str, max_length: int) -> dict[str, Any]:
-    """The teacher's own CE (nats per supervised token), perplexity and top-1 accuracy on a split's labels,
-    on the same chat-formatted, assistant-only supervised tokens as the cache."""
+def teacher_label_ce(assets: Assets, split: str, max_length: int, limit: int | None = None) -> dict[str, Any]:
+    """The teacher's own CE (nats per supervised token), perplexity and top-1 accuracy on a split's labels
+    (its first ``limit`` rows), on the same chat-formatted, assistant-only supervised tokens as the cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -431,7 +472,7 @@ def teacher_label_ce(assets: Assets, split: str, max_length: int) -> dict[str, A
 
     tokenizer = load_tokenizer(str(assets.teacher_dir))
     rows = [{"question": ex.question, "answer": ex.answer}
-            for ex in load_examples(str(assets.data_dir), split)]
+            for ex in load_examples(str(assets.data_dir), split, limit=limit)]
     model = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
     return evaluate_teacher(model, encode_chat_rows(tokenizer, rows, max_length), tokenizer.pad_token_id,
                             batch_size=16)
@@ -669,11 +710,18 @@ def render_report(report: dict[str, Any]) -> str:
             lines.append(f"| {METHOD_NAMES[m]} | {sd} | {_acc(r['exact'], 'strict_acc')} | "
                          f"{_acc(r['exact'], 'flexible_acc')} | {_fmt(r['val_ce'], '.4f')} | "
                          f"{_fmt(r['val_kl'], '.4f')} | {_fmt(r['val_top1_agree'], '.2%')} |")
-    lines += ["", f"Validation: {report['teacher']['val_tokens']:,} supervised tokens of the test split. "
+    n_val = report["config"]["resolved"].get("val_problems")
+    lines += ["", f"Validation: {report['teacher']['val_tokens']:,} supervised tokens of "
+              + ("the test split" if n_val is None else f"the first {n_val:,} test problems") + ". "
               "Curves: `curves.png`.", "",
               "| stage | wall time (s) |", "|---|---|"]
     for stage, sec in report["wall_s"].items():
         lines.append(f"| {stage} | {sec:.1f} |")
+    for job, sec in report.get("jobs_wall_s", {}).items():
+        lines.append(f"| &nbsp;&nbsp;{job} | {sec:.1f} |")
+    if report.get("jobs_wall_s"):
+        lines += ["", "Indented rows ran inside the students stage, in parallel (the teacher's in the main "
+                  "process while the students trained), so they add up to more than it."]
     c = report["caches"]
     lines += ["", "| cache | sequences | tokens | bytes | bytes/token | bytes/supervised token |",
               "|---|---|---|---|---|---|"]
@@ -723,14 +771,28 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     for old in [*cfg.out.glob("student-*"), *cfg.out.glob("eval-*.jsonl")]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()     # runs of an earlier, other seed set
     jobs = [(m, sd) for sd in seeds for m in METHODS]
-    trained = timed(f"train-students ({len(jobs)} runs, {min(cfg.resolved_jobs(), len(jobs))} at a time)",
-                    lambda: train_students(cfg, assets, jobs, log))
-    teacher_val = timed("teacher val CE", lambda: teacher_label_ce(assets, "test", cfg.max_length()))
-    exact = {"teacher": timed("eval teacher",
-                              lambda: eval_stage(cfg, assets, "teacher", assets.teacher_dir))}
+    jobs_wall: dict[str, float] = {}
+
+    def teacher_measurements() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        t0 = time.perf_counter()
+        val = teacher_label_ce(assets, "test", cfg.max_length(), cfg.resolved_val_problems())
+        t1 = time.perf_counter()
+        quiet = replace(cfg, progress=False) if min(cfg.resolved_jobs(), len(jobs)) > 1 else cfg
+        ex = eval_stage(quiet, assets, "teacher", assets.teacher_dir)
+        jobs_wall.update({"teacher val CE": t1 - t0, "eval teacher": time.perf_counter() - t1})
+        log(f"teacher: val CE {val['ce']:.4f}" + ("" if ex is None else
+                                                   f", exact answer {ex['strict_correct']}/{ex['n']}"))
+        return val, ex
+
+    n_jobs = min(cfg.resolved_jobs(), len(jobs))
+    trained, (teacher_val, teacher_exact) = timed(
+        f"students: train + eval ({len(jobs)} runs, {n_jobs} at a time; teacher val CE and eval alongside)",
+        lambda: train_students(cfg, assets, jobs, log, alongside=teacher_measurements))
+    exact = {"teacher": teacher_exact}
     for name, r in trained.items():
-        exact[name] = timed(f"eval {name}",
-                            lambda n=name, r=r: eval_stage(cfg, assets, n, Path(r["out"]) / "final"))
+        exact[name] = r["exact"]
+        jobs_wall[f"train {name}"] = r["final"].get("wall_s", float("nan"))
+        jobs_wall[f"eval {name}"] = r["eval_wall_s"]
 
     teacher = {"val_ce": teacher_val["ce"], "val_label_acc": teacher_val["top1"],
                "val_tokens": teacher_val["tokens"], "val_ppl": teacher_val["ppl"], "exact": exact["teacher"],
@@ -779,8 +841,8 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
                                                          "bytes_per_token", "bytes_per_supervised_token",
                                                          "units_skipped", "units_total")}
                    for split in caches},
-        "train": trained,
-        "wall_s": wall,
+        "train": {name: {k: v for k, v in r.items() if k != "exact"} for name, r in trained.items()},
+        "wall_s": wall, "jobs_wall_s": jobs_wall,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",
                   "assets": "assets", "caches": ["cache-train", "cache-test"],
                   "students": [f"student-{n}" for n in runs],
