@@ -56,6 +56,7 @@ VARIANTS = [
     ("compact top-4", 4, 0, dict(encoding="compact")),
     ("compact top-1", 1, 0, dict(encoding="compact")),
     ("compact adaptive top-p 0.9 (k <= 64)", 64, 0, dict(encoding="compact", top_p=0.9)),
+    ("compact adaptive top-p 0.9 (k <= 32): the preset", 32, 0, dict(encoding="compact", top_p=0.9)),
     ("compact adaptive top-p 0.8 (k <= 16)", 16, 0, dict(encoding="compact", top_p=0.8)),
     ("compact RS 50 draws (+ top-1)", 1, 50, dict(encoding="compact")),
     ("compact RS 12 draws (+ top-1)", 1, 12, dict(encoding="compact")),

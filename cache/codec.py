@@ -25,7 +25,6 @@ What is stored per record (docs/cache-format.md has the layout and the measured 
 from __future__ import annotations
 
 import math
-import struct
 
 import numpy as np
 
@@ -35,8 +34,7 @@ PAD_LOGPROB = -1.0e4  # log-prob of the padding slots of an adaptive row: exp(PA
 _MAX_NATS = 40.0  # log-probs further than this below the row's top are stored at this distance
 _TAIL_SCALE = 512.0  # tail code = round(-log2(tail) * scale) + 1, 0 for an exact zero
 _TAIL_MAX = 65535
-_HDR = struct.Struct("<4I")  # tokens, rows, kept entries, sampled unique ids
-_STREAM = struct.Struct("<B3I")  # mode, n values, parameter (bits or Rice r), unary bits; then the bytes
+_MODE_FIXED, _MODE_RICE, _MODE_DICT = 0, 1, 2  # integer stream modes (first byte of a stream)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,14 +73,37 @@ def _rice_cost(v: np.ndarray, r: int) -> int:
     return int((v >> r).sum()) + v.size * (1 + r)
 
 
-def _encode_ints(values: np.ndarray) -> bytes:
-    """Non-negative integers < 2**32 as one stream: fixed width or Rice, whichever is smaller."""
-    v = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+def _varint(x: int) -> bytes:
+    """LEB128: 7 bits per byte, low bits first, high bit set on every byte but the last."""
+    out = bytearray()
+    while True:
+        b = x & 0x7F
+        x >>= 7
+        if x:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
+    x, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("integer stream header runs past the record")
+        b = int(buf[pos])
+        pos += 1
+        x |= (b & 0x7F) << shift
+        if b < 0x80:
+            return x, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("integer stream header is corrupt (varint too long)")
+
+
+def _encode_plain(v: np.ndarray) -> bytes:
+    """Fixed width at the bits of the largest value or Rice, whichever is smaller (``v`` non-empty)."""
     n = v.size
-    if n == 0:
-        return _STREAM.pack(0, 0, 0, 0)
-    if v.min() < 0 or v.max() >= 1 << 32:
-        raise ValueError("integer stream values must be in [0, 2**32)")
     fixed_bits = _bits_for(int(v.max()))
     best_r, best = -1, n * fixed_bits
     for r in range(0, fixed_bits):
@@ -90,26 +111,71 @@ def _encode_ints(values: np.ndarray) -> bytes:
         if cost < best:
             best_r, best = r, cost
     if best_r < 0:
-        return _STREAM.pack(0, n, fixed_bits, 0) + pack_bits(v, fixed_bits)
+        return bytes((_MODE_FIXED,)) + _varint(n) + bytes((fixed_bits,)) + pack_bits(v, fixed_bits)
     q = v >> best_r
     unary_len = int(q.sum()) + n
     unary = np.ones(unary_len, dtype=np.uint8)
     unary[np.cumsum(q + 1) - 1] = 0  # each value: q ones, then a zero
     ubytes = np.packbits(unary, bitorder="little").tobytes()
     low = pack_bits(v & ((1 << best_r) - 1), best_r) if best_r else b""
-    return _STREAM.pack(1, n, best_r, unary_len) + ubytes + low
+    return bytes((_MODE_RICE,)) + _varint(n) + bytes((best_r,)) + _varint(unary_len) + ubytes + low
+
+
+def _encode_ints(values: np.ndarray, dictionary: bool = False) -> bytes:
+    """Non-negative integers < 2**32 as one self-describing stream: fixed-width bit packing, a Rice code or
+    (``dictionary``) a frequency dictionary, whichever is smallest.
+
+    Stream layout: a mode byte, the value count as a varint, then
+    fixed: the bit width (1 byte) and the packed values;
+    Rice: the parameter r (1 byte), the unary length in bits (varint), the unary bits, the r-bit low parts;
+    dictionary: the distinct values ordered by decreasing count (ties: ascending value) as a stream, then
+    each value's rank in that order as a stream, so a few ids repeated across a record cost a few bits."""
+    v = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+    n = v.size
+    if n == 0:
+        return bytes((_MODE_FIXED,)) + _varint(0) + bytes((0,))
+    if v.min() < 0 or v.max() >= 1 << 32:
+        raise ValueError("integer stream values must be in [0, 2**32)")
+    best = _encode_plain(v)
+    if dictionary and n > 1:
+        uniq, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+        if uniq.size < n:
+            order = np.argsort(-counts, kind="stable")  # by count, ties by ascending value
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            cand = bytes((_MODE_DICT,)) + _varint(n) + _encode_plain(uniq[order]) + _encode_plain(rank[inv])
+            if len(cand) < len(best):
+                best = cand
+    return best
 
 
 def _decode_ints(buf: np.ndarray, pos: int) -> tuple[np.ndarray, int]:
-    mode, n, param, unary_len = _STREAM.unpack_from(buf, pos)
-    pos += _STREAM.size
-    if mode == 0:
+    if pos >= len(buf):
+        raise ValueError("integer stream starts past the end of the record")
+    mode = int(buf[pos])
+    n, pos = _read_varint(buf, pos + 1)
+    if mode == _MODE_DICT:
+        table, pos = _decode_ints(buf, pos)
+        rank, pos = _decode_ints(buf, pos)
+        if rank.size != n or (n and (rank.max() >= table.size)):
+            raise ValueError("dictionary stream is corrupt (rank outside the table)")
+        return table[rank], pos
+    if pos >= len(buf):
+        raise ValueError("integer stream header runs past the record")
+    param = int(buf[pos])
+    pos += 1
+    if mode == _MODE_FIXED:
         nbytes = (n * param + 7) // 8
+        if pos + nbytes > len(buf):
+            raise ValueError("integer stream runs past the record")
         out = unpack_bits(buf[pos:pos + nbytes], param, n) if n else np.zeros(0, np.int64)
         return out, pos + nbytes
-    if mode != 1:
+    if mode != _MODE_RICE:
         raise ValueError(f"unknown integer stream mode {mode}")
+    unary_len, pos = _read_varint(buf, pos)
     ubytes = (unary_len + 7) // 8
+    if pos + ubytes > len(buf):
+        raise ValueError("integer stream runs past the record")
     unary = np.unpackbits(buf[pos:pos + ubytes], count=unary_len, bitorder="little")
     pos += ubytes
     zeros = np.flatnonzero(unary == 0)
@@ -117,6 +183,8 @@ def _decode_ints(buf: np.ndarray, pos: int) -> tuple[np.ndarray, int]:
         raise ValueError("Rice stream is corrupt (wrong number of terminators)")
     q = np.diff(zeros, prepend=-1) - 1
     lbytes = (n * param + 7) // 8
+    if pos + lbytes > len(buf):
+        raise ValueError("integer stream runs past the record")
     low = unpack_bits(buf[pos:pos + lbytes], param, n) if param else 0
     return (q << param) | low, pos + lbytes
 
@@ -178,6 +246,122 @@ def apply_top_p(topk_logprobs: np.ndarray, topk_shift: np.ndarray, tail_mass: np
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Random-Sampling draws
+
+_SHARE_THRESHOLDS = (0.05, 0.1, 0.2)  # "shared" ids: in at least this share of a record's rows (tried each)
+
+
+def _row_gaps(pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions ascending within each row, as gaps that restart at every row (first: the position)."""
+    first = np.ones(pos.size, dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return np.where(first, pos, np.diff(pos, prepend=0) - 1)
+
+
+def _row_cumsum(gaps: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Inverse of ``_row_gaps``."""
+    if gaps.size == 0:
+        return np.zeros(0, np.int64)
+    first = np.ones(gaps.size, dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    inc = np.where(first, gaps, gaps + 1)
+    cs = np.cumsum(inc)
+    start = np.maximum.accumulate(np.where(first, np.arange(gaps.size), 0))
+    return cs - (cs[start] - inc[start])
+
+
+def _implied_counts(ids: np.ndarray, rows: np.ndarray, off: np.ndarray, top1: np.ndarray) -> np.ndarray:
+    """Per row the entry whose count is left out: the row's top-1 teacher id when it was drawn, else the
+    row's first entry (bool [m]; rows must be non-empty)."""
+    is_top = ids == top1[rows]
+    has_top = np.bincount(rows[is_top], minlength=off.size - 1) > 0
+    drop = is_top.copy()
+    drop[off[:-1][~has_top]] = True
+    return drop
+
+
+def _encode_entries(ids: np.ndarray, rows: np.ndarray, n_rows: int, share: float | None) -> bytes:
+    """A record's sampled ids (ascending per row): its distinct ids split into a shared list (ids drawn in
+    at least ``share`` of the rows) and the rest, both ascending as gaps; per row the number of shared
+    entries; then per row the positions of its ids in each list, ascending as gaps."""
+    table, idx, n_in = np.unique(ids, return_inverse=True, return_counts=True)
+    shared = n_in >= max(2.0, share * n_rows) if share is not None else np.zeros(table.size, bool)
+    pos_s, pos_r = np.cumsum(shared) - 1, np.cumsum(~shared) - 1
+    e_s = shared[idx]
+    return b"".join([_encode_ints(np.diff(table[shared], prepend=-1) - 1),
+                     _encode_ints(np.diff(table[~shared], prepend=-1) - 1),
+                     _encode_ints(np.bincount(rows[e_s], minlength=n_rows)),
+                     _encode_ints(_row_gaps(pos_s[idx[e_s]], rows[e_s])),
+                     _encode_ints(_row_gaps(pos_r[idx[~e_s]], rows[~e_s]))])
+
+
+def encode_samples(r: CacheRecord, draws: int) -> list[bytes]:
+    """Random-Sampling fields: unique ids per row, the ids (``_encode_entries`` with the smallest of a few
+    shares), and the counts minus one in id order; when every row's counts sum to ``draws``, one count per
+    row (the top-1 teacher id's, usually the largest) is left out and implied (a flag byte says which)."""
+    off = np.asarray(r.sample_offsets, np.int64)
+    ids = np.asarray(r.sample_ids, np.int64)
+    counts = np.asarray(r.sample_counts, np.int64)
+    per_row = np.diff(off)
+    n_rows = per_row.size
+    rows = np.repeat(np.arange(n_rows), per_row)
+    entries = min((_encode_entries(ids, rows, n_rows, sh) for sh in (None, *_SHARE_THRESHOLDS)), key=len)
+    sums = np.bincount(rows, weights=counts, minlength=n_rows)
+    implied = bool(n_rows) and bool((per_row > 0).all()) and bool((sums == draws).all())
+    if implied:
+        counts = counts[~_implied_counts(ids, rows, off, np.asarray(r.topk_ids, np.int64)[:, 0])]
+    return [_encode_ints(per_row), entries, bytes((int(implied),)), _encode_ints(counts - 1)]
+
+
+def decode_samples(buf: np.ndarray, pos: int, n_rows: int, m: int, top1: np.ndarray,
+                   draws: int) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """Inverse of ``encode_samples``: (sample_offsets, sample_ids, sample_counts) and the new position."""
+    per_row, pos = _decode_ints(buf, pos)
+    if per_row.size != n_rows or int(per_row.sum()) != m:
+        raise ValueError("compact record's sampled-id streams do not match its header")
+    t_shared, pos = _decode_ints(buf, pos)
+    t_rest, pos = _decode_ints(buf, pos)
+    n_shared, pos = _decode_ints(buf, pos)
+    g_shared, pos = _decode_ints(buf, pos)
+    g_rest, pos = _decode_ints(buf, pos)
+    if n_shared.size != n_rows or (n_shared > per_row).any() or g_shared.size + g_rest.size != m \
+            or g_shared.size != int(n_shared.sum()):
+        raise ValueError("compact record's sampled-id streams do not match its header")
+    rows_s = np.repeat(np.arange(n_rows), n_shared)
+    rows_r = np.repeat(np.arange(n_rows), per_row - n_shared)
+    table_s, table_r = np.cumsum(t_shared + 1) - 1, np.cumsum(t_rest + 1) - 1
+    p_s, p_r = _row_cumsum(g_shared, rows_s), _row_cumsum(g_rest, rows_r)
+    if (p_s.size and (p_s.min() < 0 or p_s.max() >= table_s.size)) \
+            or (p_r.size and (p_r.min() < 0 or p_r.max() >= table_r.size)):
+        raise ValueError("compact record's sampled ids point outside its id lists")
+    ids = np.concatenate([table_s[p_s], table_r[p_r]])
+    rows = np.concatenate([rows_s, rows_r])
+    order = np.lexsort((ids, rows))  # back to ascending ids within each row
+    ids, rows = ids[order], rows[order]
+    if pos >= len(buf):
+        raise ValueError("compact record ends before its sample counts")
+    implied = int(buf[pos])
+    pos += 1
+    stored, pos = _decode_ints(buf, pos)
+    off = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(per_row, out=off[1:])
+    if implied:
+        drop = _implied_counts(ids, rows, off, np.asarray(top1, np.int64))
+        if stored.size != m - n_rows or int(drop.sum()) != n_rows:
+            raise ValueError("compact record's sample counts do not match its header")
+        counts = np.zeros(m, dtype=np.int64)
+        counts[~drop] = stored + 1
+        counts[drop] = draws - np.bincount(rows, weights=counts, minlength=n_rows).astype(np.int64)
+        if (counts[drop] < 1).any():
+            raise ValueError("compact record's sample counts exceed the number of draws")
+    else:
+        if stored.size != m:
+            raise ValueError("compact record's sample counts do not match its header")
+        counts = stored + 1
+    return (off, ids.astype(np.int32), counts.astype(np.int32)), pos
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Records
 
 
@@ -205,21 +389,17 @@ def encode_record(r: CacheRecord, settings: CacheSettings) -> bytes:
     q = np.maximum.accumulate(np.maximum(q, 0), axis=1)  # non-decreasing even after the cap
     gaps = np.diff(q, axis=1)[keep[:, 1:]] if k > 1 else np.zeros(0, np.int64)
     m_samples = int(r.sample_ids.shape[0]) if r.sample_ids is not None else 0
-    parts = [_HDR.pack(L, n, int(kept.sum()), m_samples),
-             _encode_ints(r.input_ids), np.packbits(r.loss_mask, bitorder="little").tobytes()]
+    parts = [_varint(L) + _varint(n) + _varint(m_samples),
+             _encode_ints(r.input_ids, dictionary=True),
+             np.packbits(r.loss_mask, bitorder="little").tobytes()]
     if settings.top_p is not None:
         parts.append(_encode_ints(kept - 1))
-    parts += [_encode_ints(r.topk_ids[keep]), _encode_ints(gaps),
+    parts += [_encode_ints(r.topk_ids[keep], dictionary=True), _encode_ints(gaps),
               _encode_ints(encode_masses(tail, kept_mass).reshape(-1))]
     if _anchor_index(settings) is None:  # no T=1 tail to anchor the absolute log-probs: keep the top one
         parts.append(np.asarray(lp[:, 0], dtype="<f4").tobytes())
     if settings.samples > 0:
-        off, ids = r.sample_offsets, np.asarray(r.sample_ids, dtype=np.int64)
-        first = np.zeros(ids.shape[0], dtype=bool)
-        first[off[:-1][np.diff(off) > 0]] = True
-        sgaps = np.where(first, ids, np.diff(ids, prepend=0) - 1)
-        parts += [_encode_ints(np.diff(off)), _encode_ints(sgaps),
-                  _encode_ints(np.asarray(r.sample_counts, np.int64) - 1)]
+        parts += encode_samples(r, settings.samples)
     return b"".join(parts)
 
 
@@ -228,8 +408,9 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     """The ``CacheRecord`` of one compact byte string (same shapes and dtypes as the exact encoding)."""
     buf = np.frombuffer(blob, dtype=np.uint8) if not isinstance(blob, np.ndarray) else blob.view(np.uint8)
     k, temps = settings.topk, settings.temperatures
-    L, n, _m, m_samples = _HDR.unpack_from(buf, 0)
-    pos = _HDR.size
+    L, pos = _read_varint(buf, 0)
+    n, pos = _read_varint(buf, pos)
+    m_samples, pos = _read_varint(buf, pos)
     input_ids, pos = _decode_ints(buf, pos)
     mb = (L + 7) // 8
     loss_mask = np.unpackbits(buf[pos:pos + mb], count=L, bitorder="little").astype(bool)
@@ -273,20 +454,8 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
         topk_logprobs=lp.astype(np.dtype(settings.dtype)), topk_shift=shift.astype(np.float32),
         tail_mass=tail.astype(np.float32))
     if settings.samples > 0:
-        per_row, pos = _decode_ints(buf, pos)
-        sgaps, pos = _decode_ints(buf, pos)
-        counts, pos = _decode_ints(buf, pos)
-        off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(per_row, out=off[1:])
-        starts = np.repeat(off[:-1], per_row)  # index of each id's row start
-        first = np.zeros(m_samples, dtype=bool)
-        first[starts] = True
-        inc = np.where(first, sgaps, sgaps + 1)  # ids restart at each row: id = cumsum within the row
-        cs = np.cumsum(inc)
-        base = cs[starts] - inc[starts]
-        rec.sample_offsets = off
-        rec.sample_ids = (cs - base).astype(np.int32)
-        rec.sample_counts = (counts + 1).astype(np.int32)
+        (rec.sample_offsets, rec.sample_ids, rec.sample_counts), pos = decode_samples(
+            buf, pos, n, m_samples, ids[:, 0], settings.samples)
     if pos != len(buf):
         raise ValueError(f"compact record holds {len(buf)} bytes but {pos} were decoded")
     return rec

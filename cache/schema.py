@@ -19,7 +19,8 @@ import numpy as np
 
 from cache.util import UserError
 
-FORMAT_VERSION = 2  # 2: compact encoding, adaptive k and the manifest's own content hash
+FORMAT_VERSION = 3  # 2: compact encoding, adaptive k and the manifest's own content hash; 3: compact ids
+# through per-record frequency dictionaries, varint stream headers
 FORMATS = ("arrow", "zarr")  # shard formats; cache.backends maps each to its backend
 ENCODINGS = ("exact", "compact")  # record encodings; compact is cache.codec
 

@@ -136,6 +136,87 @@ def test_ids_up_to_the_largest_qwen2_id_survive_packing():
     assert (d.topk_ids[:, 0] == 151935).all() and (d.input_ids == 151935).all()
 
 
+def test_integer_streams_round_trip_in_every_mode():
+    """Fixed width, Rice and the frequency dictionary, each picked where it is smallest; the dictionary
+    is never larger than the plain coder it competes with."""
+    rng = np.random.default_rng(7)
+    skewed = rng.choice(np.array([5, 151935, 70000, 3]), size=400, p=[0.7, 0.2, 0.05, 0.05])
+    cases = {"empty": (np.zeros(0, np.int64), 0), "one": (np.array([151935]), None),
+             "flat": (rng.integers(0, 2 ** 20, 300), 0), "small": (rng.geometric(0.3, 500) - 1, 1),
+             "repeated ids": (skewed, 2), "one value": (np.full(64, 151935), 2),
+             "largest": (np.array([2 ** 32 - 1, 0, 2 ** 32 - 1]), None)}
+    for name, (v, mode) in cases.items():
+        buf = codec._encode_ints(v, dictionary=True)
+        assert len(buf) <= len(codec._encode_ints(v)), name
+        out, pos = codec._decode_ints(np.frombuffer(buf, np.uint8), 0)
+        assert pos == len(buf), name
+        np.testing.assert_array_equal(out, v, err_msg=name)
+        if mode is not None:
+            assert buf[0] == mode, (name, buf[0])
+    for x in (0, 1, 127, 128, 16383, 16384, 2 ** 32 - 1, 2 ** 40):
+        b = codec._varint(x)
+        assert codec._read_varint(np.frombuffer(b + b"\x07", np.uint8), 0) == (x, len(b))
+    with pytest.raises(ValueError):
+        codec._encode_ints(np.array([-1]))
+
+
+def sampled_record(rng: np.random.Generator, V: int, n: int, draws: int, shared: int = 0) -> CacheRecord:
+    """A top-1 record with ``draws`` Random-Sampling draws per row; ``shared`` ids drawn in most rows."""
+    r = exact_record(rng, V, 1, n, samples=draws)
+    if shared and n:  # move half the draws of every row onto a few ids common to the record
+        common = rng.choice(V, size=shared, replace=False)
+        offs, ids, cnts = [0], [], []
+        for i in range(n):
+            a, b = r.sample_offsets[i], r.sample_offsets[i + 1]
+            pool = np.r_[np.repeat(r.sample_ids[a:b], r.sample_counts[a:b])[: draws // 2],
+                         rng.choice(common, size=draws - draws // 2)]
+            u, c = np.unique(pool, return_counts=True)
+            ids.append(u)
+            cnts.append(c)
+            offs.append(offs[-1] + len(u))
+        r.sample_offsets = np.array(offs, np.int64)
+        r.sample_ids = np.concatenate(ids).astype(np.int32)
+        r.sample_counts = np.concatenate(cnts).astype(np.int32)
+    return r
+
+
+@pytest.mark.parametrize("V,n,draws,shared", [(257, 0, 12, 0), (257, 1, 1, 0), (257, 9, 50, 3),
+                                              (151936, 30, 50, 8), (151936, 12, 12, 0), (1025, 40, 50, 40)])
+def test_sampled_ids_round_trip_with_shared_lists_and_implied_counts(V, n, draws, shared, monkeypatch):
+    rng = np.random.default_rng(V + n + draws)
+    s = settings(V, 1, samples=draws)
+    r = normalize_record(sampled_record(rng, V, n, draws, shared), s)
+    if n:  # the largest id survives, and a row whose top-1 id was not drawn
+        r.sample_ids[r.sample_offsets[1] - 1] = V - 1  # row 0's last (largest) id
+        r.topk_ids[0, 0] = min(set(range(V)) - set(r.sample_ids[:r.sample_offsets[1]].tolist()))
+    blob = codec.encode_record(r, s)
+    d = codec.decode_record(0, r.assistant_start, blob, s)
+    check_decoded(r, d, s)
+    if n:
+        # counts that do not sum to the draws (another writer's record) are stored in full and still decode
+        r2 = normalize_record(sampled_record(np.random.default_rng(1), V, n, draws, shared), s)
+        r2.sample_counts[-1] += 1
+        d2 = codec.decode_record(0, r2.assistant_start, codec.encode_record(r2, s), s)
+        np.testing.assert_array_equal(d2.sample_counts, r2.sample_counts)
+        np.testing.assert_array_equal(d2.sample_ids, r2.sample_ids)
+    if shared >= 8:  # ids common to the record's rows are cheaper in their own list
+        monkeypatch.setattr(codec, "_SHARE_THRESHOLDS", ())
+        assert len(blob) < len(codec.encode_record(r, s))
+
+
+def test_a_truncated_or_padded_record_is_refused():
+    rng = np.random.default_rng(11)
+    for kw in ({"samples": 12}, {"top_p": 0.9}, {}):
+        s = settings(1000, 16, **kw)
+        r = normalize_record(exact_record(rng, 1000, 16, 20, samples=kw.get("samples", 0)), s)
+        blob = codec.encode_record(r, s)
+        for cut in (1, 2, 5, len(blob) // 3, len(blob) // 2, len(blob) - 1):
+            with pytest.raises(ValueError):
+                codec.decode_record(0, r.assistant_start, blob[:cut], s)
+        with pytest.raises(ValueError):
+            codec.decode_record(0, r.assistant_start, blob + b"\x00", s)
+
+
 def test_decoded_topk_tail_loss_equals_the_exact_one_within_the_bound():
     from student.losses import DistillTargets, kd_sum
 

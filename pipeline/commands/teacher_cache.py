@@ -54,15 +54,16 @@ def teacher_cache(
                                       "log-probs, float16 or float32 (shifts and tail masses are always "
                                       "float32). Ignored by the compact encoding, which decodes to float32."),
     format: str = typer.Option("arrow", "--format", help="Shard format: arrow or zarr."),
-    encoding: str = typer.Option("compact", help="Record encoding: compact (ids bit-packed or Rice-coded, "
-                                 "log-probs quantised in --lp-step nats below each row's top, 16-bit tail "
-                                 "codes; ~2.5x smaller than exact at top-64, KL to the exact rows <= "
-                                 "(lp-step + 0.002)^2 / 8 per row, recorded in the manifest) or exact "
-                                 "(int32 ids, --logprob-dtype log-probs, float32 shift and tail)."),
+    encoding: str = typer.Option("compact", help="Record encoding: compact (ids through a per-sequence "
+                                 "frequency dictionary, bit-packed or Rice-coded; log-probs quantised in "
+                                 "--lp-step nats below each row's top, 16-bit tail codes; ~5x smaller than "
+                                 "exact at top-64, KL to the exact rows <= (lp-step + 0.002)^2 / 8 per row, "
+                                 "recorded in the manifest) or exact (int32 ids, --logprob-dtype log-probs, "
+                                 "float32 shift and tail)."),
     top_p: float = typer.Option(None, "--top-p", help="Compact only: adaptive k. Per position keep the "
                                 "fewest ids whose T=1 mass reaches this value (at most --topk); the "
                                 "dropped ids' exact mass goes into the stored tail at every temperature. "
-                                "E.g. 0.9."),
+                                "The measured preset is --top-p 0.9 --topk 32."),
     lp_step: float = typer.Option(1.0 / 16, help="Compact only: log-prob quantisation step in nats (0.0625 "
                                   "keeps KL <= 5e-4 per row; larger is smaller and coarser)."),
     unit_size: int = typer.Option(256, help="Sequences per unit (a shard, the resume granularity and the "
