@@ -11,7 +11,7 @@ exact mass into the tail), so the variants differ only in what they keep and how
     tail-k{1,4,16,64}  topk_tail, exact encoding, and -compact with the compact encoding
     renorm-k16         topk_renorm at k = 16 (exact)
     rs12, rs50         sampled KD on 12 / 50 Random-Sampling draws (compact)
-    top-p0.9           topk_tail on the compact adaptive-k cache (p = 0.9, k <= 64)
+    top-p0.9-k32       topk_tail on the compact adaptive-k preset (--top-p 0.9 --topk 32)
 
 Each variant trains ``--seeds`` students with the same steps, token budget, learning rate and alpha; the
 table gives bytes per supervised token of its train cache against validation CE and KL (the trainer's own
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +50,25 @@ from cache.format import (  # noqa: E402
 from cache.util import UserError  # noqa: E402
 
 TEMPS = (1.0, 2.0)
-# name -> (train cache, kd kind, alpha); alpha 1.0 is CE only
-VARIANTS: dict[str, tuple[str, str, float]] = {
+# name -> (train cache, kd kind, alpha); alpha 1.0 is CE only, None the study's --alpha
+VARIANTS: dict[str, tuple[str, str, float | None]] = {
     "ce": ("full", "topk_tail", 1.0),
-    "full": ("full", "topk_tail", 0.5),
-    "tail-k64": ("k64", "topk_tail", 0.5),
-    "tail-k64-compact": ("k64-compact", "topk_tail", 0.5),
-    "tail-k16": ("k16", "topk_tail", 0.5),
-    "tail-k16-compact": ("k16-compact", "topk_tail", 0.5),
-    "tail-k4": ("k4", "topk_tail", 0.5),
-    "tail-k4-compact": ("k4-compact", "topk_tail", 0.5),
-    "tail-k1": ("k1", "topk_tail", 0.5),
-    "tail-k1-compact": ("k1-compact", "topk_tail", 0.5),
-    "renorm-k16": ("k16", "topk_renorm", 0.5),
-    "rs12": ("rs12", "sampled", 0.5),
-    "rs50": ("rs50", "sampled", 0.5),
-    "top-p0.9": ("top-p0.9", "topk_tail", 0.5),
+    "full": ("full", "topk_tail", None),
+    "tail-k64": ("k64", "topk_tail", None),
+    "tail-k64-compact": ("k64-compact", "topk_tail", None),
+    "tail-k16": ("k16", "topk_tail", None),
+    "tail-k16-compact": ("k16-compact", "topk_tail", None),
+    "tail-k4": ("k4", "topk_tail", None),
+    "tail-k4-compact": ("k4-compact", "topk_tail", None),
+    "tail-k1": ("k1", "topk_tail", None),
+    "tail-k1-compact": ("k1-compact", "topk_tail", None),
+    "renorm-k16": ("k16", "topk_renorm", None),
+    "rs12": ("rs12", "sampled", None),
+    "rs50": ("rs50", "sampled", None),
+    "top-p0.9-k32": ("top-p0.9-k32", "topk_tail", None),
 }
 QUICK_VARIANTS = ("ce", "tail-k4-compact", "rs12")
+STEPS = 1000  # per student: 45 epochs of the demo's 500 problems; 42 students fit 30 min on 2 cores
 
 
 def derive(rec: CacheRecord, k: int, samples: tuple | None) -> CacheRecord:
@@ -91,13 +94,13 @@ def write_variant(src: Path, rs12: Path, out: Path, name: str, vocab: int) -> di
         if m["fingerprint"].get("study_source") == full.fingerprint_digest:
             return m
     compact = name.endswith("-compact") or name.startswith(("rs", "top-p"))
-    k = {"rs12": 1, "rs50": 1, "top-p0.9": 64}.get(name) or int(name.split("-")[0].removeprefix("k"))
+    k = {"rs12": 1, "rs50": 1, "top-p0.9-k32": 32}.get(name) or int(name.split("-")[0].removeprefix("k"))
     k = min(k, vocab)
     draws = open_cache(rs12) if name == "rs12" else full
     samples = draws.samples if name in ("rs12", "rs50") else 0
     s = CacheSettings(topk=k, vocab_size=vocab, samples=samples, temperatures=TEMPS, dtype="float32",
                       encoding="compact" if compact else "exact",
-                      top_p=0.9 if name == "top-p0.9" else None)
+                      top_p=0.9 if name == "top-p0.9-k32" else None)
     fp = {**full.fingerprint, "study_variant": name, "study_source": full.fingerprint_digest, "topk": k,
           "samples": samples}
     shutil.rmtree(out, ignore_errors=True)
@@ -122,33 +125,111 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "usable_cores": usable_cores(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def student_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train and score one student (in a worker process: its own torch thread count)."""
+    import torch
+
+    from pipeline.evaluate import evaluate_model
+    from student.train import TrainConfig, train_student
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    t0, cpu0 = time.time(), time.process_time()
+    s = job["student"]
+    sd = Path(job["out"])
+    shutil.rmtree(sd, ignore_errors=True)
+    cfg = TrainConfig(cache=Path(job["cache"]), val_cache=Path(job["val_cache"]), out=sd,
+                      hidden_size=s["hidden_size"], layers=s["layers"], ffn=s["ffn"], window=s["window"],
+                      max_positions=s["max_positions"], dropout=s["dropout"], steps=job["steps"],
+                      batch_tokens=s["batch_tokens"], lr=s["lr"], min_lr=s["min_lr"],
+                      warmup=min(s["warmup"], max(1, job["steps"] // 2)), weight_decay=s["weight_decay"],
+                      alpha=job["alpha"], temperature=s["temperature"], kd=job["kd"], eval_every=0,
+                      save_every=0, log_every=max(1, job["steps"] // 4), seed=job["seed"], device="cpu",
+                      num_workers=0, progress=False)
+    res = train_student(cfg)
+    m = res.final_metrics
+    acc = None
+    if job["problems"]:
+        acc = evaluate_model(res.out_dir / "final", job["data_dir"], "test", job["problems"],
+                             max_new_tokens=job["max_new_tokens"], batch_size=50, device="cpu",
+                             dtype="float32", progress=False)
+    return {"variant": job["variant"], "seed": job["seed"], "val_ce": m.get("val_ce"),
+            "val_kl": m.get("val_kl"), "val_top1": m.get("val_top1_agree"),
+            "accuracy": None if acc is None else acc.strict_correct / max(acc.n, 1),
+            "n": 0 if acc is None else acc.n, "train_wall_s": res.wall_s, "wall_s": time.time() - t0,
+            "cpu_s": time.process_time() - cpu0}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from pipeline.demo.run import StudentBudget
+
+    demo = StudentBudget()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", type=Path, required=True,
                     help="Working folder (assets, caches, students, results).")
-    ap.add_argument("--assets", type=Path, default=None, help="An existing demo assets folder to use.")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=150, help="Optimizer steps per student (equal budget).")
-    ap.add_argument("--batch-tokens", type=int, default=2048)
-    ap.add_argument("--problems", type=int, default=100, help="Test problems answered per student.")
+    ap.add_argument("--assets", type=Path, default=None,
+                    help="An existing demo assets folder to use (default: build or reuse OUT/assets).")
+    ap.add_argument("--seeds", type=int, default=3, help="Students per variant (seeds 0, 1, ...).")
+    ap.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per student (equal budget).")
+    ap.add_argument("--alpha", type=float, default=demo.alpha,
+                    help="Label weight of every KD variant (CE only is alpha 1).")
+    ap.add_argument("--problems", type=int, default=300,
+                    help="Test problems answered per student (greedy, strict exact answer); 0 skips.")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="Generation budget per problem.")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of the variants.")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="Students trained at the same time, one process each (default: one per usable "
+                         "core, at most 2; 1 trains them one after the other in this process).")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads per process (0: torch's default).")
     ap.add_argument("--quick", action="store_true", help="Tiny assets, 3 variants, 1 seed, a few steps.")
     args = ap.parse_args(argv)
     from pipeline.demo.assets import build_demo_assets
-    from pipeline.evaluate import evaluate_model
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
-    from student.train import TrainConfig, train_student
 
     variants = QUICK_VARIANTS if args.quick else tuple(v for v in args.variants.split(",") if v)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.seeds < 1 or args.steps < 1 or args.problems < 0:
+        raise UserError("--seeds and --steps must be >= 1 and --problems >= 0")
     seeds = 1 if args.quick else args.seeds
     steps = 4 if args.quick else args.steps
-    problems = 4 if args.quick else args.problems
+    problems = min(args.problems, 4) if args.quick else args.problems
+    jobs = args.jobs if args.jobs is not None else max(1, min(2, usable_cores()))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    load_start = os.getloadavg()
     if args.assets is not None:
         from pipeline.demo.assets import DemoAssets
 
@@ -181,62 +262,107 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         src = VARIANTS[v][0]
         if src not in bytes_per:
             bytes_per[src] = write_variant(caches / "full", caches / "rs12-draws", caches / src, src, vocab)
-    print(f"caches ready after {time.time() - t0:.0f} s", flush=True)
+    t_caches = time.time() - t0
+    print(f"caches ready after {t_caches:.0f} s", flush=True)
+    s = asdict(StudentBudget())
+    todo = [{"variant": v, "seed": seed, "cache": str(caches / VARIANTS[v][0]),
+             "val_cache": str(caches / "val"),
+             "out": str(out / "students" / f"{v}-s{seed}"), "kd": VARIANTS[v][1],
+             "alpha": VARIANTS[v][2] or args.alpha, "steps": steps, "student": s,
+             "threads": args.threads, "problems": problems, "data_dir": str(assets.test_jsonl.parent),
+             "max_new_tokens": 16 if args.quick else args.max_new_tokens}
+            for seed in range(seeds) for v in variants]  # seeds outer: every variant at seed 0 first
     runs: dict[str, list[dict[str, Any]]] = {}
+    meta = {"quick": args.quick, "steps": steps, "seeds": seeds, "problems": problems, "vocab_size": vocab,
+            "alpha": args.alpha, "student": s, "jobs": jobs, "threads": args.threads,
+            "machine": machine(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)),
+            "load_average_start": load_start, "caches_wall_s": t_caches}
     result: dict[str, Any] = {}
-    for seed in range(seeds):  # seeds outer: a run stopped early still has every variant at seed 0
-        for v in variants:
-            src, kind, alpha = VARIANTS[v]
-            sd = out / "students" / f"{v}-s{seed}"
-            shutil.rmtree(sd, ignore_errors=True)
-            cfg = TrainConfig(cache=caches / src, val_cache=caches / "val", out=sd, hidden_size=64, layers=2,
-                              ffn=256, window=16, max_positions=512, dropout=0.0, steps=steps,
-                              batch_tokens=args.batch_tokens, lr=3e-3, min_lr=3e-4,
-                              warmup=max(1, steps // 10),
-                              alpha=alpha, temperature=1.0, kd=kind, eval_every=0, save_every=0,
-                              log_every=max(1, steps // 5), seed=seed, device="cpu", num_workers=0,
-                              progress=False)
-            res = train_student(cfg)
-            acc = evaluate_model(res.out_dir / "final", str(assets.test_jsonl.parent), "test", problems,
-                                 max_new_tokens=16 if args.quick else 160, batch_size=50, device="cpu",
-                                 dtype="float32", progress=False)
-            m = res.final_metrics
-            runs.setdefault(v, []).append({"seed": seed, "val_ce": m.get("val_ce"), "val_kl": m.get("val_kl"),
-                                           "accuracy": acc.strict_correct / max(acc.n, 1), "n": acc.n,
-                                           "wall_s": res.wall_s})
-            print(f"{v:18s} seed {seed}: val CE {m.get('val_ce', float('nan')):.4f}  accuracy "
-                  f"{runs[v][-1]['accuracy']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
-            result = write_results(out, args, runs, bytes_per, steps, seeds, problems, vocab, t0)
+    t1 = time.time()
+
+    def done(r: dict[str, Any]) -> None:
+        nonlocal result
+        runs.setdefault(r["variant"], []).append(r)
+        n_done = sum(len(x) for x in runs.values())
+        el = time.time() - t1
+        eta = el / n_done * (len(todo) - n_done)
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(f"[{n_done}/{len(todo)}] {r['variant']:18s} seed {r['seed']}: val CE {r['val_ce']:.4f}  "
+              f"val KL {r['val_kl']:.4f}  accuracy {acc}  ({r['wall_s']:.0f} s; elapsed "
+              f"{time.time() - t0:.0f} s, ETA {eta:.0f} s)", flush=True)
+        result = write_results(out, meta, runs, bytes_per, t0)
+
+    if jobs <= 1:
+        for j in todo:
+            done(student_job(j))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        print(f"training {len(todo)} students, {jobs} at a time (one process each, {args.threads} torch "
+              f"thread(s))", flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in as_completed([pool.submit(student_job, j) for j in todo]):
+                done(f.result())
     return result
 
 
-def write_results(out: Path, args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
-                  bytes_per: dict[str, Any], steps: int, seeds: int, problems: int, vocab: int,
-                  t0: float) -> dict[str, Any]:
+def write_results(out: Path, meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]],
+                  bytes_per: dict[str, Any], t0: float) -> dict[str, Any]:
     """study.json, study.md and study.png from the runs so far (rewritten after every student)."""
     table = []
-    for v, rs in runs.items():
+    for v in VARIANTS:
+        if v not in runs:
+            continue
+        rs = sorted(runs[v], key=lambda r: r["seed"])
         man = bytes_per[VARIANTS[v][0]]
-        row = {"variant": v, "cache": VARIANTS[v][0], "kd": VARIANTS[v][1], "alpha": VARIANTS[v][2],
-               "bytes_per_supervised_token": man["stats"]["bytes_per_supervised_token"], "seeds": len(rs)}
-        for key in ("val_ce", "val_kl", "accuracy"):
-            row[key], row[key + "_std"] = summarise([r[key] for r in rs])
+        row = {"variant": v, "cache": VARIANTS[v][0], "kd": VARIANTS[v][1],
+               "alpha": VARIANTS[v][2] or meta["alpha"],
+               "bytes_per_supervised_token": man["stats"]["bytes_per_supervised_token"],
+               "mean_kept_ids": man["stats"].get("mean_kept_ids"), "seeds": len(rs)}
+        for key in ("val_ce", "val_kl", "val_top1", "accuracy"):
+            row[key], row[key + "_std"] = summarise([r.get(key) for r in rs])
         table.append(row)
-    result = {"benchmark": "study_cache_size", "quick": args.quick, "steps": steps, "seeds": seeds,
-              "problems": problems, "vocab_size": vocab, "wall_s": time.time() - t0, "table": table,
-              "runs": runs}
+    result = {"benchmark": "study_cache_size", **meta, "wall_s": time.time() - t0,
+              "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+              "load_average_end": os.getloadavg(), "table": table,
+              "runs": {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in runs.items()}}
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    lines = ["| variant | bytes/sup. token | seeds | val CE | val KL | exact-answer accuracy |",
-             "|---|---|---|---|---|---|"]
-    for r in table:
-        size = "— (labels only)" if r["alpha"] == 1.0 else f"{r['bytes_per_supervised_token']:.1f}"
-        lines.append(f"| {r['variant']} | {size} | {r['seeds']} | "
-                     f"{r['val_ce']:.4f} ± {r['val_ce_std']:.4f} | "
-                     f"{r['val_kl']:.4f} ± {r['val_kl_std']:.4f} | "
-                     f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f} |")
-    (out / "study.md").write_text("\n".join(lines) + "\n")
+    (out / "study.md").write_text(markdown(table))
     plot(table, out / "study.png")
     return result
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    """The table (mean ± standard deviation over seeds) and each variant's distance to the exact top-64 cache
+    in units of the larger of the two seed spreads."""
+    lines = ["| variant | kd | bytes / supervised token | seeds | val CE | val KL | val top-1 agreement | "
+             "exact-answer accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        size = "0 (labels only)" if r["alpha"] == 1.0 else f"{r['bytes_per_supervised_token']:.1f}"
+        lines.append(f"| {r['variant']} | {r['kd'] if r['alpha'] != 1.0 else 'CE only'} | {size} | "
+                     f"{r['seeds']} | {r['val_ce']:.4f} ± {r['val_ce_std']:.4f} | "
+                     f"{r['val_kl']:.4f} ± {r['val_kl_std']:.4f} | "
+                     f"{100 * r['val_top1']:.1f} ± {100 * r['val_top1_std']:.1f}% | "
+                     f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}% |")
+    ref = next((r for r in table if r["variant"] == "tail-k64"), None)
+    if ref is not None:
+        lines += ["", "Difference to `tail-k64` (exact top-64 cache), mean over seeds; in brackets the "
+                  "larger of the two seed standard deviations (a difference inside it is within the seed "
+                  "spread):", "",
+                  "| variant | val CE | val KL | exact-answer accuracy (points) |", "|---|---|---|---|"]
+        for r in table:
+            if r is ref:
+                continue
+            cells = []
+            for key, scale in (("val_ce", 1), ("val_kl", 1), ("accuracy", 100)):
+                d = (r[key] - ref[key]) * scale
+                spread = max(r[key + "_std"], ref[key + "_std"]) * scale
+                mark = "" if abs(d) <= spread else " (outside)"
+                cells.append(f"{d:+.4f} [{spread:.4f}]{mark}" if scale == 1
+                             else f"{d:+.1f} [{spread:.1f}]{mark}")
+            lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(table: list[dict[str, Any]], path: Path) -> None:

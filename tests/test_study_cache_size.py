@@ -21,7 +21,7 @@ def test_derived_caches_equal_a_top_k_teacher_pass(tmp_path):
     draws = full  # the study's second pass (12 draws, same sequences); here the same cache stands in
     ref = open_cache(full)
     sizes = {}
-    for name in ("k4", "k4-compact", "top-p0.9", "rs12", "rs50"):
+    for name in ("k4", "k4-compact", "top-p0.9-k32", "rs12", "rs50"):
         m = study.write_variant(full, draws, tmp_path / name, name, V)
         sizes[name] = m["stats"]["bytes_per_supervised_token"]
         assert verify_cache(tmp_path / name) == [], name
@@ -42,8 +42,25 @@ def test_derived_caches_equal_a_top_k_teacher_pass(tmp_path):
                 np.testing.assert_array_equal(y.sample_ids, x.sample_ids)
             if name == "rs50":
                 np.testing.assert_array_equal(y.sample_counts, x.sample_counts)
-            if name == "top-p0.9":
+            if name == "top-p0.9-k32":  # a top-32 pass, then adaptive k on it
+                x32 = study.derive(x, 32, None)
                 kept = y.topk_logprobs > -1e3
-                assert (np.exp(x.topk_logprobs.astype(np.float64))[kept].sum() > 0)
-                assert (row_kl(x, y, study.TEMPS) <= (1 / 16 + 2e-3) ** 2 / 8).all()
+                assert (np.exp(x32.topk_logprobs.astype(np.float64))[kept].sum() > 0)
+                np.testing.assert_array_equal(y.topk_ids[kept], x32.topk_ids[kept])
+                assert (row_kl(x32, y, study.TEMPS) <= (1 / 16 + 2e-3) ** 2 / 8).all()
     assert sizes["k4-compact"] < sizes["k4"]
+
+
+def test_the_table_says_which_differences_are_within_the_seed_spread():
+    row = {"cache": "k64", "kd": "topk_tail", "alpha": 0.2, "bytes_per_supervised_token": 80.0, "seeds": 3,
+           "val_top1": 0.8, "val_top1_std": 0.01}
+    ref = {**row, "variant": "tail-k64", "val_ce": 0.50, "val_ce_std": 0.02, "val_kl": 0.30,
+           "val_kl_std": 0.01, "accuracy": 0.20, "accuracy_std": 0.03}
+    near = {**row, "variant": "top-p0.9-k32", "val_ce": 0.51, "val_ce_std": 0.01, "val_kl": 0.35,
+            "val_kl_std": 0.02, "accuracy": 0.18, "accuracy_std": 0.01}
+    ce = {**near, "variant": "ce", "alpha": 1.0, "val_ce": 0.60}
+    md = study.markdown([ref, near, ce])
+    assert "| ce | CE only | 0 (labels only) |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| top-p0.9-k32 | +"))
+    # val CE +0.01 inside the spread 0.02; val KL +0.05 outside 0.02; accuracy -2.0 points inside 3.0
+    assert line == "| top-p0.9-k32 | +0.0100 [0.0200] | +0.0500 [0.0200] (outside) | -2.0 [3.0] |"
