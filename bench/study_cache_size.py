@@ -18,8 +18,12 @@ table gives bytes per supervised token of its train cache against validation CE 
 evaluation on the full-distribution test cache) and exact-answer accuracy (greedy, strict) on the first
 ``--problems`` test problems, as mean and standard deviation over seeds; the picture plots the same.
 
-    nice -n 5 python bench/study_cache_size.py --out runs/study         # make study (~30 min, 2 cores)
+    python bench/study_cache_size.py --out runs/study                   # make study (< 30 min on 2 cores)
     python bench/study_cache_size.py --out /tmp/study --quick           # a smoke run in about a minute
+
+Students train ``--jobs`` at a time (default: one per usable core, at most 2), each in its own spawned
+process with ``--threads`` torch threads (default 1); a line per finished student gives its metrics,
+elapsed time and an ETA. Re-running reuses the assets and the caches and retrains every student.
 """
 
 from __future__ import annotations
@@ -188,25 +192,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipeline.demo.run import StudentBudget
 
     demo = StudentBudget()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True,
                     help="Working folder (assets, caches, students, results).")
     ap.add_argument("--assets", type=Path, default=None,
                     help="An existing demo assets folder to use (default: build or reuse OUT/assets).")
-    ap.add_argument("--seeds", type=int, default=3, help="Students per variant (seeds 0, 1, ...).")
-    ap.add_argument("--steps", type=int, default=STEPS, help="Optimizer steps per student (equal budget).")
+    ap.add_argument("--seeds", type=int, default=3, help="Students per variant: seeds 0, 1, ... (default 3).")
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help=f"Optimizer steps per student, the same for every variant (default {STEPS}).")
     ap.add_argument("--alpha", type=float, default=demo.alpha,
-                    help="Label weight of every KD variant (CE only is alpha 1).")
+                    help=f"Label weight of every KD variant; CE only is alpha 1 (default {demo.alpha}, "
+                         "the demo's).")
     ap.add_argument("--problems", type=int, default=300,
-                    help="Test problems answered per student (greedy, strict exact answer); 0 skips.")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="Generation budget per problem.")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of the variants.")
+                    help="Test problems answered per student (greedy, strict exact answer; default 300, "
+                         "the whole test split); 0 skips.")
+    ap.add_argument("--max-new-tokens", type=int, default=64,
+                    help="Generation budget per problem (default 64).")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="Comma-separated subset of the variants (default: all 14).")
     ap.add_argument("--jobs", type=int, default=None,
                     help="Students trained at the same time, one process each (default: one per usable "
                          "core, at most 2; 1 trains them one after the other in this process).")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads per process (0: torch's default).")
+                    help="torch CPU threads per process (default 1; 0: torch's default).")
     ap.add_argument("--quick", action="store_true", help="Tiny assets, 3 variants, 1 seed, a few steps.")
     args = ap.parse_args(argv)
     from pipeline.demo.assets import build_demo_assets
