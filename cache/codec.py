@@ -149,14 +149,14 @@ def _encode_ints(values: np.ndarray, dictionary: bool = False) -> bytes:
     return best
 
 
-def _decode_ints(buf: np.ndarray, pos: int) -> tuple[np.ndarray, int]:
+def _decode_ints(buf: np.ndarray, pos: int, nested: bool = False) -> tuple[np.ndarray, int]:
     if pos >= len(buf):
         raise ValueError("integer stream starts past the end of the record")
     mode = int(buf[pos])
     n, pos = _read_varint(buf, pos + 1)
-    if mode == _MODE_DICT:
-        table, pos = _decode_ints(buf, pos)
-        rank, pos = _decode_ints(buf, pos)
+    if mode == _MODE_DICT and not nested:  # its two parts are plain streams (never dictionaries)
+        table, pos = _decode_ints(buf, pos, nested=True)
+        rank, pos = _decode_ints(buf, pos, nested=True)
         if rank.size != n or (n and (rank.max() >= table.size)):
             raise ValueError("dictionary stream is corrupt (rank outside the table)")
         return table[rank], pos
@@ -164,6 +164,8 @@ def _decode_ints(buf: np.ndarray, pos: int) -> tuple[np.ndarray, int]:
         raise ValueError("integer stream header runs past the record")
     param = int(buf[pos])
     pos += 1
+    if param > 32 or (mode == _MODE_FIXED and n and param == 0):
+        raise ValueError(f"integer stream is corrupt (width {param})")
     if mode == _MODE_FIXED:
         nbytes = (n * param + 7) // 8
         if pos + nbytes > len(buf):

@@ -158,6 +158,12 @@ def test_integer_streams_round_trip_in_every_mode():
         assert codec._read_varint(np.frombuffer(b + b"\x07", np.uint8), 0) == (x, len(b))
     with pytest.raises(ValueError):
         codec._encode_ints(np.array([-1]))
+    # corrupt headers fail with ValueError before allocating anything: a dictionary inside a dictionary,
+    # a zero or oversized width, a count far beyond the bytes
+    for bad in (bytes([2, 3, 2, 3]), bytes([0, 0x80, 0x80, 0x80, 0x01, 0]), bytes([0, 2, 40, 0]),
+                bytes([1, 0xFF, 0xFF, 0xFF, 0x0F, 3, 0x10]), bytes([0, 0x80])):
+        with pytest.raises(ValueError):
+            codec._decode_ints(np.frombuffer(bad, np.uint8), 0)
 
 
 def sampled_record(rng: np.random.Generator, V: int, n: int, draws: int, shared: int = 0) -> CacheRecord:
