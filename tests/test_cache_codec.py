@@ -248,6 +248,41 @@ def test_decoded_topk_tail_loss_equals_the_exact_one_within_the_bound():
         assert abs(exact - decoded) <= 1e-3 * abs(exact) + kl.mean() * 10, (exact, decoded)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_fused_loss_trains_on_adaptive_rows_as_the_reference_does(temperature):
+    """Decoded adaptive-k rows repeat the top id with probability 0 in their unused slots: the fused
+    chunked loss (what training runs) gives the reference ``topk_tail`` value and gradient on them."""
+    from student.chunked_loss import chunked_distill_loss
+    from student.losses import DistillTargets, distill_loss_sums
+
+    rng = np.random.default_rng(6)
+    V, k, n, d_model = 300, 16, 24, 8
+    s = settings(V, k, top_p=0.8)
+    r = normalize_record(exact_record(rng, V, k, n, scale=4.0), s)
+    d = codec.decode_record(0, r.assistant_start, codec.encode_record(r, s), s)
+    assert (d.topk_ids[:, 1:] == d.topk_ids[:, :1]).any()  # some rows are padded
+    i = TEMPS.index(temperature)
+    t = DistillTargets(labels=torch.from_numpy(rng.integers(0, V, n)),
+                       topk_ids=torch.from_numpy(d.topk_ids.astype(np.int64)),
+                       topk_logprobs=torch.from_numpy(d.topk_logprobs.copy()),
+                       shift=torch.from_numpy(d.topk_shift[:, i].copy()),
+                       tail=torch.from_numpy(d.tail_mass[:, i].copy()))
+    hidden = torch.from_numpy(rng.normal(size=(n, d_model))).float()
+    weight = torch.from_numpy(rng.normal(size=(V, d_model))).float()
+
+    def run(fused: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        sums = chunked_distill_loss(h, w, t, kind="topk_tail", temperature=temperature, chunk_size=7) \
+            if fused else distill_loss_sums(h @ w.T, t, "topk_tail", temperature)
+        gh, gw = torch.autograd.grad(0.3 * sums.ce + 0.7 * sums.kd, [h, w])
+        return sums.kd, gh, gw
+
+    (kd1, gh1, gw1), (kd0, gh0, gw0) = run(True), run(False)
+    torch.testing.assert_close(kd1, kd0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-5)
+
+
 def test_adaptive_k_accounts_for_every_dropped_id():
     rng = np.random.default_rng(2)
     V, k, n = 500, 64, 30
