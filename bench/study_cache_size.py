@@ -342,7 +342,7 @@ def write_results(out: Path, meta: dict[str, Any], runs: dict[str, list[dict[str
               "load_average_end": os.getloadavg(), "table": table,
               "runs": {v: sorted(rs, key=lambda r: r["seed"]) for v, rs in runs.items()}}
     atomic_write_bytes(out / "study.json", (json.dumps(result, indent=1, default=str) + "\n").encode())
-    atomic_write_bytes(out / "study.md", markdown(table).encode())
+    atomic_write_bytes(out / "study.md", markdown(table, runs).encode())
     if picture:
         tmp = out / ".study.tmp.png"
         plot(table, tmp)
@@ -350,9 +350,20 @@ def write_results(out: Path, meta: dict[str, Any], runs: dict[str, list[dict[str
     return result
 
 
-def markdown(table: list[dict[str, Any]]) -> str:
-    """The table (mean ± standard deviation over seeds) and each variant's distance to the exact top-64 cache
-    in units of the larger of the two seed spreads."""
+def paired(runs: dict[str, list[dict[str, Any]]], v: str, ref: str, key: str) -> tuple[float, float, int]:
+    """Mean and standard deviation over seeds of (``v`` - ``ref``) at the same seed (same initialisation
+    and data order: only the targets differ), and the number of seeds both have."""
+    base = {r["seed"]: r[key] for r in runs.get(ref, [])}
+    ds = [r[key] - base[r["seed"]] for r in runs.get(v, []) if r["seed"] in base]
+    if not ds:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(ds), statistics.stdev(ds) if len(ds) > 1 else 0.0, len(ds)
+
+
+def markdown(table: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """The table (mean ± standard deviation over seeds), then each variant against the exact top-64 cache:
+    the difference of the means against the larger of the two seed spreads, and the paired (same-seed)
+    difference as mean ± standard deviation."""
     lines = ["| variant | kd | bytes / supervised token | seeds | val CE | val KL | val top-1 agreement | "
              "exact-answer accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in table:
@@ -364,10 +375,12 @@ def markdown(table: list[dict[str, Any]]) -> str:
                      f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}% |")
     ref = next((r for r in table if r["variant"] == "tail-k64"), None)
     if ref is not None:
-        lines += ["", "Difference to `tail-k64` (exact top-64 cache), mean over seeds; in brackets the "
+        lines += ["", "Against `tail-k64` (exact top-64 cache): the difference of the means, in brackets the "
                   "larger of the two seed standard deviations (a difference inside it is within the seed "
-                  "spread):", "",
-                  "| variant | val CE | val KL | exact-answer accuracy (points) |", "|---|---|---|---|"]
+                  "spread); then the paired difference (same seed, so the same initialisation and data "
+                  "order) as mean ± standard deviation over seeds:", "",
+                  "| variant | val CE | val KL | exact answers (points) | paired val CE | paired val KL | "
+                  "paired exact answers (points) |", "|---|---|---|---|---|---|---|"]
         for r in table:
             if r is ref:
                 continue
@@ -378,6 +391,10 @@ def markdown(table: list[dict[str, Any]]) -> str:
                 mark = "" if abs(d) <= spread else " (outside)"
                 cells.append(f"{d:+.4f} [{spread:.4f}]{mark}" if scale == 1
                              else f"{d:+.1f} [{spread:.1f}]{mark}")
+            for key, scale in (("val_ce", 1), ("val_kl", 1), ("accuracy", 100)):
+                m, sd, n = paired(runs or {}, r["variant"], "tail-k64", key)
+                cells.append("-" if n == 0 else f"{m * scale:+.4f} ± {sd * scale:.4f}" if scale == 1
+                             else f"{m * scale:+.1f} ± {sd * scale:.1f}")
             lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

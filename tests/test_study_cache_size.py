@@ -59,8 +59,15 @@ def test_the_table_says_which_differences_are_within_the_seed_spread():
     near = {**row, "variant": "top-p0.9-k32", "val_ce": 0.51, "val_ce_std": 0.01, "val_kl": 0.35,
             "val_kl_std": 0.02, "accuracy": 0.18, "accuracy_std": 0.01}
     ce = {**near, "variant": "ce", "alpha": 1.0, "val_ce": 0.60}
-    md = study.markdown([ref, near, ce])
+    seeds = {"tail-k64": [(0.48, 0.29, 0.20), (0.52, 0.31, 0.20)],
+             "top-p0.9-k32": [(0.49, 0.34, 0.19), (0.53, 0.36, 0.17)]}
+    runs = {v: [{"seed": i, "val_ce": a, "val_kl": b, "accuracy": c} for i, (a, b, c) in enumerate(rs)]
+            for v, rs in seeds.items()}
+    md = study.markdown([ref, near, ce], runs)
     assert "| ce | CE only | 0 (labels only) |" in md
     line = next(x for x in md.splitlines() if x.startswith("| top-p0.9-k32 | +"))
-    # val CE +0.01 inside the spread 0.02; val KL +0.05 outside 0.02; accuracy -2.0 points inside 3.0
-    assert line == "| top-p0.9-k32 | +0.0100 [0.0200] | +0.0500 [0.0200] (outside) | -2.0 [3.0] |"
+    # val CE +0.01 inside the spread 0.02; val KL +0.05 outside 0.02; accuracy -2.0 points inside 3.0;
+    # paired: CE +0.01 on both seeds, KL +0.05 on both, answers -1 and -3 points
+    assert line == ("| top-p0.9-k32 | +0.0100 [0.0200] | +0.0500 [0.0200] (outside) | -2.0 [3.0] | "
+                    "+0.0100 ± 0.0000 | +0.0500 ± 0.0000 | -2.0 ± 1.4 |")
+    assert next(x for x in md.splitlines() if x.startswith("| ce | +")).endswith("| - | - | - |")
