@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bytes_per[src] = write_variant(caches / "full", caches / "rs12-draws", caches / src, src, vocab)
     t_caches = time.time() - t0
     print(f"caches ready after {t_caches:.0f} s", flush=True)
-    s = asdict(StudentBudget())
+    s = {**asdict(StudentBudget()), "steps": steps}  # the demo's student at this study's budget
     todo = [{"variant": v, "seed": seed, "cache": str(caches / VARIANTS[v][0]),
              "val_cache": str(caches / "val"),
              "out": str(out / "students" / f"{v}-s{seed}"), "kd": VARIANTS[v][1],
