@@ -333,7 +333,7 @@ def write_results(out: Path, meta: dict[str, Any], runs: dict[str, list[dict[str
         row = {"variant": v, "cache": VARIANTS[v][0], "kd": VARIANTS[v][1],
                "alpha": VARIANTS[v][2] or meta["alpha"],
                "bytes_per_supervised_token": man["stats"]["bytes_per_supervised_token"],
-               "mean_kept_ids": man["stats"].get("mean_kept_ids"), "seeds": len(rs)}
+               "mean_kept_ids": (man["stats"].get("fidelity") or {}).get("mean_kept_ids"), "seeds": len(rs)}
         for key in ("val_ce", "val_kl", "val_top1", "accuracy"):
             row[key], row[key + "_std"] = summarise([r.get(key) for r in rs])
         table.append(row)
