@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -138,20 +139,11 @@ def usable_cores() -> int:
 
 
 def machine() -> dict[str, Any]:
-    import platform
+    from pipeline.demo.run import machine_info
 
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "usable_cores": usable_cores(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    m = machine_info()
+    return {"cpu": m["cpu_model"] or platform.machine(), "usable_cores": m["usable_cores"], "torch": m["torch"],
+            "python": m["python"], "platform": m["platform"]}
 
 
 def student_job(job: dict[str, Any]) -> dict[str, Any]:
