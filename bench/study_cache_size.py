@@ -142,8 +142,8 @@ def machine() -> dict[str, Any]:
     from pipeline.demo.run import machine_info
 
     m = machine_info()
-    return {"cpu": m["cpu_model"] or platform.machine(), "usable_cores": m["usable_cores"], "torch": m["torch"],
-            "python": m["python"], "platform": m["platform"]}
+    return {"cpu": m["cpu_model"] or platform.machine(), "usable_cores": m["usable_cores"],
+            "torch": m["torch"], "python": m["python"], "platform": m["platform"]}
 
 
 def student_job(job: dict[str, Any]) -> dict[str, Any]:

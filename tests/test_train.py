@@ -223,8 +223,8 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, cache, workers):
 
 def test_kept_decoded_records_do_not_change_training(tmp_path):
     """A compact-encoded cache trained with every decoded record kept in memory (the default budget) and
-    with none kept (--record-cache-mb 0), over 4 epochs with 2 DataLoader workers and validation: bit-identical
-    weights and metrics."""
+    with none kept (--record-cache-mb 0), over 4 epochs with 2 DataLoader workers and validation:
+    bit-identical weights and metrics."""
     cache = write_bigram_cache(tmp_path / "compact", encoding="compact", dtype="float16")
     kw = dict(steps=12, batch_tokens=64, eval_every=6, val_fraction=0.2, dropout=0.1)
     train_student(tiny(cache, tmp_path / "kept", num_workers=2, **kw))
