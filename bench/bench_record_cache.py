@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = TrainConfig(cache=cache, out=run, hidden_size=32, layers=3, ffn=128, window=32,
                               max_positions=256, steps=args.steps, batch_tokens=2048, lr=6e-3, min_lr=6e-4,
                               warmup=30, alpha=0.2, temperature=1.0, kd="topk_tail", eval_every=0,
-                              save_every=0, log_every=args.steps, seed=0, device="cpu", num_workers=0, progress=False,
-                              record_cache_mb=mb)
+                              save_every=0, log_every=args.steps, seed=0, device="cpu", num_workers=0,
+                              progress=False, record_cache_mb=mb)
             train_student(cfg, TrainHooks(after_step=lambda step: stamps.append(time.perf_counter())))
             skip = min(len(stamps) // 3, 40)  # past the first epoch (about 23 steps of 500 problems)
             timed = stamps[skip:]
