@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[str, str, float | None]] = {
     "top-p0.9-k32": ("top-p0.9-k32", "topk_tail", None),
 }
 QUICK_VARIANTS = ("ce", "tail-k4-compact", "rs12")
-STEPS = 900  # per student: 40 epochs of the demo's 500 problems; 42 students fit 30 min on 2 cores
+STEPS = 900  # per student: 40 epochs of the study's 500 training problems; 42 students fit 30 min on 2 cores
 PLOT_EVERY_S = 60.0  # study.png is redrawn at most this often (and at the end); the table after every student
 
 
