@@ -180,8 +180,7 @@ def _chunk_forward(h: Tensor, w: Tensor, t: DistillTargets, kind: str, temperatu
     at_cols = alpha[:, None] * logq.exp() + beta  # (c, k) the exact KD gradient at the top-k columns
     if cols.shape[1] > 1:  # adaptive-k rows repeat their top id (p = 0) in unused slots: scatter_ below
         dup = cols[:, 1:] == cols[:, :1]  # writes one of the repeats, so give them all the top's value
-        if bool(dup.any()):
-            at_cols[:, 1:] = torch.where(dup, at_cols[:, :1], at_cols[:, 1:])
+        at_cols[:, 1:] = torch.where(dup, at_cols[:, :1], at_cols[:, 1:])  # no .any(): no device sync
     p1_cols = ((z_cols - m[:, None]) - log_s1[:, None]).exp()
     st = _RowStats(lse1, lse_t, alpha_dense, at_cols, cols, p1_cols, tail_rows, tail_coef)
     return ce, kd, agree, correct, st, num
