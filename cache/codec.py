@@ -282,11 +282,12 @@ def _implied_counts(ids: np.ndarray, rows: np.ndarray, off: np.ndarray, top1: np
     return drop
 
 
-def _encode_entries(ids: np.ndarray, rows: np.ndarray, n_rows: int, share: float | None) -> bytes:
-    """A record's sampled ids (ascending per row): its distinct ids split into a shared list (ids drawn in
-    at least ``share`` of the rows) and the rest, both ascending as gaps; per row the number of shared
-    entries; then per row the positions of its ids in each list, ascending as gaps."""
-    table, idx, n_in = np.unique(ids, return_inverse=True, return_counts=True)
+def _encode_entries(table: np.ndarray, idx: np.ndarray, n_in: np.ndarray, rows: np.ndarray, n_rows: int,
+                    share: float | None) -> bytes:
+    """A record's sampled ids (ascending per row; ``np.unique(ids)`` as ``table``, ``idx``, ``n_in``): its
+    distinct ids split into a shared list (ids drawn in at least ``share`` of the rows) and the rest, both
+    ascending as gaps; per row the number of shared entries; then per row the positions of its ids in each
+    list, ascending as gaps."""
     shared = n_in >= max(2.0, share * n_rows) if share is not None else np.zeros(table.size, bool)
     pos_s, pos_r = np.cumsum(shared) - 1, np.cumsum(~shared) - 1
     e_s = shared[idx]
@@ -307,7 +308,8 @@ def encode_samples(r: CacheRecord, draws: int) -> list[bytes]:
     per_row = np.diff(off)
     n_rows = per_row.size
     rows = np.repeat(np.arange(n_rows), per_row)
-    entries = min((_encode_entries(ids, rows, n_rows, sh) for sh in (None, *_SHARE_THRESHOLDS)), key=len)
+    uniq = np.unique(ids, return_inverse=True, return_counts=True)
+    entries = min((_encode_entries(*uniq, rows, n_rows, sh) for sh in (None, *_SHARE_THRESHOLDS)), key=len)
     sums = np.bincount(rows, weights=counts, minlength=n_rows)
     implied = bool(n_rows) and bool((per_row > 0).all()) and bool((sums == draws).all())
     if implied:
