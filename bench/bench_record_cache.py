@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
               "steps": args.steps, "repeats": args.repeats, "steps_per_s": {"kept_512mb": rates[512],
                                                                              "decode_every_read": rates[0]},
               "median_kept": kept, "median_decode": none, "speedup": kept / none,
-              "machine": machine_info(), "python": platform.python_version(),
+              "machine": machine_info(),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "record_cache.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -131,13 +131,6 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def machine() -> dict[str, Any]:
     from pipeline.demo.run import machine_info
 
@@ -150,8 +143,9 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and score one student (in a worker process: its own torch thread count)."""
     import torch
 
+    from pipeline.demo.run import StudentBudget
     from pipeline.evaluate import evaluate_model
-    from student.train import TrainConfig, train_student
+    from student.train import train_student
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
@@ -159,14 +153,11 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
     s = job["student"]
     sd = Path(job["out"])
     shutil.rmtree(sd, ignore_errors=True)
-    cfg = TrainConfig(cache=Path(job["cache"]), val_cache=Path(job["val_cache"]), out=sd,
-                      hidden_size=s["hidden_size"], layers=s["layers"], ffn=s["ffn"], window=s["window"],
-                      max_positions=s["max_positions"], dropout=s["dropout"], steps=job["steps"],
-                      batch_tokens=s["batch_tokens"], lr=s["lr"], min_lr=s["min_lr"],
-                      warmup=min(s["warmup"], max(1, job["steps"] // 2)), weight_decay=s["weight_decay"],
-                      alpha=job["alpha"], temperature=s["temperature"], kd=job["kd"], eval_every=0,
-                      save_every=0, log_every=max(1, job["steps"] // 4), seed=job["seed"], device="cpu",
-                      num_workers=0, progress=False)
+    cfg = StudentBudget(**{**s, "steps": job["steps"]}).train_config(
+        cache=Path(job["cache"]), val_cache=Path(job["val_cache"]), out=sd,
+        warmup=min(s["warmup"], max(1, job["steps"] // 2)), alpha=job["alpha"], kd=job["kd"], eval_every=0,
+        save_every=0, log_every=max(1, job["steps"] // 4), seed=job["seed"], device="cpu", num_workers=0,
+        progress=False)
     res = train_student(cfg)
     m = res.final_metrics
     acc = None
@@ -222,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = 1 if args.quick else args.seeds
     steps = 4 if args.quick else args.steps
     problems = min(args.problems, 4) if args.quick else args.problems
-    jobs = args.jobs if args.jobs is not None else max(1, min(2, usable_cores()))
+    host = machine()
+    jobs = args.jobs if args.jobs is not None else max(1, min(2, host["usable_cores"] or 1))
     if args.threads:
         import torch
 
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     meta = {"quick": args.quick, "steps": steps, "seeds": seeds, "problems": problems, "vocab_size": vocab,
             "alpha": args.alpha, "student": s, "jobs": jobs, "threads": args.threads,
-            "machine": machine(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)),
+            "machine": host, "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)),
             "load_average_start": load_start, "caches_wall_s": t_caches}
     result: dict[str, Any] = {}
     t1 = time.time()
@@ -292,10 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{n_done}/{len(todo)}] {r['variant']:18s} seed {r['seed']}: val CE {r['val_ce']:.4f}  "
               f"val KL {r['val_kl']:.4f}  accuracy {acc}  ({r['wall_s']:.0f} s; elapsed "
               f"{time.time() - t0:.0f} s, ETA {eta:.0f} s)", flush=True)
-        final = n_done == len(todo)
-        result = write_results(out, meta, runs, bytes_per, t0,
-                               picture=final or time.time() - last_plot[0] >= PLOT_EVERY_S)
-        if final or time.time() - last_plot[0] >= PLOT_EVERY_S:
+        picture = n_done == len(todo) or time.time() - last_plot[0] >= PLOT_EVERY_S
+        result = write_results(out, meta, runs, bytes_per, t0, picture=picture)
+        if picture:
             last_plot[0] = time.time()
 
     if jobs <= 1:

@@ -87,6 +87,19 @@ class StudentBudget:
     eval_points: int = 8
     compact_vocab: bool = False
 
+    def train_config(self, **run: Any):
+        """The ``TrainConfig`` of this student and budget; ``run`` gives the rest (cache, out, alpha, seed,
+        evaluation and logging, ...) and may override any field."""
+        from student.train import TrainConfig
+
+        budget = dict(hidden_size=self.hidden_size, layers=self.layers, ffn=self.ffn, window=self.window,
+                      max_positions=self.max_positions, dropout=self.dropout, steps=self.steps,
+                      batch_tokens=self.batch_tokens, lr=self.lr, min_lr=self.min_lr,
+                      warmup=min(self.warmup, self.steps // 2), weight_decay=self.weight_decay,
+                      alpha=self.alpha, temperature=self.temperature, kd=self.kd,
+                      compact_vocab=self.compact_vocab)
+        return TrainConfig(**{**budget, **run})
+
 
 @dataclass
 class DemoConfig:
@@ -425,7 +438,7 @@ def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: 
     At every intermediate evaluation the checkpoint answers the first ``curve_problems`` test problems;
     ``exact.jsonl`` in the folder holds one line per point."""
     from pipeline.evaluate import evaluate_model
-    from student.train import CHECKPOINT, TrainConfig, TrainHooks, train_student
+    from student.train import CHECKPOINT, TrainHooks, train_student
 
     s = cfg.resolved_student()
     name = run_name(method, seed)
@@ -433,15 +446,10 @@ def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: 
     shutil.rmtree(out, ignore_errors=True)
     eval_every = max(1, s.steps // max(1, s.eval_points))
     alpha = s.alpha if method == "kd" else 1.0
-    tc = TrainConfig(cache=cfg.out / "cache-train", val_cache=cfg.out / "cache-test", out=out,
-                     hidden_size=s.hidden_size, layers=s.layers, ffn=s.ffn, window=s.window,
-                     max_positions=s.max_positions, dropout=s.dropout, steps=s.steps,
-                     batch_tokens=s.batch_tokens, lr=s.lr, min_lr=s.min_lr,
-                     warmup=min(s.warmup, s.steps // 2),
-                     weight_decay=s.weight_decay, alpha=alpha, temperature=s.temperature, kd=s.kd,
-                     compact_vocab=s.compact_vocab, eval_every=eval_every, save_every=eval_every,
-                     log_every=max(1, min(10, s.steps // 20)), seed=seed, device="cpu", num_workers=0,
-                     progress=cfg.progress)
+    tc = s.train_config(cache=cfg.out / "cache-train", val_cache=cfg.out / "cache-test", out=out, alpha=alpha,
+                        eval_every=eval_every, save_every=eval_every,
+                        log_every=max(1, min(10, s.steps // 20)), seed=seed, device="cpu", num_workers=0,
+                        progress=cfg.progress)
     n_curve = cfg.resolved_curve_problems()
     exact_rows: list[dict[str, Any]] = []
 
@@ -771,20 +779,20 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     for old in [*cfg.out.glob("student-*"), *cfg.out.glob("eval-*.jsonl")]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()     # runs of an earlier, other seed set
     jobs = [(m, sd) for sd in seeds for m in METHODS]
+    n_jobs = min(cfg.resolved_jobs(), len(jobs))
     jobs_wall: dict[str, float] = {}
 
     def teacher_measurements() -> tuple[dict[str, Any], dict[str, Any] | None]:
         t0 = time.perf_counter()
         val = teacher_label_ce(assets, "test", cfg.max_length(), cfg.resolved_val_problems())
         t1 = time.perf_counter()
-        quiet = replace(cfg, progress=False) if min(cfg.resolved_jobs(), len(jobs)) > 1 else cfg
+        quiet = replace(cfg, progress=False) if n_jobs > 1 else cfg
         ex = eval_stage(quiet, assets, "teacher", assets.teacher_dir)
         jobs_wall.update({"teacher val CE": t1 - t0, "eval teacher": time.perf_counter() - t1})
         log(f"teacher: val CE {val['ce']:.4f}" + ("" if ex is None else
                                                    f", exact answer {ex['strict_correct']}/{ex['n']}"))
         return val, ex
 
-    n_jobs = min(cfg.resolved_jobs(), len(jobs))
     trained, (teacher_val, teacher_exact) = timed(
         f"students: train + eval ({len(jobs)} runs, {n_jobs} at a time; teacher val CE and eval alongside)",
         lambda: train_students(cfg, assets, jobs, log, alongside=teacher_measurements))
