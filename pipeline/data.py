@@ -24,9 +24,15 @@ LOCAL_SUFFIXES = (".jsonl", ".parquet")
 
 @dataclass(frozen=True)
 class Example:
+    """One input row. ``answer`` is None for a question-only row (the teacher writes the answers). A row
+    with ``written_by`` holds an answer someone else wrote (a student's, from ``fnet-distill eval
+    --answers-out``); its ``reference`` field, when present, is the reference answer to score it against."""
+
     row: int
     question: str
-    answer: str
+    answer: str | None
+    written_by: str | None = None
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,10 @@ def _read_hub(dataset: str, config_name: str, split: str) -> list[dict[str, Any]
 
 
 def load_examples(dataset: str, split: str = "train", *, config_name: str = "main",
-                  limit: int | None = None) -> list[Example]:
-    """Read rows with non-empty ``question`` and ``answer`` strings (the first ``limit`` rows if given)."""
+                  limit: int | None = None, require_answer: bool = True) -> list[Example]:
+    """Read rows with non-empty ``question`` and ``answer`` strings (the first ``limit`` rows if given);
+    with ``require_answer=False`` the ``answer`` may be absent (None). Optional ``written_by`` and
+    ``reference`` strings are kept (``Example``). Errors name 1-based row numbers."""
     if _is_local(dataset):
         path = _local_file(dataset, split)
         raw = _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
@@ -158,17 +166,25 @@ def load_examples(dataset: str, split: str = "train", *, config_name: str = "mai
         raise UserError(f"dataset {where} has no rows; check the path and split")
     examples = []
     for i, obj in enumerate(raw):
-        for key in ("question", "answer"):
+        for key in ("question", "answer", "written_by", "reference"):
             value = obj.get(key)
+            if value is None and (key in ("written_by", "reference") or (key == "answer" and not require_answer)):
+                continue
             if not isinstance(value, str) or not value.strip():
                 state = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
-                raise UserError(f"{where}: row {i}: the {key!r} field is {state}; fix or remove that row")
-        examples.append(Example(row=i, question=obj["question"], answer=obj["answer"]))
+                hint = (" (a question-only file needs teacher-cache --write N: the teacher writes the answers)"
+                        if key == "answer" and value is None else "")
+                raise UserError(f"{where}: row {i + 1}: the {key!r} field is {state}{hint}; fix or remove "
+                                "that row")
+        examples.append(Example(row=i, question=obj["question"], answer=obj.get("answer"),
+                                written_by=obj.get("written_by"), reference=obj.get("reference")))
     return examples
 
 
 def dataset_hash(examples: list[Example]) -> str:
-    return json_hash([[e.question, e.answer] for e in examples])
+    """Hash of the rows' text; rows written by someone else also hash who wrote them and the reference."""
+    return json_hash([[e.question, e.answer] + ([e.written_by, e.reference] if e.written_by or e.reference
+                                                 else []) for e in examples])
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

@@ -9,6 +9,7 @@ the same command. Under ``torchrun`` units go round-robin to ranks, each rank wi
 from __future__ import annotations
 
 import datetime
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ from cache.format import CacheRecord, CacheSettings, CacheWriter
 from cache.util import UserError
 from pipeline.data import (
     DataConfig,
+    Example,
     TokenizedDataset,
     TokenizedSeq,
-    load_tokenized,
+    dataset_hash,
+    load_examples,
     load_tokenizer,
     special_ids,
+    tokenize_examples,
     tokenizer_hash,
 )
 from pipeline.teacher import (
@@ -37,10 +41,12 @@ from pipeline.teacher import (
     teacher_targets,
     token_budget_batches,
 )
+from pipeline.write import WriteSettings
 from student.device import Dist, resolve_device
 from student.progress import Progress
 
 FORMATS = ("arrow", "zarr")
+PROVENANCE_ROWS = "rows.jsonl"  # in the cache's provenance/ attachment: one line per cached sequence
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,13 @@ class TeacherCacheConfig:
     seed: int = 0
     chunk_positions: int = 128
     progress: bool = True
+    write: int = 0
+    write_temperature: float = 0.7
+    write_top_p: float = 0.95
+    write_max_tokens: int = 256
+    keep: str = "auto"
+    min_vote: float = 0.5
+    write_batch: int = 1024
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -84,6 +97,20 @@ class TeacherCacheConfig:
             raise UserError(f"--out {self.out} exists and is not a folder; pass a folder path")
         self.data_config()
         self.target_settings()
+        if self.write < 0:
+            raise UserError(f"--write must be 0 (score the given answers) or a number of solutions per "
+                            f"question, got {self.write}")
+        self.write_settings()
+        if self.write_batch < 1:
+            raise UserError(f"--write-batch must be a positive number of sequences, got {self.write_batch}")
+
+    def write_settings(self) -> WriteSettings | None:
+        """The teacher's writing settings (None without ``--write``)."""
+        if not self.write:
+            return None
+        return WriteSettings(samples=self.write, temperature=self.write_temperature, top_p=self.write_top_p,
+                             max_new_tokens=self.write_max_tokens, keep=self.keep, min_vote=self.min_vote,
+                             seed=self.seed)
 
     def data_config(self) -> DataConfig:
         return DataConfig(dataset=self.dataset, split=self.split, config_name=self.dataset_config,
@@ -116,12 +143,15 @@ def units_for_rank(num_units: int, rank: int, world_size: int) -> list[int]:
 
 
 def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
-                      data: TokenizedDataset) -> dict[str, Any]:
-    """Everything that determines the cache content; not the device, batch size, rank count or paths."""
-    return {
+                      input_hash: str) -> dict[str, Any]:
+    """Everything that determines the cache content; not the device, batch size, rank count or paths.
+    ``input_hash`` is the input rows' ``dataset_hash``; with ``--write`` the cached text follows from it and
+    the writing settings (``write``)."""
+    w = cfg.write_settings()
+    fp = {
         "teacher": teacher.identity,
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        "dataset": {"hash": data.dataset_hash, "split": cfg.split, "limit": cfg.limit},
+        "dataset": {"hash": input_hash, "split": cfg.split, "limit": cfg.limit},
         "chat_template": tokenizer.chat_template,
         "max_length": cfg.max_length,
         "overflow": cfg.overflow,
@@ -135,6 +165,37 @@ def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
         "seed": cfg.seed,
         "unit_size": cfg.unit_size,
     }
+    if w is not None:  # absent without --write, so caches of given answers keep their fingerprint
+        fp["write"] = w.to_json()
+    return fp
+
+
+def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
+    """Provenance of rows whose answers are given: the dataset's reference answers, or answers someone
+    else wrote (``written_by``), scored against their ``reference`` when the row has one."""
+    from pipeline.answers import parse_number, strict_answer
+
+    out = []
+    for ex in examples:
+        if ex.written_by is None:
+            out.append({"source": "reference", "row": ex.row})
+            continue
+        ans = strict_answer(ex.answer or "")
+        ref = parse_number(ex.reference) if ex.reference is not None else None
+        out.append({"source": "file", "row": ex.row, "written_by": ex.written_by,
+                    "answer": None if ans is None else str(ans),
+                    "correct": None if ref is None else bool(ans is not None and ans == ref)})
+    return out
+
+
+def file_summary(prov: list[dict[str, Any]]) -> dict[str, Any] | None:
+    scored = [p for p in prov if p["source"] == "file"]
+    if not scored:
+        return None
+    judged = [p["correct"] for p in scored if p["correct"] is not None]
+    return {"rows": len(scored), "writers": sorted({p["written_by"] for p in scored}),
+            "with_reference": len(judged), "correct": sum(judged),
+            "accuracy": sum(judged) / len(judged) if judged else None}
 
 
 def unit_records(teacher: Teacher, seqs: list[TokenizedSeq], settings: TargetSettings, pad_id: int,
@@ -173,17 +234,27 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher,
                                    flag="--tokenizer" if cfg.tokenizer else "--teacher")
         eos_id, pad_id = special_ids(tokenizer)
-        data = load_tokenized(tokenizer, cfg.data_config())
-        if not data.seqs:
-            raise UserError(f"all {data.dropped} rows are longer than --max-length {cfg.max_length}; raise "
-                            "--max-length or use --overflow truncate")
+        dc = cfg.data_config()
+        examples = load_examples(dc.dataset, dc.split, config_name=dc.config_name, limit=dc.limit,
+                                 require_answer=not cfg.write)
+        data = None
+        if not cfg.write:  # a row that cannot be cached fails before the teacher loads
+            data = tokenize_examples(tokenizer, examples, max_length=cfg.max_length, overflow=cfg.overflow)
+            check_lengths(data, cfg)
         teacher = load_teacher(cfg.teacher, device=str(device), dtype=cfg.dtype)
-        check_token_ids(len(tokenizer), max(int(s.input_ids.max()) for s in data.seqs), teacher.vocab_size)
         settings = cfg.target_settings()
         settings.check_vocab(teacher.vocab_size)
-        fingerprint = build_fingerprint(cfg, teacher, tokenizer, data)
+        fingerprint = build_fingerprint(cfg, teacher, tokenizer, dataset_hash(examples))
         cache_settings = cfg.cache_settings(teacher.vocab_size)
         writer = CacheWriter(cfg.out, fingerprint, cache_settings, rank=dist.rank, world_size=dist.world_size)
+        written_summary = None
+        if cfg.write:
+            scored, prov, written_summary = write_solutions(cfg, teacher, tokenizer, examples, dist)
+            data = tokenize_examples(tokenizer, scored, max_length=cfg.max_length, overflow=cfg.overflow)
+            check_lengths(data, cfg)
+        else:
+            prov = given_provenance(examples)
+        check_token_ids(len(tokenizer), max(int(s.input_ids.max()) for s in data.seqs), teacher.vocab_size)
         units = unit_ranges(len(data.seqs), cfg.unit_size)
         done = writer.done_units()
         todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size) if u not in done]
@@ -206,10 +277,12 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
             "tokens_computed": total_tokens, "compute_seconds": round(compute_s, 3),
             "tokens_per_second": round(total_tokens / compute_s, 1) if total_tokens and compute_s else None,
             "dropped": data.dropped, "truncated": data.truncated,
+            "written": written_summary, "scored_from_file": file_summary(prov),
         }
         dist.barrier()
         if dist.rank == 0:
-            summary.update(_finalize(writer, tokenizer, eos_id, pad_id, len(units), data, summary, t0))
+            rows = [{"seq_id": s.seq_id, **prov[s.row]} for s in data.seqs]
+            summary.update(_finalize(writer, tokenizer, eos_id, pad_id, len(units), data, summary, t0, rows))
         dist.barrier()
         return summary
     finally:
@@ -219,22 +292,137 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
+def check_lengths(data: TokenizedDataset, cfg: TeacherCacheConfig) -> None:
+    """Every row too long (one line), a --batch-tokens below the longest sequence, and a notice for
+    dropped or truncated rows."""
+    import sys
+
+    if not data.seqs:
+        raise UserError(f"all {data.dropped} rows are longer than --max-length {cfg.max_length}; raise "
+                        "--max-length or use --overflow truncate")
+    longest = len(data.seqs[0])
+    if cfg.batch_tokens < longest:
+        raise UserError(f"--batch-tokens {cfg.batch_tokens} is smaller than the longest sequence ({longest} "
+                        f"tokens); pass at least --batch-tokens {longest}")
+    if data.dropped or data.truncated:
+        total = len(data.seqs) + data.dropped
+        what = (f"{data.dropped} of {total} rows are longer than --max-length {cfg.max_length} and are left "
+                "out" if data.dropped else
+                f"{data.truncated} of {total} rows are cut at --max-length {cfg.max_length}")
+        print(f"note: {what}; raise --max-length to keep them whole", file=sys.stderr, flush=True)
+
+
+def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, examples: list[Example],
+                    dist: Dist) -> tuple[list[Example], list[dict[str, Any]], dict[str, Any]]:
+    """The teacher writes ``cfg.write`` solutions per question (units of questions, round-robin over the
+    ranks, each unit kept in ``<out>/generation/`` once written), then every rank reads them all and keeps
+    the same ones. Returns (kept solutions as examples, their provenance, the totals)."""
+    from pipeline.answers import extract_reference, parse_number
+    from pipeline.evaluate import prompt_ids, stop_token_ids
+    from pipeline.write import (
+        Written,
+        choose,
+        generation_fingerprint,
+        open_generation_dir,
+        read_units,
+        sample_solutions,
+        unit_file,
+        write_unit,
+    )
+
+    ws = cfg.write_settings()
+    questions = [ex.question for ex in examples]
+    gfp = generation_fingerprint(writer_identity(teacher), tokenizer_hash(tokenizer),
+                                 dataset_hash([Example(e.row, e.question, None) for e in examples]), ws,
+                                 cfg.unit_size)
+    folder = open_generation_dir(cfg.out, gfp) if dist.rank == 0 else None
+    dist.barrier()
+    folder = folder or open_generation_dir(cfg.out, gfp)
+    units = unit_ranges(len(questions), cfg.unit_size)
+    todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size) if not unit_file(folder, u).exists()]
+    stop_ids = stop_token_ids(tokenizer, teacher.model)
+    pad_id = int(tokenizer.pad_token_id)
+    prompts = {}
+    limit = getattr(teacher.model.config, "max_position_embeddings", None)
+    for u in todo:
+        for q in units[u]:
+            prompts[q] = prompt_ids(tokenizer, questions[q], "x")
+            if limit is not None and len(prompts[q]) + ws.max_new_tokens > limit:
+                raise UserError(f"row {q + 1}: a {len(prompts[q])}-token prompt plus --write-max-tokens "
+                                f"{ws.max_new_tokens} exceeds the teacher's {limit} positions; lower "
+                                "--write-max-tokens")
+    per_batch = max(1, cfg.write_batch // ws.samples)
+    bar = Progress(sum(len(units[u]) for u in todo), desc="write", unit="q",
+                   enabled=cfg.progress and dist.rank == 0)
+    for u in todo:
+        qs = sorted(units[u], key=lambda q: (-len(prompts[q]), q))  # similar lengths share a batch
+        written: list[Written] = []
+        for lo in range(0, len(qs), per_batch):
+            batch = qs[lo: lo + per_batch]
+            out = sample_solutions(teacher.model, [prompts[q] for q in batch], batch, ws, stop_ids=stop_ids,
+                                   pad_id=pad_id)
+            new_tokens = 0
+            for q, samples in zip(batch, out):
+                for s, (ids, stopped) in enumerate(samples):
+                    written.append(Written(q, s, tokenizer.decode(ids, skip_special_tokens=True), len(ids),
+                                           stopped))
+                    new_tokens += len(ids) + int(stopped)
+            bar.update(len(batch), tokens=new_tokens)
+        written.sort(key=lambda w: (w.question, w.sample))
+        write_unit(folder, u, written)
+    bar.close()
+    dist.barrier()
+    all_written = read_units(folder, len(units))
+    refs = {}
+    for ex in examples:
+        ref = None
+        if ex.reference is not None:
+            ref = parse_number(ex.reference)
+        elif ex.answer is not None and "####" in ex.answer:
+            ref = extract_reference(ex.answer)
+        refs[ex.row] = ref
+    kept, prov, totals = choose(all_written, refs, ws)
+    scored = [Example(row=i, question=questions[w.question], answer=w.text) for i, w in enumerate(kept)]
+    totals["new_tokens"] = sum(w.tokens for w in all_written)
+    if not scored:
+        raise UserError(f"the teacher wrote {totals['samples']} solutions and none was kept (--keep {ws.keep}, "
+                        f"--min-vote {ws.min_vote}); lower --min-vote, raise --write or use --keep all")
+    return scored, prov, totals
+
+
+def writer_identity(teacher: Teacher) -> dict[str, Any]:
+    return {**teacher.identity, "dtype": str(teacher.dtype).removeprefix("torch.")}
+
+
 def _finalize(writer: CacheWriter, tokenizer: Any, eos_id: int, pad_id: int, num_units: int,
-              data: TokenizedDataset, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+              data: TokenizedDataset, summary: dict[str, Any], t0: float,
+              rows: list[dict[str, Any]]) -> dict[str, Any]:
     stats = {"dropped": data.dropped, "truncated": data.truncated,
              "wall_seconds_last_run": round(time.time() - t0, 3),
              "tokens_per_second_last_run": summary["tokens_per_second"]}
+    sources: dict[str, int] = {}
+    for r in rows:
+        sources[r["source"]] = sources.get(r["source"], 0) + 1
+    stats["sources"] = sources
+    if summary.get("written") is not None:
+        stats["written"] = summary["written"]
+    if summary.get("scored_from_file") is not None:
+        stats["scored_from_file"] = summary["scored_from_file"]
     tok_info = {"vocab_size": len(tokenizer), "eos_token_id": eos_id, "pad_token_id": pad_id,
                 "hash": writer.fingerprint["tokenizer_hash"]}
-    with tempfile.TemporaryDirectory(prefix="fnet-tokenizer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fnet-tokenizer-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="fnet-provenance-") as ptmp:
         tokenizer.save_pretrained(tmp)
-        manifest = writer.finalize(num_units, attachments={"tokenizer": tmp}, stats=stats, tokenizer=tok_info)
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rows, key=lambda r: r["seq_id"]))
+        Path(ptmp, PROVENANCE_ROWS).write_text(body, encoding="utf-8")
+        manifest = writer.finalize(num_units, attachments={"tokenizer": tmp, "provenance": ptmp}, stats=stats,
+                                   tokenizer=tok_info)
     return {
         "out": str(writer.path), "sequences": manifest["num_sequences"], "tokens": manifest["num_tokens"],
         "supervised_tokens": manifest["num_supervised"], "shards": len(manifest["shards"]),
         "bytes": manifest["stats"]["shard_bytes"], "bytes_per_token": manifest["stats"]["bytes_per_token"],
         "bytes_per_supervised_token": manifest["stats"]["bytes_per_supervised_token"],
-        "wall_seconds": round(time.time() - t0, 3),
+        "wall_seconds": round(time.time() - t0, 3), "sources": sources,
     }
 
 
@@ -247,4 +435,26 @@ def format_summary(s: dict[str, Any]) -> str:
              f"bytes/supervised token {s['bytes_per_supervised_token']:.1f}",
              f"  dropped {s['dropped']}  truncated {s['truncated']}  wall time {s['wall_seconds']:.1f}s"
              + (f"  ({s['tokens_per_second']:,.0f} tok/s on rank 0)" if s.get("tokens_per_second") else "")]
+    lines += written_lines(s.get("written"), s.get("scored_from_file"))
     return "\n".join(lines)
+
+
+def written_lines(w: dict[str, Any] | None, f: dict[str, Any] | None) -> list[str]:
+    """Summary lines for teacher-written solutions and for answers scored from a file."""
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1%}"
+
+    lines = []
+    if w is not None:
+        lines.append(f"  written: {w['samples']:,} solutions to {w['questions']:,} questions "
+                     f"({w['new_tokens']:,} tokens), {w['stopped']:,} stopped, {w['with_answer']:,} with a "
+                     f"'#### N' answer; kept {w['kept']:,} ({pct(w['keep_rate'])}) covering "
+                     f"{w['questions_kept']:,} questions, {w['duplicates']:,} duplicates dropped, "
+                     f"{w['ties']:,} tied votes")
+        lines.append(f"  teacher accuracy on its samples {pct(w['teacher_accuracy'])}, majority answer "
+                     f"accuracy {pct(w['majority_accuracy'])} (where the rows have references), mean "
+                     f"majority vote share {pct(w['mean_vote_share'])}")
+    if f is not None:
+        lines.append(f"  scored from file: {f['rows']:,} answers by {', '.join(f['writers'])}; correct "
+                     f"{f['correct']:,}/{f['with_reference']:,} ({pct(f['accuracy'])})")
+    return lines

@@ -52,7 +52,19 @@ def cache_summary(path: str | os.PathLike) -> dict[str, Any]:
         "teacher": r.fingerprint.get("teacher"),
         "fingerprint_digest": r.fingerprint_digest,
         "tokenizer_dir": str(r.tokenizer_dir) if r.tokenizer_dir else None,
+        "sources": (m.get("stats") or {}).get("sources"),
+        "written": (m.get("stats") or {}).get("written"),
+        "write_settings": r.fingerprint.get("write"),
+        "scored_from_file": (m.get("stats") or {}).get("scored_from_file"),
     }
+
+
+def _sources_line(s: dict[str, Any]) -> str:
+    names = {"reference": "reference answers", "teacher": "teacher-written", "file": "scored from a file"}
+    src = s.get("sources")
+    if not src:
+        return "reference answers (a cache written before provenance was recorded)"
+    return ", ".join(f"{n:,} {names.get(k, k)}" for k, n in src.items())
 
 
 def _encoding_line(s: dict[str, Any]) -> str:
@@ -96,7 +108,9 @@ def register(app: typer.Typer) -> None:
         help="Summarise a finished teacher cache: sequences, supervised and total tokens, shards, bytes on "
              "disk and per supervised token, top-k, encoding (with the compact encoding's decoded KL to the "
              "exact teacher rows, mean and max per temperature, measured when it was written), samples, "
-             "temperatures, teacher and fingerprint digest. "
+             "temperatures, teacher and fingerprint digest; where its rows came from (reference answers, "
+             "teacher-written, scored from a file) and, for teacher-written rows, the writing settings, "
+             "how many were written and kept, the teacher's accuracy and its vote agreement. "
              "Reads only the manifest and the index (no shard is opened or hashed).",
     )
     def info(
@@ -124,7 +138,19 @@ def register(app: typer.Typer) -> None:
             ("temperatures", ", ".join(f"{t:g}" for t in s["temperatures"])),
             ("fingerprint", s["fingerprint_digest"]),
             ("tokenizer", s["tokenizer_dir"] or "none"),
+            ("rows", _sources_line(s)),
         ]
+        w = s.get("write_settings")
+        if w is not None:
+            rows.append(("writing", f"{w['samples']} samples per question at T {w['temperature']:g}, top-p "
+                                    f"{w['top_p']:g}, <= {w['max_new_tokens']} tokens, seed {w['seed']}; kept "
+                                    f"by {w['keep']}" + (f" (min vote {w['min_vote']:g})"
+                                                         if w['keep'] in ('auto', 'majority') else "")))
+        from pipeline.teacher_cache import written_lines
+
+        for line in written_lines(s.get("written"), s.get("scored_from_file")):
+            key, _, rest = line.strip().partition(": ")
+            rows.append((key if rest else "", rest or line.strip()))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{width}}  {v}")

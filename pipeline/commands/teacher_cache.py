@@ -24,7 +24,8 @@ def teacher_cache(
                                 "local folder made by save_pretrained."),
     dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
                                 ".jsonl/.parquet file (or a folder with <split>.jsonl) with question/answer "
-                                "fields."),
+                                "fields (answer optional with --write; optional written_by and reference "
+                                "fields mark answers written by another model)."),
     split: str = typer.Option("train", help="Dataset split (Hub) or file stem looked up in a local folder."),
     out: Path = typer.Option(..., help="Output cache folder. Rerunning the same command resumes it; a folder "
                              "made with other settings is refused."),
@@ -71,9 +72,34 @@ def teacher_cache(
     seed: int = typer.Option(0, help="Seed of the per-(sequence, position) sampling streams."),
     progress: bool = typer.Option(True, help="Progress on stderr (rank 0): a bar on a terminal, else a line "
                                   "every 30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
+    write: int = typer.Option(0, "--write", help="Have the teacher write this many solutions per question "
+                              "(its own chat template, batched sampling on its KV cache) and cache the kept "
+                              "ones instead of the given answers; rows need only a question. Each (--seed, "
+                              "question, sample) has its own random stream, so the text does not depend on "
+                              "batching, ranks or resume. 0: cache the dataset's answers (the default)."),
+    write_temperature: float = typer.Option(0.7, help="With --write: sampling temperature (0: greedy, only "
+                                            "with --write 1)."),
+    write_top_p: float = typer.Option(0.95, help="With --write: nucleus sampling, the fewest most likely "
+                                      "tokens whose mass reaches this share (1: the whole distribution)."),
+    write_max_tokens: int = typer.Option(256, help="With --write: most new tokens per solution; a solution "
+                                         "that has not ended by then is never kept."),
+    keep: str = typer.Option("auto", help="With --write, which solutions are cached: reference (final "
+                             "'#### N' equals the row's reference answer; every row needs one), majority "
+                             "(agrees with the unique most frequent answer of the question's samples, "
+                             "reference answers unused), auto (reference where the row has one, else "
+                             "majority) or all (every solution that ended). Exact duplicates of a question's "
+                             "earlier sample are dropped."),
+    min_vote: float = typer.Option(0.5, help="With --keep majority/auto: the least share of the question's "
+                                   "samples the majority answer needs (0.5 with --write 4: at least 2 of 4)."),
+    write_batch: int = typer.Option(1024, help="With --write: sequences sampled together (questions x "
+                                    "--write). Not in the fingerprint; memory grows with it and the length."),
 ) -> None:
     """Run the teacher once over chat-formatted GSM8K and write its sparse next-token distributions
-    (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache."""
+    (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache.
+
+    The cached answers are the dataset's (reference answers, or answers someone else wrote: rows with a
+    'written_by' field, such as `fnet-distill eval --answers-out`), or with --write N solutions the teacher
+    writes itself, kept by --keep."""
     from transformers.utils import logging as hf_logging
 
     from pipeline.teacher_cache import TeacherCacheConfig, format_summary, run_teacher_cache
@@ -86,7 +112,8 @@ def teacher_cache(
         temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=overflow,
         batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, logprob_dtype=logprob_dtype,
         format=format, unit_size=unit_size, seed=seed, progress=progress, encoding=encoding, top_p=top_p,
-        lp_step=lp_step,
+        lp_step=lp_step, write=write, write_temperature=write_temperature, write_top_p=write_top_p,
+        write_max_tokens=write_max_tokens, keep=keep, min_vote=min_vote, write_batch=write_batch,
     )
     summary = run_teacher_cache(cfg)
     if summary["rank"] == 0:

@@ -1,0 +1,329 @@
+"""Stage one as a writer: the teacher samples solutions to questions, and the kept ones become cache rows.
+
+- ``sample_solutions``: batched sampling on the teacher's KV cache. Prompts are left-padded and prefilled
+  once per question, the cache is repeated for the question's N samples, finished rows leave the batch. Each
+  (seed, question, sample) has its own uniform stream (``row_uniforms``), so the text of a sample depends on
+  the teacher and that triple only, not on which rows share its batch, the rank or a resume.
+- ``choose``: which samples to keep (answer equal to the reference; or agreeing with the majority answer of
+  the question's N samples, with a minimum vote share; or all), exact duplicates dropped, and the provenance
+  of every kept row.
+- ``write_units``: units of questions, each written atomically to ``<out>/generation/`` so that a killed
+  stage one resumes where it stopped.
+
+The kept solutions are then cached exactly like reference answers (``pipeline.teacher_cache``): the same
+tokenization, the same teacher pass, the same encodings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from cache.util import UserError, atomic_write_bytes, json_hash
+
+KEEP_POLICIES = ("auto", "reference", "majority", "all")
+GENERATION_DIR = "generation"
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """How the teacher writes: ``samples`` solutions per question at ``temperature`` / ``top_p`` (0: greedy),
+    at most ``max_new_tokens`` each, kept by ``keep`` (``min_vote``: the least share of the N samples the
+    majority answer needs). Everything here is in the cache fingerprint; ``batch_rows`` is not."""
+
+    samples: int
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    keep: str = "auto"
+    min_vote: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise UserError(f"--write must be a positive number of solutions per question, got {self.samples}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"--write-temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--write-top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--write-max-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.keep not in KEEP_POLICIES:
+            raise UserError(f"--keep must be one of {'|'.join(KEEP_POLICIES)}, got {self.keep!r}")
+        if not 0 <= self.min_vote <= 1:
+            raise UserError(f"--min-vote must be a share in [0, 1], got {self.min_vote}")
+        if self.temperature == 0 and self.samples > 1:
+            raise UserError(f"--write {self.samples} with --write-temperature 0 would write the same greedy "
+                            "solution every time; use --write 1 or a temperature > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def sample_seed(seed: int, question: int, sample: int) -> int:
+    return xxhash.xxh64_intdigest(f"write/{seed}/{question}/{sample}".encode()) & ((1 << 63) - 1)
+
+
+def row_uniforms(seed: int, question: int, sample: int, steps: int) -> torch.Tensor:
+    """The uniforms that drive one sample, one per generated token: a pure function of its triple."""
+    gen = torch.Generator().manual_seed(sample_seed(seed, question, sample))
+    return torch.rand(steps, generator=gen, dtype=torch.float64)
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V): greedy at temperature 0, else the inverse CDF at ``u`` (B,) of
+    softmax(logits / T) restricted to the fewest most likely ids whose mass reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits.double() / temperature  # (B, V)
+    p = torch.softmax(z, dim=-1)
+    if top_p < 1.0:
+        p, order = torch.sort(p, dim=-1, descending=True)
+        before = torch.cumsum(p, dim=-1) - p  # mass of the more likely ids
+        p = p.masked_fill(before >= top_p, 0.0)
+    cdf = torch.cumsum(p, dim=-1)  # (B, V), unnormalised after the cut
+    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1), right=True)
+    # u < 1, so the first cdf entry above u * total exists and carries mass (cdf rises only where p > 0)
+    idx = idx.clamp_(max=cdf.shape[1] - 1).squeeze(1)
+    return order.gather(1, idx[:, None]).squeeze(1) if top_p < 1.0 else idx
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The name the model's forward takes its KV cache by (``cache`` in newer transformers releases)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def sample_solutions(model: Any, prompts: list[list[int]], questions: list[int], settings: WriteSettings, *,
+                     stop_ids: list[int], pad_id: int) -> list[list[tuple[list[int], bool]]]:
+    """``settings.samples`` solutions for each prompt; ``questions[i]`` is prompt i's question index (its
+    seed). Returns, per prompt and sample, (new token ids before the stop token, whether it stopped)."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    n, steps = settings.samples, settings.max_new_tokens
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (Q, T) left-padded
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+    cache = DynamicCache(config=model.config)
+    kw = _cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{kw: cache})
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (Q*N, V)
+    cache.batch_repeat_interleave(n)
+    mask = mask.repeat_interleave(n, 0)
+    next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1  # (Q*N, 1)
+    rows = len(prompts) * n
+    uniforms = torch.stack([row_uniforms(settings.seed, q, s, steps) for q in questions for s in range(n)])
+    stops = torch.tensor(sorted(set(stop_ids)), device=dev)
+    tokens = torch.full((rows, steps), pad_id, dtype=torch.long)  # (R, steps) on the CPU
+    length = torch.full((rows,), steps, dtype=torch.long)
+    stopped = torch.zeros(rows, dtype=torch.bool)
+    active = torch.arange(rows)  # global row of each batch row
+    for t in range(steps):
+        tok = pick_tokens(logits, uniforms[active, t], settings.temperature, settings.top_p)  # (A,)
+        tokens[active, t] = tok.cpu()
+        done = torch.isin(tok, stops).cpu()
+        if done.any():
+            fin = active[done]
+            length[fin], stopped[fin] = t, True
+        if t == steps - 1:
+            break
+        keep = ~done
+        if not keep.any():
+            break
+        if not bool(keep.all()):  # finished rows leave the batch (and the KV cache)
+            sel = keep.nonzero().squeeze(1)
+            active, tok = active[sel], tok[sel.to(tok.device)]
+            cache.batch_select_indices(sel.to(dev))
+            mask, next_pos = mask[sel.to(dev)], next_pos[sel.to(dev)]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{kw: cache})
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    result = []
+    for i in range(len(prompts)):
+        result.append([(tokens[r, : length[r]].tolist(), bool(stopped[r])) for r in range(i * n, (i + 1) * n)])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- keeping
+
+
+@dataclass
+class Written:
+    """One solution the teacher wrote for question ``question`` (its input row), sample ``sample``."""
+
+    question: int
+    sample: int
+    text: str
+    tokens: int
+    stopped: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def written_answer(text: str) -> Decimal | None:
+    """The final answer of a written solution: the number after its ``####`` (None without one)."""
+    from pipeline.answers import strict_answer
+
+    return strict_answer(text)
+
+
+def choose(written: list[Written], references: dict[int, Decimal | None], settings: WriteSettings
+           ) -> tuple[list[Written], list[dict[str, Any]], dict[str, Any]]:
+    """(kept solutions, their provenance, totals) for the solutions of every question.
+
+    ``references[q]`` is question q's reference answer (None where the row has none); with keep ``auto`` a
+    question with a reference keeps the samples that match it, one without keeps those agreeing with the
+    unique most frequent answer of its samples when that answer has at least ``min_vote`` of the N votes (a
+    tie for the top keeps nothing). Samples that did not stop (length limit) or repeat an earlier sample's
+    text exactly are never kept. A reference is recorded (``correct``) whenever one exists, also when it is
+    not used to keep."""
+    by_q: dict[int, list[Written]] = {}
+    for w in written:
+        by_q.setdefault(w.question, []).append(w)
+    kept, prov = [], []
+    totals = Counter()
+    shares = []
+    for q in sorted(by_q):
+        samples = sorted(by_q[q], key=lambda w: w.sample)
+        ref = references.get(q)
+        policy = settings.keep
+        if policy == "auto":
+            policy = "reference" if ref is not None else "majority"
+        if policy == "reference" and ref is None:
+            raise UserError(f"--keep reference: question row {q + 1} has no reference answer; use --keep auto "
+                            "(self-consistency where there is none) or --keep majority")
+        answers = [written_answer(w.text) if w.stopped else None for w in samples]
+        votes = Counter(a for a in answers if a is not None)
+        top = votes.most_common(2)
+        majority = None
+        share = 0.0
+        if top and (len(top) == 1 or top[0][1] > top[1][1]):
+            majority, share = top[0][0], top[0][1] / len(samples)
+        shares.append(share)
+        totals["questions"] += 1
+        totals["samples"] += len(samples)
+        totals["stopped"] += sum(w.stopped for w in samples)
+        totals["with_answer"] += sum(a is not None for a in answers)
+        if ref is not None:
+            totals["with_reference"] += len(samples)
+            totals["correct"] += sum(a == ref for a in answers)
+            totals["majority_correct"] += int(majority is not None and majority == ref)
+            totals["questions_with_reference"] += 1
+        if top and majority is None:
+            totals["ties"] += 1
+        seen: set[str] = set()
+        kept_here = 0
+        for w, a in zip(samples, answers):
+            if policy == "reference":
+                ok = a is not None and a == ref
+            elif policy == "majority":
+                ok = a is not None and a == majority and share >= settings.min_vote
+            else:
+                ok = w.stopped
+            if not ok:
+                continue
+            if w.text in seen:
+                totals["duplicates"] += 1
+                continue
+            seen.add(w.text)
+            kept.append(w)
+            kept_here += 1
+            prov.append({"source": "teacher", "row": q, "sample": w.sample,
+                         "answer": None if a is None else str(a),
+                         "correct": None if ref is None else bool(a == ref),
+                         "vote_share": round(votes[a] / len(samples), 6) if a is not None else None,
+                         "kept_by": policy})
+        totals["kept"] += kept_here
+        totals["questions_kept"] += int(kept_here > 0)
+    summary = dict(totals)
+    for k in ("questions", "samples", "stopped", "with_answer", "kept", "duplicates", "ties", "correct",
+              "with_reference", "majority_correct", "questions_with_reference", "questions_kept"):
+        summary.setdefault(k, 0)
+    summary["teacher_accuracy"] = (summary["correct"] / summary["with_reference"]
+                                   if summary["with_reference"] else None)
+    summary["majority_accuracy"] = (summary["majority_correct"] / summary["questions_with_reference"]
+                                    if summary["questions_with_reference"] else None)
+    summary["mean_vote_share"] = float(np.mean(shares)) if shares else None
+    summary["keep_rate"] = summary["kept"] / summary["samples"] if summary["samples"] else None
+    return kept, prov, summary
+
+
+# ------------------------------------------------------------------------------------------------- units
+
+
+def generation_fingerprint(teacher_identity: dict[str, Any], tokenizer_hash: str, questions_hash: str,
+                           settings: WriteSettings, unit_size: int) -> dict[str, Any]:
+    s = settings.to_json()
+    s.pop("keep"), s.pop("min_vote")  # keeping happens after writing: other choices reuse the same samples
+    return {"teacher": teacher_identity, "tokenizer_hash": tokenizer_hash, "questions": questions_hash,
+            "sampling": s, "unit_size": unit_size}
+
+
+def unit_file(folder: Path, unit: int) -> Path:
+    return folder / f"unit-{unit:06d}.jsonl"
+
+
+def open_generation_dir(out: Path, fingerprint: dict[str, Any]) -> Path:
+    """``<out>/generation``, created with the fingerprint, or checked against it when it exists."""
+    from cache.format import FingerprintMismatch
+
+    folder = out / GENERATION_DIR
+    path = folder / SETTINGS_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"{path} is corrupt; delete the folder {folder} and rerun") from None
+        if old != json.loads(json.dumps(fingerprint)):
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise FingerprintMismatch(f"{folder} holds solutions written with other settings (differs: "
+                                      f"{', '.join(diff)}); use another --out or delete the folder {out}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(fingerprint, indent=1).encode())
+    return folder
+
+
+def write_unit(folder: Path, unit: int, written: list[Written]) -> None:
+    body = "".join(json.dumps(w.to_json(), ensure_ascii=False) + "\n" for w in written)
+    atomic_write_bytes(unit_file(folder, unit), body.encode("utf-8"))
+
+
+def read_units(folder: Path, num_units: int) -> list[Written]:
+    out = []
+    for u in range(num_units):
+        path = unit_file(folder, u)
+        if not path.exists():
+            raise UserError(f"{path} is missing: a rank did not finish writing; rerun the same command")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            out.append(Written(**json.loads(line)))
+    return out
+
+
+def questions_hash(questions: list[str]) -> str:
+    return json_hash(questions)
