@@ -12,8 +12,6 @@ in ``cache.schema`` (re-exported here); this module reaches a backend only throu
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import io
 import json
 import math
@@ -39,6 +37,8 @@ from cache.schema import (  # noqa: F401 (re-exported: the cache's public types 
     normalize_record,
 )
 from cache.util import (
+    FolderLock,
+    Locked,
     UserError,
     atomic_replace_dir,
     atomic_write_bytes,
@@ -137,24 +137,6 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(value)"]
 
 
-class _Lock:
-    def __init__(self, path: Path, what: str):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CacheError(what) from None
-            raise
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 def _load_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
     if not path.is_dir():
@@ -247,9 +229,12 @@ class CacheWriter:
         self.settings = settings
         self.rank, self.world_size = rank, world_size
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _Lock(self.path / f"lock.rank{rank}",
-                           f"another teacher-cache process is writing to {self.path} (rank {rank}); "
-                           f"wait for it to finish or stop it")
+        try:
+            self._lock = FolderLock(self.path / f"lock.rank{rank}", command=f"teacher-cache rank {rank}",
+                                    busy=f"another teacher-cache process is writing to {self.path} (rank "
+                                         f"{rank})", advice="wait for it to finish or stop it")
+        except Locked as e:
+            raise CacheError(str(e)) from None
         try:
             self._open()
         except BaseException:

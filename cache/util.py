@@ -1,4 +1,5 @@
-"""Small helpers every stage shares: the user-facing error type, atomic writes and content hashes.
+"""Small helpers every stage shares: the user-facing error type, atomic writes, content hashes, plain
+copies and folder locks.
 
 Import these; do not write a second ``atomic_write`` anywhere else in the project.
 
@@ -10,9 +11,14 @@ storage unless the umask says otherwise.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,6 +81,26 @@ def apply_umask_tree(path: str | os.PathLike) -> None:
             p = os.path.join(folder, name)
             if not os.path.islink(p):
                 os.chmod(p, dmode if os.stat(p).st_mode & 0o111 else fmode)
+
+
+def copy_tree_plain(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the files under ``src`` into ``dst`` (created if missing; existing files replaced) with the modes
+    a plain ``open``/``mkdir`` gives under the umask, never the source's: a tokenizer attached to a read-only
+    cache (``chmod -R a-w``) becomes writable files of the output folder, as ``shutil.copytree`` (which copies
+    the source's modes, also onto ``dst`` itself) would not. Symlinks are followed; executable bits kept."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for folder, dirs, names in os.walk(src, followlinks=True):
+        rel = Path(folder).relative_to(src)
+        for d in dirs:
+            (dst / rel / d).mkdir(exist_ok=True)
+        for name in names:
+            target = dst / rel / name
+            if target.is_symlink() or (target.exists() and not target.is_dir()):
+                target.unlink()
+            shutil.copyfile(os.path.join(folder, name), target)  # contents only: a new file, umask modes
+            if os.stat(os.path.join(folder, name)).st_mode & 0o111:
+                os.chmod(target, dir_mode())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -164,3 +190,102 @@ def bytes_hash(data: bytes) -> str:
 def json_hash(obj: Any) -> str:
     """Hash of a JSON-serialisable object, independent of key order."""
     return bytes_hash(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folder locks
+
+
+class Locked(UserError):
+    """Another live process holds the lock (the message names it)."""
+
+
+def _holder_text(path: Path) -> str:
+    """Who holds the lock file at ``path``, from what its holder wrote into it."""
+    try:
+        info = json.loads(path.read_text())
+        return (f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+                + (f": {info['command']}" if info.get("command") else ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder not recorded yet: it is starting"
+
+
+class FolderLock:
+    """An exclusive ``flock`` on the file ``path``, held until ``release`` or the end of the process.
+
+    The kernel drops the lock when its holder dies (also on ``kill -9``), so no stale lock ever survives a
+    crash, unlike a pid file. The holder writes its host, pid, start time and ``command`` into the file, so a
+    refused process names it: ``Locked`` (a ``UserError``) with ``"{busy} ({holder}); {advice}"``. One lock
+    file serves every process that writes the folder it guards (stage one: one per rank; stage two, the demo
+    and the study: ``RUN_LOCK`` in the run folder, taken by one process). A lock file on NFS needs a server
+    with working ``flock`` (NFSv4, Linux >= 2.6.12 emulates it with byte-range locks)."""
+
+    def __init__(self, path: str | os.PathLike, *, busy: str, advice: str, command: str = ""):
+        self.path = Path(path)
+        self.fd: int | None = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides the mode
+                writable = True
+            except PermissionError:  # a lock file of another user: flock needs no write access
+                fd = os.open(self.path, os.O_RDONLY)
+                writable = False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise Locked(f"{busy} ({_holder_text(self.path)}); {advice}") from None
+                raise
+            try:  # locked the file its last holder had just removed (release(remove=True)): open it anew
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd = fd
+        if writable:
+            started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                    "command": command or " ".join(os.path.basename(a) for a in sys.argv[:2])}
+            data = (json.dumps(info) + "\n").encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self, remove: bool = False) -> None:
+        """Give the lock up; ``remove`` also deletes the lock file (safe: a process that opened it before
+        finds it gone once it holds the lock, and opens the path anew)."""
+        if self.fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:  # an abandoned lock object must not keep its folder locked
+        self.release()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+RUN_LOCK = "run.lock"
+
+
+def lock_run_folder(folder: str | os.PathLike, command: str) -> FolderLock:
+    """Lock the run folder ``folder`` (created if missing) for ``command`` (``train-student``, ``demo``,
+    ``study``) for the life of this process, or ``Locked`` naming the process that holds it. Two processes
+    writing one run folder (a requeued job and its still-running predecessor, a ``--resume`` started by
+    hand) would log every step twice and replace each other's checkpoints."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FolderLock(folder / RUN_LOCK, busy=f"{folder} is in use by another {command} process",
+                      advice="wait for it to finish or stop it, or choose another output folder",
+                      command=command)

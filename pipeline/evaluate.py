@@ -44,6 +44,7 @@ class EvalConfig:
     tokenizer: str | None = None
     out: Path | None = None
     progress: bool = True
+    verify: bool = True  # a local student folder's files against its manifest.json, when it has one
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
@@ -143,14 +144,29 @@ def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
     return load_tokenizer(str(tokenizer))
 
 
-def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, str]:
-    """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf"."""
+def verify_student_folder(model: str, kind_name: str) -> None:
+    """A local student folder's files against its manifest.json, when it has one (``--no-verify`` skips
+    this); other models and Hub ids are loaded as they are."""
+    from pipeline.teacher import looks_local
+
+    if kind_name == STUDENT_MODEL_TYPE and looks_local(model):
+        from student.checkpoint import check_folder_manifest
+
+        check_folder_manifest(Path(model).expanduser(), "--model")
+
+
+def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto",
+                    verify: bool = True) -> tuple[Any, str]:
+    """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf". With
+    ``verify``, a local student folder's files are checked against its manifest.json first."""
     from pipeline.teacher import looks_local, resolve_dtype
     from student.device import resolve_device
 
     kind_name = model_type(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if verify:
+        verify_student_folder(model, kind_name)
     if kind_name == STUDENT_MODEL_TYPE:
         from student.modeling import CausalFNetForCausalLM as cls
 
@@ -322,10 +338,12 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
 def run_eval(cfg: EvalConfig) -> EvalResult:
     from pipeline.data import load_examples
 
-    model_type(cfg.model)  # a missing or broken model folder fails before anything slow
+    kind_name = model_type(cfg.model)  # a missing, broken or damaged model folder fails before anything slow
+    if cfg.verify:
+        verify_student_folder(cfg.model, kind_name)
     examples = load_examples(cfg.dataset, cfg.split, config_name=cfg.config_name, limit=cfg.limit)
     tokenizer = load_eval_tokenizer(cfg.model, cfg.tokenizer)
-    model, kind = load_eval_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model, kind = load_eval_model(cfg.model, device=cfg.device, dtype=cfg.dtype, verify=False)
     vocab = int(model.get_output_embeddings().weight.shape[0]) if kind == "hf" else \
         int(model.config.output_vocab_size)
     if len(tokenizer) > vocab:
@@ -346,12 +364,13 @@ def evaluate_model(model_dir: str | Path, dataset: str = "openai/gsm8k", split: 
                    limit: int | None = None, *, max_new_tokens: int = 256, batch_size: int = 16,
                    device: str = "auto", dtype: str = "auto", tokenizer: str | Path | None = None,
                    out: str | Path | None = None, config_name: str = "main",
-                   progress: bool = True) -> EvalResult:
-    """Greedy GSM8K accuracy (strict and flexible) of a student checkpoint or any HF causal LM folder."""
+                   progress: bool = True, verify: bool = True) -> EvalResult:
+    """Greedy GSM8K accuracy (strict and flexible) of a student checkpoint or any HF causal LM folder
+    (``verify``: a student folder's files are checked against its manifest.json first)."""
     cfg = EvalConfig(model=str(model_dir), dataset=str(dataset), split=split, config_name=config_name,
                      limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
                      dtype=dtype, tokenizer=None if tokenizer is None else str(tokenizer),
-                     out=None if out is None else Path(out), progress=progress)
+                     out=None if out is None else Path(out), progress=progress, verify=verify)
     return run_eval(cfg)
 
 

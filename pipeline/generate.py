@@ -8,13 +8,15 @@ from cache.util import UserError
 from pipeline.evaluate import not_a_model_folder
 
 
-def load_student(model_dir: Path, device: str = "auto"):
+def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
     """(model, tokenizer) from a student folder written by train-student (tokenizer included); anything else
-    (a missing folder, another model type, a broken config) is refused with one line."""
+    (a missing folder, another model type, a broken config, with ``verify`` a file that does not match the
+    folder's manifest.json) is refused with one line."""
     import json
 
     from transformers import AutoTokenizer
 
+    from student.checkpoint import check_folder_manifest
     from student.device import resolve_device
     from student.modeling import CausalFNetForCausalLM
 
@@ -31,6 +33,8 @@ def load_student(model_dir: Path, device: str = "auto"):
     if kind != student_type:
         raise UserError(f"{model_dir} holds a {kind!r} model, not a student ({student_type!r}); generate "
                         "runs students only (score other causal LMs with fnet-distill eval --model)")
+    if verify:
+        check_folder_manifest(model_dir, "--model")
     torch_device = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -51,6 +55,8 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, t
     stop at the tokenizer's eos; returns the new text without special tokens."""
     import torch
 
+    if not prompt.strip():
+        raise UserError("--prompt is empty; pass the question for the student to answer")
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

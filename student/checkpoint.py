@@ -160,6 +160,20 @@ def verify_folder(folder: Path, what: str) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text())
 
 
+def check_folder_manifest(folder: Path, what: str) -> None:
+    """Before a saved student folder is read outside training (``generate``, ``eval``, the demo's
+    evaluations): every file against the folder's ``manifest.json``, when it has one; a one-line UserError
+    naming the damaged file otherwise (the commands' ``--no-verify`` skips this call, for a folder edited on
+    purpose). A folder without a manifest (saved by hand with ``save_pretrained``) is read unchecked, and so
+    is any folder loaded through plain ``from_pretrained``."""
+    if not (folder / MANIFEST).is_file():
+        return
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise UserError(f"{what} {folder}: {problem}; restore the folder from a copy, or pass --no-verify to "
+                        "read it as it is")
+
+
 def write_folder_atomically(out: Path, name: str, write: Callable[[Path], None], step: int) -> Path:
     """``write(tmp)`` fills a hidden folder beside ``out / name``; its manifest is written last, then the
     folder is synced and renamed into place (the previous folder of that name is replaced). On an error the

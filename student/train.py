@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cache.util import UserError
+from cache.util import FolderLock, Locked, UserError, lock_run_folder
 from student.checkpoint import (
     BEST,
     CHECKPOINT,
     FINAL,
-    MANIFEST,
     TRAINER_STATE,
     check_resume,
     folder_problem,
@@ -49,7 +48,6 @@ from student.checkpoint import (
     resume_config,
     rng_state,
     set_rng_state,
-    verify_folder,
     write_folder_atomically,
     write_model_folder,
     write_trainer_state,
@@ -62,6 +60,7 @@ from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
 from student.progress import Progress
 from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
+from student.sources import check_student_config, init_from_folder, load_student_folder
 from student.train_config import TrainConfig
 from student.train_data import TrainData, check_student_vocabulary, open_training_data, student_model_config
 
@@ -149,6 +148,13 @@ class Run:
     shared_params: list[nn.Parameter]  # STFT projection weights, reduced by hand under DDP when shared
     state: TrainState = field(default_factory=TrainState)
     last_checkpoint_step: int | None = None
+    lock: FolderLock | None = None  # rank 0: the run lock on ``cfg.out``, held until ``close``
+
+    def close(self) -> None:
+        """Release the run lock on ``cfg.out`` (``train_student`` does at its end; the kernel on a crash)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def autocast(self):
         if self.precision == "fp32":
@@ -190,11 +196,49 @@ def _make_loader(dataset, sampler, pad_id: int, num_workers: int, device: torch.
                            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
 
+def lock_out(cfg: TrainConfig, dist: Dist) -> FolderLock | None:
+    """Rank 0 locks ``cfg.out`` (``cache.util.lock_run_folder``) for the run; every rank raises the same
+    one-line refusal when another process holds it. None on the other ranks."""
+    lock, refusal = None, None
+    if dist.rank == 0:
+        try:
+            lock = lock_run_folder(cfg.out, "train-student")
+        except Locked as e:
+            refusal = (True, str(e))
+        except OSError as e:
+            refusal = (False, f"cannot lock --out {cfg.out} ({e.strerror or e}); choose a folder you can "
+                              "write")
+    refusal = dist.broadcast_object(refusal)
+    if refusal is not None:
+        raise (Locked if refusal[0] else UserError)(refusal[1])
+    return lock
+
+
 def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
-    """Open and check the caches, build (or reload, with ``resume``) the student, optimizer and data."""
+    """Lock ``cfg.out``, open and check the caches, build (or reload, with ``resume``) the student, optimizer
+    and data. The lock is the returned run's (``Run.close`` releases it); a refused setup releases it and
+    removes an output folder it created."""
     dist = dist or Dist.from_env()
     device = resolve_device(cfg.device, dist)
     precision = resolve_precision(cfg.precision, device)
+    fresh = not cfg.out.exists()
+    lock = lock_out(cfg, dist)
+    try:
+        run = _setup_locked(cfg, dist, device, precision)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove=fresh)
+            if fresh:
+                try:
+                    cfg.out.rmdir()  # only when empty: nothing else was written yet
+                except OSError:
+                    pass
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup_locked(cfg: TrainConfig, dist: Dist, device: torch.device, precision: str) -> Run:
     ckpt = cfg.out / CHECKPOINT
     if dist.rank == 0:  # a crash between the two renames of a folder replace leaves it hidden: put it back
         for note in recover_folders(cfg.out):
@@ -216,6 +260,7 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     elif cfg.init_from is not None:
         model = init_from_folder(cfg, data)
     else:
+        check_student_config(cfg, data)
         mc = student_model_config(cfg, data)
         torch.manual_seed(cfg.seed)
         model = CausalFNetForCausalLM(mc)
@@ -260,37 +305,6 @@ def setup(cfg: TrainConfig, dist: Dist | None = None) -> Run:
     if saved is not None:
         _load_trainer_state(run, saved)
     return run
-
-
-def load_student_folder(folder: Path, what: str) -> CausalFNetForCausalLM:
-    """The student saved in ``folder`` (fp32), or a one-line UserError when its files do not load."""
-    try:
-        return CausalFNetForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise UserError(f"{what}: the student in {folder} does not load ({str(e).splitlines()[0][:300]}); "
-                        "pass a folder written by train-student") from None
-
-
-def init_from_folder(cfg: TrainConfig, data: TrainData) -> CausalFNetForCausalLM:
-    """``--init-from``: a trained student's weights and shape, checked against this run's caches (files
-    against the folder's manifest, vocabulary, special ids, positions)."""
-    folder = cfg.init_from
-    if (folder / MANIFEST).exists():
-        verify_folder(folder, "--init-from")
-    model = load_student_folder(folder, "--init-from")
-    mc = model.config
-    try:
-        check_student_vocabulary(mc, data)
-    except UserError as e:
-        raise UserError(f"--init-from {folder} does not fit this cache: {e}") from None
-    if (mc.pad_token_id, mc.eos_token_id) != (data.pad_id, data.eos_id):
-        raise UserError(f"--init-from {folder} was trained with pad/eos ids {mc.pad_token_id}/"
-                        f"{mc.eos_token_id} but the cache's tokenizer has {data.pad_id}/{data.eos_id}; use a "
-                        "student trained from a cache of the same tokenizer")
-    if data.longest > mc.max_position_embeddings:
-        raise UserError(f"--init-from {folder} has max_position_embeddings={mc.max_position_embeddings} but "
-                        f"the cache holds sequences of {data.longest} tokens; use one with more positions")
-    return model
 
 
 def _seed_everything(seed: int) -> None:
@@ -632,5 +646,7 @@ def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainRes
         raise UserError(f"CUDA out of memory at step {step}; lower --batch-tokens, use --compact-vocab or "
                         "--grad-checkpointing") from None
     finally:
+        if run is not None:
+            run.close()
         if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -28,6 +28,9 @@ def eval_command(
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
     progress: bool = typer.Option(True, help="Progress on stderr: a bar on a terminal, else a line every "
                                   "30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check a student folder's files against "
+                                "its manifest.json first (when it has one); --no-verify reads a folder "
+                                "edited on purpose."),
 ) -> None:
     """Greedy GSM8K accuracy (strict '#### N' and flexible last-number match) of a student or a teacher."""
     from transformers.utils import logging as hf_logging
@@ -35,7 +38,7 @@ def eval_command(
     hf_logging.disable_progress_bar()
     result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer, out=out,
-                            progress=progress)
+                            progress=progress, verify=verify)
     typer.echo(json.dumps(result.to_json()) if json_out else format_summary(result, model, split))
 
 

@@ -23,8 +23,11 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely ids (0: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the sampling (unused when greedy)."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda or cuda:N."),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the folder's files against its "
+                                    "manifest.json first (when it has one); --no-verify reads a folder "
+                                    "edited on purpose."),
     ) -> None:
         """Generate an answer with a trained student (fast rolling-state decoder)."""
-        m, tok = load_student(model, device)
+        m, tok = load_student(model, device, verify=verify)
         typer.echo(generate_text(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k or None, seed=seed))
