@@ -285,6 +285,24 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     atomic_write_bytes(path, body.encode("utf-8"))
 
 
+def write_answers(records_path: Path, out: Path, *, written_by: str) -> int:
+    """Turn ``eval`` records into stage-one input rows: the question, the model's output as the answer,
+    who wrote it and the reference answer (``teacher-cache`` scores them and records their correctness).
+    Returns the number of rows."""
+    rows = []
+    lines = Path(records_path).read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        r = json.loads(line)
+        if not r["output"].strip():  # an empty answer has nothing for the teacher to score
+            continue
+        rows.append({"question": r["question"], "answer": r["output"], "written_by": written_by,
+                     "reference": r["reference"]})
+    if not rows:
+        raise UserError(f"all {len(lines)} outputs of the model are empty; nothing to write to {out}")
+    write_records(Path(out), rows)
+    return len(rows)
+
+
 def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: GenerateFn, *,
                       stop_ids: Sequence[int], batch_size: int = 16, max_prompt_tokens: int | None = None,
                       out: Path | None = None, progress: bool = True, model_kind: str = "") -> EvalResult:

@@ -88,7 +88,8 @@ def provenance(cfg: TrainConfig, data: TrainData, state: dict[str, Any], *, worl
                micro_batches_per_step: int) -> dict[str, Any]:
     """Where a saved model came from: the caches (by fingerprint digest), the code, the step reached."""
     return {
-        "cache": str(cfg.cache), "cache_fingerprint_digest": data.reader.fingerprint_digest,
+        "cache": str(cfg.cache), "cache_fingerprint_digest": data.fingerprint_digest,
+        "mix": data.mix,
         "val_cache": None if cfg.val_cache is None else str(cfg.val_cache),
         "val_cache_fingerprint_digest": (data.val_reader.fingerprint_digest
                                          if data.val_reader is not None else None),
@@ -259,9 +260,9 @@ def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any
     grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
     diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
             if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
-    if prov.get("cache_fingerprint_digest") != data.reader.fingerprint_digest:
+    if prov.get("cache_fingerprint_digest") != data.fingerprint_digest:
         diff.append(f"cache fingerprint: {prov.get('cache_fingerprint_digest')} in the checkpoint, "
-                    f"{data.reader.fingerprint_digest} for --cache {cfg.cache}")
+                    f"{data.fingerprint_digest} for --cache {', '.join(map(str, cfg.caches))}")
     val_digest = data.val_reader.fingerprint_digest if data.val_reader is not None else None
     if cfg.val_cache is not None and prov.get("val_cache_fingerprint_digest") != val_digest:
         diff.append(f"validation cache fingerprint: {prov.get('val_cache_fingerprint_digest')} in the "

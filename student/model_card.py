@@ -119,6 +119,7 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
                  ("supervised tokens", cache_manifest.get("num_supervised")),
                  ("teacher top-k", cache_manifest.get("topk")), ("samples", cache_manifest.get("samples")),
                  ("temperatures", cache_manifest.get("temperatures")),
+                 ("mixed caches (sequences per epoch)", _mix_text(provenance.get("mix"))),
                  ("validation cache", provenance.get("val_cache")),
                  ("validation cache fingerprint digest", provenance.get("val_cache_fingerprint_digest"))]),
         "",
@@ -197,3 +198,12 @@ def write_model_card(folder: Path, *, cache_dir: Path | None = None, metrics_fil
         metrics=last_eval(metrics_file), name=name)
     atomic_write_bytes(folder / CARD, text.encode())
     return folder / CARD
+
+
+def _mix_text(mix: dict[str, Any] | None) -> str | None:
+    """``cache-a: 1,000 of 1,000 (4.8%), cache-b: 20,000 of 20,000 (95.2%)`` for a run on several caches."""
+    if not mix:
+        return None
+    return ", ".join(f"{c}: {n:,} of {size:,} ({share:.1%})"
+                     for c, size, n, share in zip(mix["caches"], mix["sizes"], mix["counts"], mix["shares"]))
+

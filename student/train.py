@@ -617,7 +617,10 @@ def _describe(run: Run) -> None:
     print(f"train-student: {count_parameters(run.model):,} parameters (d={mc.hidden_size}, "
           f"{mc.num_hidden_layers} layers, FFN {mc.intermediate_size}, W={mc.stft_window_size}, "
           f"vocab {vocab}); "
-          f"{len(run.data.train)} train sequences, "
+          f"{len(run.data.train)} train sequences"
+          + ("" if not run.data.mix else " per epoch (" + ", ".join(
+              f"{n:,} from {c}" for c, n in zip(run.data.mix["caches"], run.data.mix["counts"])) + ")")
+          + ", "
           f"{'no' if run.data.val is None else len(run.data.val)} validation sequences; "
           f"{run.micro_per_step} micro-batches of <= {run.cfg.batch_tokens} tokens per step "
           f"({run.dist.world_size} rank(s)); {run.device} {run.precision}"

@@ -16,7 +16,7 @@ REPORT_TO = ("none", "tensorboard")
 
 # Settings that may change between an interrupted run and its resumption: they do not change the result
 # (cache paths are checked by fingerprint digest instead).
-RESUME_FREE = frozenset({"cache", "val_cache", "out", "resume", "num_workers", "device", "compile",
+RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "num_workers", "device", "compile",
                          "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
                          "report_to", "record_cache_mb"})
 
@@ -29,6 +29,10 @@ class TrainConfig:
     the global step size (``ceil(step_tokens / batch_tokens)`` micro-batches over all ranks).
     ``eval_every``/``save_every`` 0 mean only at the end.
 
+    ``mix_caches``: more training caches of the same teacher and tokenizer, read beside ``cache``;
+    ``cache_weights`` (one per cache, ``cache`` first): the share of each epoch's sequences drawn from each
+    (default: every sequence of every cache once).
+
     ``init_from``: start from the weights (and shape) of a trained student folder instead of a random
     initialisation. ``extend`` (with ``resume``): continue to a larger ``steps``; the learning-rate schedule
     stays the checkpoint's (``warmup`` and the cosine over ``schedule_steps``, the original ``steps``) and
@@ -37,6 +41,8 @@ class TrainConfig:
 
     cache: Path
     out: Path
+    mix_caches: tuple[Path, ...] = ()
+    cache_weights: tuple[float, ...] | None = None
     val_cache: Path | None = None
     val_fraction: float = 0.0
     student_config: Path | None = None
@@ -81,6 +87,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.cache = Path(self.cache)
         self.out = Path(self.out)
+        self.mix_caches = tuple(Path(p) for p in self.mix_caches)
+        if self.cache_weights is not None:
+            self.cache_weights = tuple(float(w) for w in self.cache_weights)
+            n = 1 + len(self.mix_caches)
+            if len(self.cache_weights) != n:
+                raise UserError(f"--cache-weights has {len(self.cache_weights)} values for {n} --cache "
+                                f"folders; give one weight per --cache, in the same order")
+            if any(not (w > 0 and w < float("inf")) for w in self.cache_weights):
+                raise UserError(f"--cache-weights must be positive numbers, got {list(self.cache_weights)}")
+        if len({p.resolve() for p in self.caches}) != len(self.caches):
+            raise UserError("the same --cache folder is given twice; give each cache once (use "
+                            "--cache-weights to draw one more often)")
         self.val_cache = None if self.val_cache is None else Path(self.val_cache)
         self.student_config = None if self.student_config is None else Path(self.student_config)
         self.init_from = None if self.init_from is None else Path(self.init_from)
@@ -134,6 +152,11 @@ class TrainConfig:
         self.schedule_config()
         OptimizerConfig(weight_decay=self.weight_decay)
 
+    @property
+    def caches(self) -> tuple[Path, ...]:
+        """Every training cache: ``cache`` then ``mix_caches``."""
+        return (self.cache, *self.mix_caches)
+
     def loss_config(self) -> LossConfig:
         return LossConfig(kind=self.kd, alpha=self.alpha, temperature=self.temperature,
                           chunk_size=self.chunk_size)
@@ -143,4 +166,9 @@ class TrainConfig:
                               total_steps=self.schedule_steps or self.steps)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        def plain(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            return [plain(x) for x in v] if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in asdict(self).items()}

@@ -40,6 +40,58 @@ class SequenceSubset(torch.utils.data.Dataset):
         return np.asarray(self.reader.num_supervised, dtype=np.int64)[self.indices]
 
 
+class MixedDataset(torch.utils.data.Dataset):
+    """Sequences of several caches in one index space, each cache filling ``counts[i]`` slots.
+
+    Cache i's slots run through one seeded permutation of its sequences, repeated as often as needed: a
+    count above its size repeats every sequence (some once more than others), a count below leaves a fixed
+    seeded subset out. The slot table is a pure function of (sizes, counts, seed)."""
+
+    def __init__(self, parts: list, counts: list[int], seed: int):
+        if len(parts) != len(counts) or any(c < 0 for c in counts):
+            raise ValueError(f"one non-negative count per part, got {counts} for {len(parts)} parts")
+        self.parts = parts
+        self.counts = [int(c) for c in counts]
+        part_of, index_in = [], []
+        for i, (part, c) in enumerate(zip(parts, counts)):
+            perm = np.random.default_rng([seed, 0x313C, i]).permutation(len(part))
+            part_of.append(np.full(c, i, dtype=np.int64))
+            index_in.append(perm[np.arange(c) % len(part)] if c else np.zeros(0, np.int64))
+        self.part_of = np.concatenate(part_of)
+        self.index_in = np.concatenate(index_in).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.part_of)
+
+    def __getitem__(self, i: int):
+        return self.parts[int(self.part_of[i])][int(self.index_in[i])]
+
+    def _per_part(self, name: str) -> np.ndarray:
+        cols = [np.asarray(getattr(p, name), dtype=np.int64) for p in self.parts]
+        out = np.zeros(len(self), dtype=np.int64)
+        for i, col in enumerate(cols):
+            sel = self.part_of == i
+            out[sel] = col[self.index_in[sel]]
+        return out
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._per_part("lengths")
+
+    @property
+    def num_supervised(self) -> np.ndarray:
+        return self._per_part("num_supervised")
+
+
+def mixture_counts(sizes: list[int], weights: tuple[float, ...] | None) -> list[int]:
+    """Sequences drawn from each cache per epoch: its size without weights, else its weight's share of
+    all sizes together (rounded; at least one)."""
+    if weights is None:
+        return list(sizes)
+    total = sum(sizes)
+    return [max(1, round(total * w / sum(weights))) for w in weights]
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) sequence indices, sorted; a pure function of ``(n, val_fraction, seed)``."""
     n_val = max(1, round(n * val_fraction))
@@ -51,7 +103,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 @dataclass
 class TrainData:
-    reader: Any  # CacheReader of the training cache
+    reader: Any  # CacheReader of the (first) training cache
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset | None
     val_reader: Any  # CacheReader the validation sequences come from (None without validation)
@@ -59,6 +111,22 @@ class TrainData:
     val_t1_index: int | None  # T = 1 column of the validation cache (None: no KL metric)
     pad_id: int
     eos_id: int | None
+    readers: list | None = None  # every training cache's reader (``reader`` first); None: just ``reader``
+    mix: dict | None = None  # with several caches: their paths, sizes, counts per epoch and shares
+
+    @property
+    def train_readers(self) -> list:
+        return self.readers or [self.reader]
+
+    @property
+    def fingerprint_digest(self) -> str:
+        """The training data's identity for --resume: the cache's fingerprint digest, or for a mixture a hash
+        of every cache's digest and its count per epoch."""
+        if not self.mix:
+            return self.reader.fingerprint_digest
+        from cache.util import json_hash
+
+        return json_hash([[r.fingerprint_digest for r in self.train_readers], self.mix["counts"]])
 
     @property
     def longest(self) -> int:
@@ -71,8 +139,9 @@ def tokenizer_info(reader) -> dict[str, Any]:
     return reader.manifest.get("tokenizer") or {}
 
 
-def _check_same_vocabulary(train, val) -> None:
-    """The validation cache must come from the same teacher and tokenizer as the training cache."""
+def _check_same_vocabulary(train, val, flag: str = "--val-cache") -> None:
+    """A validation (or mixed-in) cache must come from the same teacher and tokenizer as the training
+    cache."""
     ta, tb = tokenizer_info(train), tokenizer_info(val)
     pairs = {
         "teacher vocab_size": (train.vocab_size, val.vocab_size),
@@ -83,17 +152,33 @@ def _check_same_vocabulary(train, val) -> None:
     }
     diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
     if diff:
-        raise UserError(f"--val-cache {val.path} was not made with the training cache's teacher/tokenizer ("
-                        + "; ".join(diff) + "); build it with the same teacher-cache settings")
+        raise UserError(f"{flag} {val.path} was not made with the first --cache's teacher/tokenizer ("
+                        + "; ".join(diff) + "); build it with the same teacher and tokenizer")
+
+
+def _check_mixable(first, other) -> None:
+    """Caches read in one batch must store the same rows: top-k, temperatures and samples."""
+    a, b = first.settings, other.settings
+    diff = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in ("topk", "temperatures", "samples", "top_p")
+            if getattr(a, k) != getattr(b, k)]
+    if diff:
+        raise UserError(f"--cache {other.path} cannot be mixed with --cache {first.path} (" + "; ".join(diff)
+                        + "); write both with the same teacher-cache --topk, --temperatures, --samples and "
+                        "--top-p")
 
 
 def open_training_data(cfg: TrainConfig) -> TrainData:
     """Open and check the caches: intact (manifest, index, every shard and attachment hash, as ``cache
     verify`` checks them), a temperature the cache serves exactly, samples for ``--kd sampled``, a validation
     set from the same teacher/tokenizer."""
-    reader = open_cache(cfg.cache, verify_hashes="all", verify_attachments=True)
-    if len(reader) == 0:
-        raise UserError(f"the cache {cfg.cache} holds no sequences; rebuild it with teacher-cache")
+    readers = [open_cache(p, verify_hashes="all", verify_attachments=True) for p in cfg.caches]
+    reader = readers[0]
+    for p, r in zip(cfg.caches, readers):
+        if len(r) == 0:
+            raise UserError(f"the cache {p} holds no sequences; rebuild it with teacher-cache")
+    for r in readers[1:]:
+        _check_same_vocabulary(reader, r, flag="--cache")
+        _check_mixable(reader, r)
     needs_kd = cfg.alpha < 1.0
     if needs_kd and cfg.kd == "sampled":
         if reader.samples <= 0:
@@ -114,17 +199,24 @@ def open_training_data(cfg: TrainConfig) -> TrainData:
         temp_index = 0  # CE only
     val_reader, val = None, None
     budget = cfg.record_cache_mb << 20
+    parts = [CacheDataset(DecodedRecords(r, budget)) for r in readers]
     if cfg.val_cache is not None:
         val_reader = open_cache(cfg.val_cache, verify_hashes="all", verify_attachments=True)
         _check_same_vocabulary(reader, val_reader)
-        train = CacheDataset(DecodedRecords(reader, budget))
         val = CacheDataset(DecodedRecords(val_reader, budget))
-    elif cfg.val_fraction > 0:
+    elif cfg.val_fraction > 0:  # held out of the first cache
         tr, va = split_indices(len(reader), cfg.val_fraction, cfg.seed)
         kept = DecodedRecords(reader, budget)
-        train, val, val_reader = SequenceSubset(kept, tr), SequenceSubset(kept, va), reader
+        parts[0], val, val_reader = SequenceSubset(kept, tr), SequenceSubset(kept, va), reader
+    mix = None
+    if len(parts) > 1 or cfg.cache_weights is not None:
+        sizes = [len(p) for p in parts]
+        counts = mixture_counts(sizes, cfg.cache_weights)
+        train = MixedDataset(parts, counts, cfg.seed)
+        mix = {"caches": [str(p) for p in cfg.caches], "sizes": sizes, "counts": counts,
+               "shares": [c / sum(counts) for c in counts]}
     else:
-        train = CacheDataset(DecodedRecords(reader, budget))
+        train = parts[0]
     val_t1 = None
     if val_reader is not None:
         try:
@@ -136,13 +228,16 @@ def open_training_data(cfg: TrainConfig) -> TrainData:
     pad = tok.get("pad_token_id")
     pad = pad if pad is not None else (eos if eos is not None else 0)
     return TrainData(reader=reader, train=train, val=val, val_reader=val_reader, temp_index=temp_index,
-                     val_t1_index=val_t1, pad_id=int(pad), eos_id=None if eos is None else int(eos))
+                     val_t1_index=val_t1, pad_id=int(pad), eos_id=None if eos is None else int(eos),
+                     readers=readers, mix=mix)
 
 
 def cache_token_ids(data: TrainData) -> np.ndarray:
     """Sorted ids used in the training and validation caches plus eos/pad (the compact vocabulary)."""
     special = [i for i in (data.pad_id, data.eos_id) if i is not None]
     ids = compact_ids_from_cache(data.reader, special)
+    for r in data.train_readers[1:]:
+        ids = np.union1d(ids, compact_ids_from_cache(r, special))
     if data.val_reader is not None and data.val_reader is not data.reader:
         ids = np.union1d(ids, compact_ids_from_cache(data.val_reader, special))
     return ids.astype(np.int64)

@@ -25,6 +25,10 @@ def eval_command(
     tokenizer: str = typer.Option(None, help="Tokenizer folder or Hub id; default: the model folder's own."),
     out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
                              "answers, verdicts) to this JSONL file."),
+    answers_out: Path = typer.Option(None, help="Also write the model's answers as input for stage one "
+                                     "(question, answer = the model's output, written_by = --model, "
+                                     "reference): `teacher-cache --dataset FILE` has the teacher score them "
+                                     "(offline on-policy distillation; docs/teacher-cache.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead."),
     progress: bool = typer.Option(True, help="Progress on stderr: a bar on a terminal, else a line every "
                                   "30 s (FNET_PROGRESS_SECONDS); the summary is printed either way."),
@@ -36,10 +40,25 @@ def eval_command(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer, out=out,
-                            progress=progress, verify=verify)
+    import tempfile
+
+    from pipeline.evaluate import write_answers
+
+    with tempfile.TemporaryDirectory(prefix="fnet-eval-") as tmp:
+        records = out if out is not None or answers_out is None else Path(tmp) / "eval.jsonl"
+        result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                                out=records, progress=progress, verify=verify)
+        n_answers = None
+        if answers_out is not None:
+            n_answers = write_answers(records, answers_out, written_by=str(model))
+    if out is None:
+        import dataclasses
+
+        result = dataclasses.replace(result, outputs_path=None)
     typer.echo(json.dumps(result.to_json()) if json_out else format_summary(result, model, split))
+    if n_answers is not None and not json_out:
+        typer.echo(f"  answers for teacher-cache: {answers_out} ({n_answers} rows)")
 
 
 def register(app: typer.Typer) -> None:

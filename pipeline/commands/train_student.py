@@ -7,9 +7,19 @@ from pathlib import Path
 
 import typer
 
+from cache.util import UserError
+
 
 def train_student_command(
-    cache: Path = typer.Option(..., help="Teacher cache folder (from teacher-cache) to train from."),
+    cache: list[Path] = typer.Option(..., help="Teacher cache folder (from teacher-cache) to train from. "
+                                     "Repeat it to mix caches of the same teacher and tokenizer (reference "
+                                     "answers, teacher-written solutions, scored student answers) stored "
+                                     "with the same --topk, --temperatures and --samples."),
+    cache_weights: str = typer.Option(None, help="With several --cache: comma-separated shares of each "
+                                      "epoch's sequences, one per --cache in order (e.g. 1,3: a quarter from "
+                                      "the first). Default: every sequence of every cache once per epoch. A "
+                                      "share below a cache's own size leaves a fixed seeded subset of it "
+                                      "out; above it, its sequences repeat."),
     out: Path = typer.Option(..., help="Output folder: checkpoint-last/, final/ (best/ with --keep-best), "
                              "metrics.jsonl, curves.png."),
     val_cache: Path = typer.Option(None, help="Validation cache from the same teacher and tokenizer (e.g. "
@@ -89,8 +99,15 @@ def train_student_command(
     from student.train import FINAL, TrainConfig, train_student
 
     hf_logging.disable_progress_bar()
+    weights = None
+    if cache_weights is not None:
+        try:
+            weights = tuple(float(w) for w in cache_weights.split(","))
+        except ValueError:
+            raise UserError(f"--cache-weights must be comma-separated numbers like 1,3; got "
+                            f"{cache_weights!r}") from None
     cfg = TrainConfig(
-        cache=cache, out=out, val_cache=val_cache, val_fraction=val_fraction, student_config=student_config,
+        cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache, val_fraction=val_fraction, student_config=student_config,
         init_from=init_from, extend=extend, keep_best=keep_best, report_to=report_to,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
