@@ -415,7 +415,16 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     L, pos = _read_varint(buf, 0)
     n, pos = _read_varint(buf, pos)
     m_samples, pos = _read_varint(buf, pos)
+    # Bound the header's counts by the record's own size before anything is allocated: every stored value
+    # takes at least one bit (input_ids and the loss mask: L each; per row its tail codes, one id or more,
+    # and the kept count (top_p) or k - 1 gaps and k ids; one gap per sampled id).
+    per_row = len(temps) + (2 if settings.top_p is not None else 2 * k - 1)
+    if n > L or 2 * L + n * per_row + m_samples > 8 * len(buf):
+        raise ValueError(f"compact record header claims {L} tokens, {n} teacher rows and {m_samples} sampled "
+                         f"ids, more than its {len(buf)} bytes can hold")
     input_ids, pos = _decode_ints(buf, pos)
+    if input_ids.size != L:
+        raise ValueError(f"compact record holds {input_ids.size} token ids but its header says {L}")
     mb = (L + 7) // 8
     loss_mask = np.unpackbits(buf[pos:pos + mb], count=L, bitorder="little").astype(bool)
     pos += mb

@@ -190,6 +190,13 @@ def _manifest_problem(path: Path, m: Mapping[str, Any]) -> str | None:
         tok = m.get("tokenizer") or {}
         if "hash" in tok and "tokenizer_hash" in fp and tok["hash"] != fp["tokenizer_hash"]:
             return "has a tokenizer hash that differs from the fingerprint's"
+        shards = m["shards"]
+        if m.get("num_units") != len(shards):
+            return f"says num_units={m.get('num_units')!r} but lists {len(shards)} shards"
+        for i, sh in enumerate(shards):  # unit i is shard i: the records' order is the units' order
+            if sh["unit"] != i or sh["file"] != unit_name(i, settings.format):
+                return (f"lists shard {sh['file']} (unit {sh['unit']}) at position {i}: shards must be "
+                        f"units 0..{len(shards) - 1} in order")
         journalled: dict[int, set[str]] = {}
         journals = sorted(p for p in path.iterdir() if _JOURNAL_RE.match(p.name))
         for jp in journals:
@@ -508,7 +515,7 @@ class CacheReader:
     """Random access to a finished cache. Picklable: shards are (re)opened lazily in each process."""
 
     def __init__(self, path: str | os.PathLike, verify_hashes: VerifyMode = "lazy",
-                 verify_attachments: bool = False):
+                 verify_attachments: bool = False, check_records: bool = True):
         if verify_hashes not in ("lazy", "all", "none"):
             raise UserError(f"verify_hashes must be lazy, all or none, got {verify_hashes!r}")
         self.path = Path(path)
@@ -540,11 +547,17 @@ class CacheReader:
             self.seq_ids = z["seq_id"]
             self.lengths = z["length"]
             self.num_supervised = z["num_supervised"]
+            index_units = z["unit"] if "unit" in z.files else None
         counts = np.array([s["num_seqs"] for s in self._shard_meta], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         if self._starts[-1] != len(self.lengths):
             raise CacheError(f"{self.path}: index has {len(self.lengths)} sequences but shards "
                              f"{self._starts[-1]}; delete the folder and rerun teacher-cache")
+        problem = self._index_problem(index_units)
+        if problem is not None:
+            raise CacheError(f"{self.path}: the index disagrees with the manifest ({problem}); delete the "
+                             f"folder and rerun teacher-cache (or rerun it to a new --out)")
+        self.check_records = check_records
         self._verified: set[int] = set()
         self._shards: dict[int, Any] = {}
         if verify_hashes == "all":
@@ -552,6 +565,31 @@ class CacheReader:
                 self._verify_shard(si)
         if verify_attachments:
             self.verify_attachments()
+
+    def _index_problem(self, index_units: np.ndarray | None) -> str | None:
+        """What in ``index.npz`` disagrees with the manifest's shard list and totals, or None (cheap: the
+        index and manifest only; each record is checked against its index row when it is read)."""
+        m, starts = self.manifest, self._starts
+        if len(self.seq_ids) != len(self.lengths) or len(self.num_supervised) != len(self.lengths):
+            return "its arrays differ in length"
+        if len(np.unique(self.seq_ids)) != len(self.seq_ids):
+            return "a seq_id appears twice"
+        if index_units is not None and not np.array_equal(
+                index_units, np.repeat(np.arange(len(self._shard_meta)), np.diff(starts))):
+            return "its unit column is not the shards' order"
+        tokens, sup = (np.diff(np.concatenate([[0], np.cumsum(a, dtype=np.int64)])[starts])
+                       for a in (self.lengths, self.num_supervised))  # per shard
+        for si, s in enumerate(self._shard_meta):
+            if not s["num_seqs"]:
+                continue
+            a = int(starts[si])
+            if (s["first_seq"] != int(self.seq_ids[a]) or s["num_tokens"] != int(tokens[si])
+                    or s["num_supervised"] != int(sup[si])):
+                return f"shard {s['file']}: first seq_id, tokens or supervised tokens"
+        if (m["num_sequences"] != len(self.lengths) or m["num_tokens"] != int(self.lengths.sum())
+                or m["num_supervised"] != int(self.num_supervised.sum())):
+            return "the manifest's totals"
+        return None
 
     def verify_attachments(self) -> None:
         """Check every attachment file (e.g. ``tokenizer/``) against its recorded size and content hash;
@@ -623,11 +661,17 @@ class CacheReader:
         si = int(np.searchsorted(self._starts, i, side="right")) - 1
         shard = self._shard(si)
         try:
-            return shard.record(i - int(self._starts[si]))
+            r = shard.record(i - int(self._starts[si]))
         except CacheError:
             raise
         except Exception as e:
             raise self._shard_error(si, f"cannot be read ({type(e).__name__}: {e})") from None
+        if self.check_records and (r.seq_id != self.seq_ids[i] or r.input_ids.shape[0] != self.lengths[i]
+                                   or r.num_supervised != self.num_supervised[i]):
+            raise self._shard_error(si, f"record {i} (seq_id {r.seq_id}) disagrees with the index (seq_id "
+                                        f"{self.seq_ids[i]}, {self.lengths[i]} tokens, "
+                                        f"{self.num_supervised[i]} supervised)")
+        return r
 
     def __iter__(self):
         for i in range(len(self)):
@@ -652,10 +696,13 @@ class CacheReader:
 
 
 def open_cache(path: str | os.PathLike, verify_hashes: VerifyMode = "lazy",
-               verify_attachments: bool = False) -> CacheReader:
-    """Open a finished cache; CacheError if it is incomplete, damaged, edited or of another format version
-    (with ``verify_attachments``, also if an attachment such as ``tokenizer/`` is damaged or missing)."""
-    return CacheReader(path, verify_hashes=verify_hashes, verify_attachments=verify_attachments)
+               verify_attachments: bool = False, check_records: bool = True) -> CacheReader:
+    """Open a finished cache; CacheError if it is incomplete, damaged, edited or of another format version,
+    or its shards are not its units in order or disagree with its index (with ``verify_attachments``, also
+    if an attachment such as ``tokenizer/`` is damaged or missing). With ``check_records`` every record read
+    is checked against its index row (seq_id, length, supervised count), as ``verify_cache`` does."""
+    return CacheReader(path, verify_hashes=verify_hashes, verify_attachments=verify_attachments,
+                       check_records=check_records)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -714,8 +761,12 @@ def _record_defects(r: CacheRecord, k: int, nT: int, samples: int, vocab: int, d
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
-    """Every defect found in the cache at ``path`` (empty list if it is intact and consistent)."""
+    """Every defect found in the cache at ``path`` (empty list if it is intact and consistent); CacheError
+    when there is no folder at ``path`` to verify."""
     path = Path(path)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise CacheError(f"{path} {what}; pass the folder teacher-cache wrote (its --out)")
     try:
         m = _load_manifest(path)
     except CacheError as e:
@@ -734,7 +785,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
             bad_shards.add(si)
     defects += [f"attachment {name}: {bad}" for name, bad in _attachment_defects(path, m)]
     try:
-        reader = open_cache(path, verify_hashes="none")
+        reader = open_cache(path, verify_hashes="none", check_records=False)  # defects listed one by one
     except CacheError as e:
         return defects + [str(e)] if not defects else defects
     k, nT, samples, vocab = reader.topk, len(reader.temperatures), reader.samples, reader.vocab_size
