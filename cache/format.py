@@ -43,6 +43,7 @@ from cache.util import (
     atomic_replace_dir,
     atomic_write_bytes,
     atomic_write_json,
+    copy_tree_plain,
     file_hash,
     fsync_dir,
     fsync_tree,
@@ -475,7 +476,7 @@ class CacheWriter:
                 raise UserError(f"attachment {name!r}: {src} is not a directory")
             tmp = self.path / f"{TMP_PREFIX}r{self.rank}-attach-{name}"
             _remove(tmp)
-            shutil.copytree(src, tmp)
+            copy_tree_plain(src, tmp)
             fsync_tree(tmp)
             atomic_replace_dir(tmp, self.path / name)
             files = tree_files(self.path / name, self.path)

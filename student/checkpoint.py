@@ -35,6 +35,7 @@ from cache.util import (
     atomic_replace_dir,
     atomic_write_bytes,
     atomic_write_json,
+    copy_tree_plain,
     file_hash,
     fsync_dir,
     fsync_tree,
@@ -106,7 +107,7 @@ def write_model_folder(folder: Path, model: nn.Module, tokenizer_dir: Path | Non
     config (and the model code, for ``trust_remote_code``), the cache's tokenizer, the resolved train config,
     the provenance and the model card ``README.md``."""
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        shutil.copytree(tokenizer_dir, folder, dirs_exist_ok=True)
+        copy_tree_plain(tokenizer_dir, folder)  # the output's modes, not a read-only cache's
     model.save_pretrained(folder)
     atomic_write_json(folder / TRAIN_CONFIG, {"config": cfg.to_json(),
                                               "student": model.config.to_diff_dict()})

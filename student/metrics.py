@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,16 @@ def _tensorboard_writer(folder: Path, keep_until_step: int | None):
                         "(or pip install 'fnet-distill[tensorboard]'), or drop --report-to") from None
     if keep_until_step is None:
         shutil.rmtree(folder, ignore_errors=True)  # a fresh run, like metrics.jsonl
+    # SummaryWriter opens its event file in a writer thread: a folder it cannot write fails there, and that
+    # thread's traceback would follow the one-line error at exit. Try the folder here first.
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"--report-to tensorboard cannot write to {folder} ({e.strerror or e}); fix its "
+                        "permissions or drop --report-to") from None
+    if keep_until_step is None:
         return SummaryWriter(str(folder))
     return SummaryWriter(str(folder), purge_step=keep_until_step + 1)
 

@@ -575,13 +575,18 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
             if finished_epoch:
                 st.epoch += 1
                 st.batches_consumed = 0
+    except BaseException:
+        metrics.close()  # the TensorBoard writer's thread ends with its events flushed
+        raise
     finally:
         bar.close()
-    run_eval()
-    save_checkpoint(run)
-    save_final(run)
-    metrics.plot(force=True)
-    metrics.close()
+    try:
+        run_eval()
+        save_checkpoint(run)
+        save_final(run)
+        metrics.plot(force=True)
+    finally:
+        metrics.close()
     wall = time.perf_counter() - t_start
     final = {k: v for k, v in {**last_train, **last_eval}.items() if k != "event"}
     final.update(step=st.step, tokens=st.tokens, supervised_tokens=st.supervised_tokens, wall_s=wall)
@@ -599,6 +604,7 @@ def _already_finished(run: Run, metrics: MetricsLog, t_start: float) -> TrainRes
         write_folder_atomically(run.cfg.out, FINAL, lambda folder: _save_model_folder(run, folder), st.step)
     run.dist.barrier()
     last = {k: v for k, v in {**metrics.last("train"), **metrics.last("eval")}.items() if k != "event"}
+    metrics.close()
     wall = time.perf_counter() - t_start
     last.update(step=st.step, tokens=st.tokens, supervised_tokens=st.supervised_tokens, wall_s=wall)
     return TrainResult(out_dir=run.cfg.out, final_metrics=last, wall_s=wall)
