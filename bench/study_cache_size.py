@@ -52,7 +52,7 @@ from cache.format import (  # noqa: E402
     FingerprintMismatch,
     open_cache,
 )
-from cache.util import UserError, atomic_write_bytes  # noqa: E402
+from cache.util import UserError, atomic_write_bytes, lock_run_folder  # noqa: E402
 
 TEMPS = (1.0, 2.0)
 # name -> (train cache, kd kind, alpha); alpha 1.0 is CE only, None the study's --alpha
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out, "study")  # one study per folder; released when this process ends
     t0 = time.time()
     load_start = os.getloadavg()
     if args.assets is not None:
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for f in as_completed([pool.submit(student_job, j) for j in todo]):
                 done(f.result())
+    lock.release()
     return result
 
 

@@ -145,3 +145,14 @@ def test_a_refused_start_leaves_no_folder_behind(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         setup(TrainConfig(cache=cache, out=out, resume=True, **TINY))
     assert out.is_dir() and not lock_run_folder(out, "x").release()  # the lock was released
+
+
+def test_the_study_refuses_a_folder_another_study_holds(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import study_cache_size as study
+
+    with lock_run_folder(tmp_path, "study"):
+        busy = rf"^{tmp_path} is in use by another study process \(pid {os.getpid()}"
+        with pytest.raises(Locked, match=busy):
+            study.main(["--out", str(tmp_path), "--quick", "--threads", "0"])
+    assert not (tmp_path / "assets").exists()  # refused before building anything
