@@ -223,6 +223,7 @@ class FolderLock:
     def __init__(self, path: str | os.PathLike, *, busy: str, advice: str, command: str = ""):
         self.path = Path(path)
         self.fd: int | None = None
+        self._writable = False
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides the mode
@@ -244,6 +245,7 @@ class FolderLock:
                 pass
             os.close(fd)
         self.fd = fd
+        self._writable = writable
         if writable:
             started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
             info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
@@ -257,17 +259,22 @@ class FolderLock:
         return self.fd is not None
 
     def release(self, remove: bool = False) -> None:
-        """Give the lock up; ``remove`` also deletes the lock file (safe: a process that opened it before
-        finds it gone once it holds the lock, and opens the path anew)."""
+        """Give the lock up and clear the holder record; ``remove`` deletes the lock file instead (safe: a
+        process that opened it before finds it gone once it holds the lock, and opens the path anew)."""
         if self.fd is not None:
             if remove:
                 self.path.unlink(missing_ok=True)
+            elif self._writable:
+                os.ftruncate(self.fd, 0)  # no stale holder for the next one's first microseconds
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
     def __del__(self) -> None:  # an abandoned lock object must not keep its folder locked
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter exit modules may be gone; the kernel releases the lock anyway
+            pass
 
     def __enter__(self) -> FolderLock:
         return self
