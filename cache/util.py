@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -210,15 +211,36 @@ def _holder_text(path: Path) -> str:
         return "holder not recorded yet: it is starting"
 
 
+_HELD: weakref.WeakSet[FolderLock] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, a multiprocessing fork): close the copies of the parent's
+    lock files without unlocking them, so that a trainer killed with -9 frees its folder at once instead of
+    when its last worker has exited."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FolderLock:
     """An exclusive ``flock`` on the file ``path``, held until ``release`` or the end of the process.
 
     The kernel drops the lock when its holder dies (also on ``kill -9``), so no stale lock ever survives a
-    crash, unlike a pid file. The holder writes its host, pid, start time and ``command`` into the file, so a
-    refused process names it: ``Locked`` (a ``UserError``) with ``"{busy} ({holder}); {advice}"``. One lock
-    file serves every process that writes the folder it guards (stage one: one per rank; stage two, the demo
-    and the study: ``RUN_LOCK`` in the run folder, taken by one process). A lock file on NFS needs a server
-    with working ``flock`` (NFSv4, Linux >= 2.6.12 emulates it with byte-range locks)."""
+    crash, unlike a pid file; forked children (DataLoader workers) close their inherited copy at once, so
+    they never keep a dead holder's lock alive. The holder writes its host, pid, start time and ``command``
+    into the file, so a refused process names it: ``Locked`` (a ``UserError``) with ``"{busy} ({holder});
+    {advice}"``. One lock file serves every process that writes the folder it guards (stage one: one per
+    rank; stage two, the demo and the study: ``RUN_LOCK`` in the run folder, taken by one process). A lock
+    file on NFS needs a server with working ``flock`` (NFSv4; Linux clients emulate it with byte-range
+    locks)."""
 
     def __init__(self, path: str | os.PathLike, *, busy: str, advice: str, command: str = ""):
         self.path = Path(path)
@@ -246,6 +268,7 @@ class FolderLock:
             os.close(fd)
         self.fd = fd
         self._writable = writable
+        _HELD.add(self)
         if writable:
             started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
             info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started,

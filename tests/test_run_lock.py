@@ -102,9 +102,10 @@ def test_a_second_trainer_is_refused_while_one_runs_in_both_orders_and_kill_9_fr
             kill9(first)
 
         # 2. killed with -9: the kernel dropped the lock, so the next run starts at once; it holds the
-        # folder in turn (past its step-2 checkpoint) and both kinds of start are refused again
+        # folder in turn (past its step-2 checkpoint, with DataLoader workers forked after it took the lock)
+        # and both kinds of start are refused again
         t0 = time.perf_counter()
-        second = start_holder(dict(cache=cache, out=out, **TINY), hold_at=3, stderr=err)
+        second = start_holder(dict(cache=cache, out=out, **{**TINY, "num_workers": 2}), hold_at=3, stderr=err)
         try:
             assert time.perf_counter() - t0 < 60
             with pytest.raises(Locked, match=f"pid {second.pid} on host"):
@@ -113,7 +114,9 @@ def test_a_second_trainer_is_refused_while_one_runs_in_both_orders_and_kill_9_fr
                 setup(resume)
         finally:
             kill9(second)
-    result = train_student(resume)  # no stale lock after the second kill either: resumes from step 2
+    # no stale lock after the second kill either, although its workers die a moment after it: resumes from
+    # step 2 at once
+    result = train_student(resume)
     assert result.final_metrics["step"] == 6 and (out / FINAL / "model.safetensors").is_file()
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # each step logged once
     assert (out / RUN_LOCK).is_file() and (out / CHECKPOINT).is_dir()
@@ -156,3 +159,34 @@ def test_the_study_refuses_a_folder_another_study_holds(tmp_path):
         with pytest.raises(Locked, match=busy):
             study.main(["--out", str(tmp_path), "--quick", "--threads", "0"])
     assert not (tmp_path / "assets").exists()  # refused before building anything
+
+
+# Holds a run lock, forks a child that outlives it (as a DataLoader worker may for a moment), says READY.
+FORKER = r"""
+import os, sys, time
+from cache.util import lock_run_folder
+lock = lock_run_folder(sys.argv[1], "train-student")
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print("READY", child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", FORKER, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    ready, child = proc.stdout.readline().split()
+    try:
+        assert ready == "READY"
+        with pytest.raises(Locked, match=f"pid {proc.pid} on host"):
+            lock_run_folder(tmp_path, "train-student")
+        kill9(proc)
+        os.kill(int(child), 0)  # the child still runs
+        lock_run_folder(tmp_path, "train-student").release()  # and the folder is free
+    finally:
+        kill9(proc)
+        os.kill(int(child), signal.SIGKILL)
