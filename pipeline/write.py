@@ -85,20 +85,20 @@ def row_uniforms(seed: int, question: int, sample: int, steps: int) -> torch.Ten
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row of ``logits`` (B, V): greedy at temperature 0, else the inverse CDF at ``u`` (B,) of
-    softmax(logits / T) restricted to the fewest most likely ids whose mass reaches ``top_p``."""
+    softmax(logits / T) over the ids in descending order of probability (ties by id), restricted to the
+    fewest most likely ids whose mass reaches ``top_p``."""
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.double() / temperature  # (B, V)
-    p = torch.softmax(z, dim=-1)
+    p, order = torch.sort(torch.softmax(z, dim=-1), dim=-1, descending=True, stable=True)
     if top_p < 1.0:
-        p, order = torch.sort(p, dim=-1, descending=True)
         before = torch.cumsum(p, dim=-1) - p  # mass of the more likely ids
         p = p.masked_fill(before >= top_p, 0.0)
     cdf = torch.cumsum(p, dim=-1)  # (B, V), unnormalised after the cut
     idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1), right=True)
     # u < 1, so the first cdf entry above u * total exists and carries mass (cdf rises only where p > 0)
     idx = idx.clamp_(max=cdf.shape[1] - 1).squeeze(1)
-    return order.gather(1, idx[:, None]).squeeze(1) if top_p < 1.0 else idx
+    return order.gather(1, idx[:, None]).squeeze(1)
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -1,5 +1,6 @@
-"""``fnet-distill demo``: the whole pipeline offline (assets, both caches, KD and CE-only students over
-several seeds, eval), then a report in ``--out`` (``pipeline.demo.run``)."""
+"""``fnet-distill demo``: the whole pipeline offline (assets, the caches, students trained with KD on
+reference answers, with KD on teacher-written solutions and with labels only over several seeds, eval), then a
+report in ``--out`` (``pipeline.demo.run``)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def demo_command(
                                          "from its seed into pipeline/demo/pretrained/ (minutes) and exit; "
                                          "what `make demo-teacher` runs after a generator or tokenizer "
                                          "change."),
+    write_questions: int = typer.Option(None, help="New questions (no reference answer used) the teacher "
+                                        "writes solutions for, for the 'KD + teacher-written' students "
+                                        "(default 10000 x --scale; 48 with --tiny; 0 leaves those runs out, "
+                                        "as --gsm8k does)."),
+    write_samples: int = typer.Option(4, help="Solutions the teacher writes per question."),
+    write_min_vote: float = typer.Option(0.75, help="Least share of a question's solutions that must agree "
+                                         "on its final answer for the agreeing ones to be kept."),
     threads: int = typer.Option(1, help="torch CPU threads; 1 is robust on a shared machine (the demo's "
                                 "models are tiny), 0 keeps torch's default."),
     jobs: int = typer.Option(None, help="Students trained at the same time, one process each (default: one "
@@ -73,7 +81,8 @@ def demo_command(
     cfg = DemoConfig(out=out, scale=scale, seed=seed, gsm8k=gsm8k, tiny=tiny, shared=shared, steps=steps,
                      seeds=seeds, eval_limit=eval_limit, curve_problems=curve_problems,
                      max_new_tokens=max_new_tokens, num_threads=threads or None, jobs=jobs,
-                     progress=progress, student=replace(budget, **overrides))
+                     progress=progress, write_questions=write_questions, write_samples=write_samples,
+                     write_min_vote=write_min_vote, student=replace(budget, **overrides))
     report = run_demo(cfg)
     typer.echo("")
     typer.echo(report["markdown"])

@@ -182,3 +182,24 @@ def teacher_pool(n: int, seed: int) -> list[dict]:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSONL (one object per line, GSM8K's field names), atomically."""
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def written_questions(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """``n`` distinct problems of another independent stream of ``seed`` for the teacher to answer: no held-out
+    question and none of ``exclude`` (the students' training split). Their answers are kept so a report can
+    measure the teacher's accuracy on what it wrote; the demo does not use them to keep solutions."""
+    seen: set[str] = set(exclude)
+    out: list[dict] = []
+    budget = 50 * n + 1000
+    for row in iter_problems(seed, stream="written"):
+        budget -= 1
+        if budget < 0:
+            raise UserError(f"could not generate {n} distinct questions to write on; ask for fewer")
+        q = row["question"]
+        if q in seen or is_test_question(q):
+            continue
+        seen.add(q)
+        out.append(row)
+        if len(out) == n:
+            break
+    return out

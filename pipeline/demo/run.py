@@ -42,6 +42,7 @@ from typing import Any
 
 from cache.util import (
     UserError,
+    lock_run_folder,
     atomic_replace_dir,
     atomic_write_bytes,
     atomic_write_json,
@@ -54,7 +55,14 @@ Log = Callable[[str], None]
 GSM8K_MARKER = "gsm8k_assets.json"
 GSM8K_RECIPE_VERSION = 1
 METHODS = ("kd", "ce")
-METHOD_NAMES = {"teacher": "teacher", "kd": "KD", "ce": "CE only"}
+WRITTEN = "kdw"  # KD on the teacher-written solutions plus the reference answers
+METHOD_NAMES = {"teacher": "teacher", "kd": "KD", "ce": "CE only", WRITTEN: "KD + teacher-written"}
+# Questions the teacher writes solutions for at --scale 1 (answers unused for keeping), samples per question,
+# and the least vote share the majority answer needs (3 of 4).
+WRITE_QUESTIONS = 10000
+WRITE_SAMPLES = 4
+WRITE_MIN_VOTE = 0.75
+BOOTSTRAP = 2000
 # The per-run metrics the report summarises (mean and spread over seeds, paired KD - CE differences).
 RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree")
 # The embedded default's data at --scale 1: training problems; held-out problems (every model's exact-answer
@@ -120,6 +128,9 @@ class DemoConfig:
     num_threads: int | None = 1
     jobs: int | None = None
     progress: bool = True
+    write_questions: int | None = None
+    write_samples: int = WRITE_SAMPLES
+    write_min_vote: float = WRITE_MIN_VOTE
     student: StudentBudget = field(default_factory=StudentBudget)
 
     def __post_init__(self) -> None:
@@ -151,6 +162,13 @@ class DemoConfig:
             raise UserError(f"--temperature {self.student.temperature} must be positive (1 is the default)")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} is a file; pass a folder for the demo outputs")
+        if self.write_questions is not None and self.write_questions < 0:
+            raise UserError(f"--write-questions must be >= 0 (0 leaves the teacher-written runs out; got "
+                            f"{self.write_questions})")
+        if self.write_samples < 1:
+            raise UserError(f"--write-samples must be at least 1 (got {self.write_samples})")
+        if not 0 <= self.write_min_vote <= 1:
+            raise UserError(f"--write-min-vote must be a share in [0, 1] (got {self.write_min_vote})")
 
     # Resolved sizes: the defaults below are the tuned demo budget; --tiny and --gsm8k change them.
 
@@ -214,6 +232,23 @@ class DemoConfig:
                         eval_points=2, compact_vocab=True, max_positions=640)
         return replace(s, steps=self.resolved_steps())
 
+    def resolved_write_questions(self) -> int:
+        """Questions the teacher writes solutions for (0: no teacher-written runs; --gsm8k's random
+        teacher writes nothing worth keeping)."""
+        if self.write_questions is not None:
+            return self.write_questions
+        if self.gsm8k:
+            return 0
+        return max(16, round((48 if self.tiny else WRITE_QUESTIONS) * self.scale))
+
+    def write_keep(self) -> str:
+        """How written solutions are kept: self-consistency only; --tiny's barely trained teacher rarely
+        agrees with itself, so there every solution that ended is kept (a smoke test of the path)."""
+        return "all" if self.tiny else "majority"
+
+    def methods(self) -> tuple[str, ...]:
+        return (*METHODS, WRITTEN) if self.resolved_write_questions() else METHODS
+
     def max_length(self) -> int:
         return 640 if self.gsm8k else 256
 
@@ -229,6 +264,7 @@ class DemoConfig:
                          "val_problems": self.resolved_val_problems(),
                          "eval_limit": self.resolved_eval_limit(),
                          "curve_problems": self.resolved_curve_problems(),
+                         "write_questions": self.resolved_write_questions(), "write_keep": self.write_keep(),
                          "max_new_tokens": self.resolved_max_new_tokens()}
         return d
 
@@ -387,6 +423,46 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
     return summary
 
 
+def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...], log: Log) -> dict[str, Any]:
+    """The teacher writes ``write_samples`` solutions to each of ``resolved_write_questions()`` new
+    questions (none held out, none of the students' training split) into ``out/cache-written``, kept by
+    self-consistency only: the file holds the generator's answers so that the report can measure the
+    teacher's accuracy on what it wrote, but ``--keep majority`` never reads them."""
+    from cache.format import FingerprintMismatch
+    from pipeline.data import load_examples
+    from pipeline.demo.problems import write_jsonl, written_questions
+    from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+
+    n = cfg.resolved_write_questions()
+    train_questions = {ex.question for ex in load_examples(str(assets.data_dir), "train")}
+    path = cfg.out / "written-questions.jsonl"
+    rows = written_questions(n, cfg.seed, exclude=train_questions)
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    if not path.exists() or path.read_bytes() != body:
+        write_jsonl(path, rows)
+    out = cfg.out / "cache-written"
+    tc = TeacherCacheConfig(teacher=str(assets.teacher_dir), dataset=str(path), out=out, topk=cfg.topk,
+                            temperatures=temperatures, max_length=cfg.max_length(), batch_tokens=8192,
+                            device="cpu", unit_size=512, seed=cfg.seed, progress=cfg.progress,
+                            write=cfg.write_samples, write_max_tokens=cfg.resolved_max_new_tokens(),
+                            keep=cfg.write_keep(), min_vote=cfg.write_min_vote)
+    try:
+        summary = run_teacher_cache(tc)
+    except FingerprintMismatch:
+        log(f"{out} was made with other settings; rebuilding it")
+        shutil.rmtree(out)
+        summary = run_teacher_cache(tc)
+    w = summary["written"]
+    rows_path = out / "provenance" / "rows.jsonl"
+    kept = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    summary["kept_correct"] = sum(bool(r["correct"]) for r in kept)
+    log(f"cache-written: the teacher wrote {w['samples']:,} solutions to {w['questions']:,} questions "
+        f"({w['teacher_accuracy']:.1%} correct), kept {w['kept']:,} "
+        f"({summary['kept_correct'] / max(1, len(kept)):.1%} of them correct), "
+        f"{summary['bytes_per_token']:.1f} bytes/token")
+    return summary
+
+
 def run_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
 
@@ -445,8 +521,10 @@ def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: 
     out = cfg.out / f"student-{name}"
     shutil.rmtree(out, ignore_errors=True)
     eval_every = max(1, s.steps // max(1, s.eval_points))
-    alpha = s.alpha if method == "kd" else 1.0
-    tc = s.train_config(cache=cfg.out / "cache-train", val_cache=cfg.out / "cache-test", out=out, alpha=alpha,
+    alpha = 1.0 if method == "ce" else s.alpha
+    mix = (cfg.out / "cache-written",) if method == WRITTEN else ()
+    tc = s.train_config(cache=cfg.out / "cache-train", mix_caches=mix, val_cache=cfg.out / "cache-test",
+                        out=out, alpha=alpha,
                         eval_every=eval_every, save_every=eval_every,
                         log_every=max(1, min(10, s.steps // 20)), seed=seed, device="cpu", num_workers=0,
                         progress=cfg.progress)
@@ -561,8 +639,9 @@ def curve_points(run: dict[str, Any], eval_file: Path | None, n_curve: int) -> d
 def build_summary(teacher: dict[str, Any], runs: dict[str, dict[str, Any]],
                   seeds: list[int]) -> dict[str, Any]:
     """Per-method mean/spread, paired KD - CE differences, gap closed, KD-reaches-CE step, verdict."""
+    methods = [m for m in (*METHODS, WRITTEN) if all(run_name(m, sd) in runs for sd in seeds)]
     per = {m: {k: spread([runs[run_name(m, s)][k] for s in seeds]) for k in RUN_METRICS
-               if all(runs[run_name(m, s)][k] is not None for s in seeds)} for m in METHODS}
+               if all(runs[run_name(m, s)][k] is not None for s in seeds)} for m in methods}
     paired = {k: spread([runs[run_name("kd", s)][k] - runs[run_name("ce", s)][k] for s in seeds])
               for k in RUN_METRICS if k in per["kd"] and k in per["ce"]}
     gap = [(runs[run_name("ce", s)]["val_ce"] - runs[run_name("kd", s)]["val_ce"])
@@ -578,8 +657,65 @@ def build_summary(teacher: dict[str, Any], runs: dict[str, dict[str, Any]],
         verdict[k] = {"kd_minus_ce": paired[k]["mean"], "kd_better_every_seed": paired[k]["max"] < 0,
                       "pass": per["kd"][k]["mean"] < per["ce"][k]["mean"]}
     verdict["pass"] = all(v["pass"] for v in verdict.values())
-    return {"methods": per, "paired_kd_minus_ce": paired, "gap_closed": spread(gap),
-            "kd_reaches_ce_final_val_ce_step": reach, "verdict": verdict}
+    out = {"methods": per, "paired_kd_minus_ce": paired, "gap_closed": spread(gap),
+           "kd_reaches_ce_final_val_ce_step": reach, "verdict": verdict}
+    if WRITTEN in per:
+        out["paired_written"] = {
+            other: {k: spread([runs[run_name(WRITTEN, s)][k] - runs[run_name(other, s)][k] for s in seeds])
+                    for k in RUN_METRICS if k in per[WRITTEN] and k in per[other]} for other in METHODS}
+    return out
+
+
+def paired_bootstrap(a: list[list[bool]], b: list[list[bool]], n: int, *, draws: int = BOOTSTRAP,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of accuracy(a) - accuracy(b) on the first ``n`` problems, with a 95% interval from a
+    paired bootstrap over problems: the same resampled problems for every seed and both methods, so the
+    interval covers the problem sample (seeds are summarised separately by their spread). ``a[s][i]``: seed
+    s answered problem i correctly."""
+    import numpy as np
+
+    x = np.asarray([row[:n] for row in a], dtype=np.float64).mean(0)  # (n,) mean over seeds
+    y = np.asarray([row[:n] for row in b], dtype=np.float64).mean(0)
+    d = x - y
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    boot = d[idx].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"n": n, "diff": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def written_verdict(summary: dict[str, Any], correct: dict[str, list[bool]], seeds: list[int],
+                    checkpoints: list[int]) -> dict[str, Any]:
+    """KD on teacher-written data against KD on references and against CE only: the paired mean difference
+    of exact answers, the seed spread, and a paired bootstrap interval over problems at every number of
+    held-out problems in ``checkpoints``. The goal: at least 10 points and more than three seed spreads
+    over KD on references, more over CE only, with the interval above 0 at every number."""
+    per = summary["methods"]
+    out: dict[str, Any] = {}
+    for other, goal in (("kd", 0.10), ("ce", None)):
+        if "strict_acc" not in per.get(WRITTEN, {}) or "strict_acc" not in per.get(other, {}):
+            continue
+        a, b = per[WRITTEN]["strict_acc"], per[other]["strict_acc"]
+        diff = a["mean"] - b["mean"]
+        spread_ = max(a["std"], b["std"])
+        at = [paired_bootstrap([correct[run_name(WRITTEN, s)] for s in seeds],
+                               [correct[run_name(other, s)] for s in seeds], n, seed=n) for n in checkpoints]
+        v = {"diff": diff, "seed_spread": spread_, "by_problems": at, "interval_above_zero_everywhere":
+             all(x["lo"] > 0 for x in at)}
+        if goal is not None:
+            v["goal"] = goal
+            v["pass"] = diff >= goal and diff > 3 * spread_ and v["interval_above_zero_everywhere"]
+        out[other] = v
+    if "kd" in out and "ce" in out:
+        out["ce"]["pass"] = out["ce"]["diff"] > out["kd"]["diff"] and out["ce"]["interval_above_zero_everywhere"]
+        out["pass"] = out["kd"]["pass"] and out["ce"]["pass"]
+    return out
+
+
+def problem_checkpoints(n: int) -> list[int]:
+    """The numbers of held-out problems the report checks the verdict at: every 100 (fewer for small
+    runs) up to ``n``."""
+    step = 100 if n >= 300 else max(1, n // 3)
+    return sorted({*range(step, n + 1, step), n})
 
 
 def _band(ax, points_by_seed: list[list[tuple[float, float]]], color: str, label: str) -> None:
@@ -607,13 +743,13 @@ def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
-    colors = {"kd": "tab:blue", "ce": "tab:orange"}
+    colors = {"kd": "tab:blue", "ce": "tab:orange", WRITTEN: "tab:purple"}
     panels = (("val_ce", "validation label CE (nats / supervised token)", teacher.get("val_ce")),
               ("strict_acc", "exact-answer accuracy (strict, first test problems)",
                teacher.get("strict_acc")))
     for col, (key, ylabel, t_value) in enumerate(panels):
         ax, dax = axes[0, col], axes[1, col]
-        for m in METHODS:
+        for m in [m for m in (*METHODS, WRITTEN) if m in curves]:
             _band(ax, [c[key] for c in curves[m]], colors[m], METHOD_NAMES[m])
         if t_value is not None:
             ax.axhline(t_value, color="gray", ls="--", lw=1.2, label="teacher")
@@ -623,13 +759,16 @@ def plot_curves(curves: dict[str, list[dict[str, list]]], teacher: dict[str, Any
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        diffs = []
-        for kd, ce in zip(curves["kd"], curves["ce"]):
-            ce_at = dict(ce[key])
-            diffs.append([(x, y - ce_at[x]) for x, y in kd[key] if x in ce_at])
-        _band(dax, diffs, "tab:green", "KD - CE only")
+        for m, color in (("kd", "tab:green"), (WRITTEN, "tab:purple")):
+            if m not in curves:
+                continue
+            diffs = []
+            for kd, ce in zip(curves[m], curves["ce"]):
+                ce_at = dict(ce[key])
+                diffs.append([(x, y - ce_at[x]) for x, y in kd[key] if x in ce_at])
+            _band(dax, diffs, color, f"{METHOD_NAMES[m]} - CE only")
         dax.axhline(0.0, color="black", lw=0.8)
-        dax.set_ylabel(f"KD - CE only: {'val CE' if key == 'val_ce' else 'accuracy'}"
+        dax.set_ylabel(f"minus CE only: {'val CE' if key == 'val_ce' else 'accuracy'}"
                        f" ({'lower' if key == 'val_ce' else 'higher'} is better for KD)")
         dax.set_xlabel("optimizer step")
         dax.grid(alpha=0.3)
@@ -659,6 +798,49 @@ def _acc(e: dict[str, Any] | None, key: str) -> str:
     return f"{e[key]:.1%} ({e[key.replace('_acc', '_correct')]}/{e['n']})"
 
 
+def written_section(report: dict[str, Any]) -> list[str]:
+    """What the teacher wrote and kept, and the verdict of KD on it against KD on references and CE only,
+    with paired bootstrap intervals at every number of held-out problems."""
+    c = report["caches"].get("written")
+    wv = report["summary"].get("written_verdict")
+    if c is None:
+        return []
+    w = c["written"]
+    n_kept = c["sequences"]
+    lines = ["", f"**Teacher-written data.** The teacher wrote {w['samples']:,} solutions ({w['new_tokens']:,} "
+             f"tokens) to {w['questions']:,} new questions ({report['config']['write_samples']} each, "
+             f"T 0.7, top-p 0.95) and {n_kept:,} were kept "
+             + ("by self-consistency alone: the final answer agrees with the unique majority of the question's "
+                f"samples, with at least {report['config']['write_min_vote']:.0%} of the votes, exact "
+                f"duplicates dropped ({w['questions_kept']:,} questions kept, {w['ties']:,} tied)"
+                if report["config"]["resolved"].get("write_keep") == "majority" else
+                "(every solution that ended, exact duplicates dropped: --tiny's teacher is barely trained)")
+             + ". The generator knows the answers (never used to keep): the teacher's samples are "
+             f"{w['teacher_accuracy']:.1%} correct, the kept ones {c['kept_correct'] / max(1, n_kept):.1%}. "
+             f"The {METHOD_NAMES[WRITTEN]} students train on these {n_kept:,} solutions plus the "
+             f"{report['data']['train']:,} reference answers, with the same steps and seeds."]
+    if wv:
+        def row(other: str) -> str:
+            v = wv[other]
+            cells = [f"{x['diff'] * 100:+.1f} [{x['lo'] * 100:+.1f}, {x['hi'] * 100:+.1f}]"
+                     for x in v["by_problems"]]
+            return f"| {METHOD_NAMES[WRITTEN]} - {METHOD_NAMES[other]} | " + " | ".join(cells) + " |"
+
+        ns = [x["n"] for x in wv["kd"]["by_problems"]]
+        k, ce = wv["kd"], wv["ce"]
+        lines += ["", f"**Verdict (teacher-written).** {METHOD_NAMES[WRITTEN]} beats KD on references by "
+                  f"{k['diff'] * 100:+.1f} points against a seed spread of {k['seed_spread'] * 100:.1f} (goal: "
+                  f">= {k['goal'] * 100:.0f} points and > 3 spreads, the interval above 0 at every number of "
+                  f"problems): **{'yes' if k['pass'] else 'no'}**; it beats CE only by "
+                  f"{ce['diff'] * 100:+.1f} points (more than KD on references does: "
+                  f"**{'yes' if ce['pass'] else 'no'}**).", "",
+                  "Paired difference of exact answers (points, mean over seeds) on the first N held-out problems, "
+                  f"with a 95% paired bootstrap interval over problems ({BOOTSTRAP} draws):", "",
+                  "| N | " + " | ".join(map(str, ns)) + " |", "|---|" + "---|" * len(ns),
+                  row("kd"), row("ce")]
+    return lines
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The markdown report: teacher, per-method mean ± spread, per-seed rows, paired differences, verdict,
     wall time per stage, cache sizes, machine."""
@@ -683,16 +865,22 @@ def render_report(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|",
              f"| teacher | {_acc(t['exact'], 'strict_acc')} | {_acc(t['exact'], 'flexible_acc')} | "
              f"{_fmt(t['val_ce'], '.4f')} | 0 | 100% |"]
-    for m in METHODS:
+    methods = report.get("methods", list(METHODS))
+    for m in ([WRITTEN] if WRITTEN in methods else []) + list(METHODS):
         p = sm["methods"][m]
         lines.append(f"| {METHOD_NAMES[m]} student ({len(seeds)} seeds) | "
                      f"{_pm(p.get('strict_acc'), '.1f', 100)}% "
                      f"| {_pm(p.get('flexible_acc'), '.1f', 100)}% | {_pm(p.get('val_ce'), '.4f')} | "
                      f"{_pm(p.get('val_kl'), '.4f')} | {_pm(p.get('val_top1_agree'), '.1f', 100)}% |")
-    d = sm["paired_kd_minus_ce"]
-    lines.append(f"| KD - CE only (paired) | {_pm(d.get('strict_acc'), '+.1f', 100)} pts | "
-                 f"{_pm(d.get('flexible_acc'), '+.1f', 100)} pts | {_pm(d.get('val_ce'), '+.4f')} | "
-                 f"{_pm(d.get('val_kl'), '+.4f')} | {_pm(d.get('val_top1_agree'), '+.1f', 100)} pts |")
+    pairs = [("KD - CE only", sm["paired_kd_minus_ce"])]
+    if "paired_written" in sm:
+        pairs = [(f"{METHOD_NAMES[WRITTEN]} - KD", sm["paired_written"]["kd"]),
+                 (f"{METHOD_NAMES[WRITTEN]} - CE only", sm["paired_written"]["ce"])] + pairs
+    for label, d in pairs:
+        lines.append(f"| {label} (paired) | {_pm(d.get('strict_acc'), '+.1f', 100)} pts | "
+                     f"{_pm(d.get('flexible_acc'), '+.1f', 100)} pts | {_pm(d.get('val_ce'), '+.4f')} | "
+                     f"{_pm(d.get('val_kl'), '+.4f')} | {_pm(d.get('val_top1_agree'), '+.1f', 100)} pts |")
+    lines += written_section(report)
     v = sm["verdict"]
     g = sm["gap_closed"]
     reach = sm["kd_reaches_ce_final_val_ce_step"]
@@ -713,7 +901,7 @@ def render_report(report: dict[str, Any]) -> str:
         "| run | seed | exact (strict) | exact (last number) | val CE | KL to teacher | top-1 agreement |",
         "|---|---|---|---|---|---|---|"]
     for sd in seeds:
-        for m in METHODS:
+        for m in methods:
             r = report["runs"][run_name(m, sd)]
             lines.append(f"| {METHOD_NAMES[m]} | {sd} | {_acc(r['exact'], 'strict_acc')} | "
                          f"{_acc(r['exact'], 'flexible_acc')} | {_fmt(r['val_ce'], '.4f')} | "
@@ -733,7 +921,7 @@ def render_report(report: dict[str, Any]) -> str:
     c = report["caches"]
     lines += ["", "| cache | sequences | tokens | bytes | bytes/token | bytes/supervised token |",
               "|---|---|---|---|---|---|"]
-    for name in ("train", "test"):
+    for name in c:
         x = c[name]
         lines.append(f"| cache-{name} | {x['sequences']:,} | {x['tokens']:,} | {x['bytes']:,} | "
                      f"{x['bytes_per_token']:.1f} | {x['bytes_per_supervised_token']:.1f} |")
@@ -750,6 +938,16 @@ def render_report(report: dict[str, Any]) -> str:
 
 
 def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
+    """Run every stage into ``cfg.out`` and write ``report.md``, ``report.json`` and ``curves.png``. One demo
+    at a time per folder: a second is refused in one line naming the first (the lock dies with it)."""
+    run_lock = lock_run_folder(cfg.out, "demo")
+    try:
+        return _run_demo(cfg, log)
+    finally:
+        run_lock.release()
+
+
+def _run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     """Run every stage into ``cfg.out`` and write ``report.md``, ``report.json`` and ``curves.png``."""
     import torch
 
@@ -758,7 +956,6 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
 
@@ -776,9 +973,17 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     caches = {split: timed(f"teacher-cache {split}",
                            lambda sp=split: teacher_cache_stage(cfg, assets, sp, temps, log))
               for split in ("train", "test")}
+    methods = cfg.methods()
+    if WRITTEN in methods:
+        if cfg.num_threads is not None:  # nothing else runs now: the writer may use every usable core
+            torch.set_num_threads(max(cfg.num_threads, cfg.resolved_jobs()))
+        caches["written"] = timed("teacher-cache written (the teacher writes, then scores)",
+                                  lambda: written_stage(cfg, assets, temps, log))
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
     for old in [*cfg.out.glob("student-*"), *cfg.out.glob("eval-*.jsonl")]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()     # runs of an earlier, other seed set
-    jobs = [(m, sd) for sd in seeds for m in METHODS]
+    jobs = [(m, sd) for sd in seeds for m in methods]
     n_jobs = min(cfg.resolved_jobs(), len(jobs))
     jobs_wall: dict[str, float] = {}
 
@@ -808,7 +1013,7 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for sd in seeds:
         ce_final = trained[run_name("ce", sd)]["final"].get("val_ce")
-        for m in METHODS:
+        for m in methods:
             name = run_name(m, sd)
             f, e = trained[name]["final"], exact[name]
             runs[name] = {"method": m, "seed": sd, "out": trained[name]["out"],
@@ -824,12 +1029,17 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
     n_curve = cfg.resolved_curve_problems()
     curves = {m: [curve_points(runs[run_name(m, sd)],
                                cfg.out / f"eval-{run_name(m, sd)}.jsonl" if exact[run_name(m, sd)] else None,
-                               n_curve) for sd in seeds] for m in METHODS}
+                               n_curve) for sd in seeds] for m in methods}
     t_curve = dict(teacher)
     if exact["teacher"] is not None and n_curve:
         rec = _eval_records(cfg.out / "eval-teacher.jsonl")[:n_curve]
         t_curve["strict_acc"] = sum(r["strict_correct"] for r in rec) / len(rec)
     summary = build_summary(teacher, runs, seeds)
+    n_eval = cfg.resolved_eval_limit()
+    if WRITTEN in methods and n_eval:
+        correct = {name: [bool(r["strict_correct"]) for r in _eval_records(cfg.out / f"eval-{name}.jsonl")]
+                   for name in runs}
+        summary["written_verdict"] = written_verdict(summary, correct, seeds, problem_checkpoints(n_eval))
     student = CausalFNetForCausalLM.from_pretrained(Path(runs[run_name("kd", seeds[0])]["out"]) / "final")
     n_student = count_parameters(student)
     plot_curves(curves, t_curve, cfg.out / "curves.png",
@@ -847,12 +1057,15 @@ def run_demo(cfg: DemoConfig, log: Log | None = None) -> dict[str, Any]:
         "teacher": teacher, "runs": runs, "summary": summary, "curves": curves,
         "caches": {split: {k: caches[split][k] for k in ("sequences", "tokens", "supervised_tokens", "bytes",
                                                          "bytes_per_token", "bytes_per_supervised_token",
-                                                         "units_skipped", "units_total")}
+                                                         "units_skipped", "units_total", "written",
+                                                         "kept_correct", "wall_seconds")
+                           if k in caches[split]}
                    for split in caches},
+        "methods": list(methods),
         "train": {name: {k: v for k, v in r.items() if k != "exact"} for name, r in trained.items()},
         "wall_s": wall, "jobs_wall_s": jobs_wall,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",
-                  "assets": "assets", "caches": ["cache-train", "cache-test"],
+                  "assets": "assets", "caches": [f"cache-{c}" for c in caches],
                   "students": [f"student-{n}" for n in runs],
                   "eval": [f"eval-{n}.jsonl" for n, e in exact.items() if e is not None]},
     }
