@@ -20,6 +20,9 @@ MAX_LENGTH ?= 512
 BATCH_TOKENS ?= 16384
 CACHE_FORMAT ?= arrow
 CACHE_ARGS ?=
+# Teacher-written solutions (make written-cache): solutions per training question, kept by their reference
+WRITE ?= 4
+WRITTEN_DIR ?= runs/cache/qwen2-0.5b-gsm8k-train-written
 
 # Stage two
 STUDENT_OUT ?= runs/student/fnet-d256-l4
@@ -29,10 +32,17 @@ ALPHA ?= 0.5
 TEMPERATURE ?= 2
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
+# Extra caches train-student mixes in (e.g. MIX_CACHES=$(WRITTEN_DIR)); every sequence of each once per epoch
+MIX_CACHES ?=
+# One round of offline on-policy distillation (make onpolicy-round): from ROUND_FROM, into ROUND_OUT
+ROUND_FROM ?= $(STUDENT_OUT)/final
+ROUND_OUT ?= runs/student/onpolicy-r1
+ROUND_CACHE ?= runs/cache/onpolicy-r1
+ROUND_STEPS ?= 500
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache train-student eval-student eval-teacher demo demo-gsm8k demo-teacher bench bench-gpu study clean
+.PHONY: help install test lint teacher-cache val-cache written-cache onpolicy-round train-student eval-student eval-teacher demo demo-gsm8k demo-teacher bench bench-gpu study clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -60,8 +70,22 @@ teacher-cache: install ## stage one: run the teacher once and write the sparse c
 val-cache: install ## stage one on the test split (the validation cache for stage two)
 	$(MAKE) teacher-cache SPLIT=test CACHE_DIR=$(VAL_CACHE_DIR)
 
+written-cache: install ## stage one writing: the teacher writes WRITE solutions per question, keeps the correct ones
+	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --split $(SPLIT) --out $(WRITTEN_DIR) \
+	  --write $(WRITE) --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) \
+	  --max-length $(MAX_LENGTH) --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
+
+onpolicy-round: install ## the teacher scores the student's own answers, the student continues on them
+	$(CLI) eval --model $(ROUND_FROM) --dataset $(DATASET) --split $(SPLIT) --answers-out $(ROUND_OUT).answers.jsonl $(EVAL_ARGS)
+	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(ROUND_OUT).answers.jsonl --out $(ROUND_CACHE) \
+	  --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) --max-length $(MAX_LENGTH) \
+	  --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
+	$(CLI) train-student --init-from $(ROUND_FROM) --cache $(CACHE_DIR) --cache $(ROUND_CACHE) \
+	  --out $(ROUND_OUT) --steps $(ROUND_STEPS) --kd $(KD) --alpha $(ALPHA) --temperature $(TEMPERATURE) \
+	  $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02) $(TRAIN_ARGS)
+
 train-student: install ## stage two: train the student from the cache (teacher never loaded)
-	$(CLI) train-student --cache $(CACHE_DIR) --out $(STUDENT_OUT) --steps $(STEPS) --kd $(KD) \
+	$(CLI) train-student --cache $(CACHE_DIR) $(foreach c,$(MIX_CACHES),--cache $(c)) --out $(STUDENT_OUT) --steps $(STEPS) --kd $(KD) \
 	  --alpha $(ALPHA) --temperature $(TEMPERATURE) \
 	  $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02) $(TRAIN_ARGS)
 

@@ -168,11 +168,13 @@ def load_examples(dataset: str, split: str = "train", *, config_name: str = "mai
     for i, obj in enumerate(raw):
         for key in ("question", "answer", "written_by", "reference"):
             value = obj.get(key)
-            if value is None and (key in ("written_by", "reference") or (key == "answer" and not require_answer)):
+            optional = key in ("written_by", "reference") or (key == "answer" and not require_answer)
+            if value is None and optional:
                 continue
             if not isinstance(value, str) or not value.strip():
                 state = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
-                hint = (" (a question-only file needs teacher-cache --write N: the teacher writes the answers)"
+                hint = (" (a question-only file needs teacher-cache --write N: the teacher writes the "
+                        "answers)"
                         if key == "answer" and value is None else "")
                 raise UserError(f"{where}: row {i + 1}: the {key!r} field is {state}{hint}; fix or remove "
                                 "that row")

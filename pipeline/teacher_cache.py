@@ -339,7 +339,8 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     dist.barrier()
     folder = folder or open_generation_dir(cfg.out, gfp)
     units = unit_ranges(len(questions), cfg.unit_size)
-    todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size) if not unit_file(folder, u).exists()]
+    todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size)
+            if not unit_file(folder, u).exists()]
     stop_ids = stop_token_ids(tokenizer, teacher.model)
     pad_id = int(tokenizer.pad_token_id)
     prompts = {}
@@ -385,8 +386,9 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     scored = [Example(row=i, question=questions[w.question], answer=w.text) for i, w in enumerate(kept)]
     totals["new_tokens"] = sum(w.tokens for w in all_written)
     if not scored:
-        raise UserError(f"the teacher wrote {totals['samples']} solutions and none was kept (--keep {ws.keep}, "
-                        f"--min-vote {ws.min_vote}); lower --min-vote, raise --write or use --keep all")
+        raise UserError(f"the teacher wrote {totals['samples']} solutions and none was kept (--keep "
+                        f"{ws.keep}, --min-vote {ws.min_vote}); lower --min-vote, raise --write or use "
+                        "--keep all")
     return scored, prov, totals
 
 
@@ -413,7 +415,8 @@ def _finalize(writer: CacheWriter, tokenizer: Any, eos_id: int, pad_id: int, num
     with tempfile.TemporaryDirectory(prefix="fnet-tokenizer-") as tmp, \
             tempfile.TemporaryDirectory(prefix="fnet-provenance-") as ptmp:
         tokenizer.save_pretrained(tmp)
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rows, key=lambda r: r["seq_id"]))
+        ordered = sorted(rows, key=lambda r: r["seq_id"])
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
         Path(ptmp, PROVENANCE_ROWS).write_text(body, encoding="utf-8")
         manifest = writer.finalize(num_units, attachments={"tokenizer": tmp, "provenance": ptmp}, stats=stats,
                                    tokenizer=tok_info)

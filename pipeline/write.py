@@ -51,7 +51,8 @@ class WriteSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples, int) or self.samples < 1:
-            raise UserError(f"--write must be a positive number of solutions per question, got {self.samples}")
+            raise UserError(f"--write must be a positive number of solutions per question, got "
+                            f"{self.samples}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UserError(f"--write-temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -164,7 +165,8 @@ def sample_solutions(model: Any, prompts: list[list[int]], questions: list[int],
         next_pos = next_pos + 1
     result = []
     for i in range(len(prompts)):
-        result.append([(tokens[r, : length[r]].tolist(), bool(stopped[r])) for r in range(i * n, (i + 1) * n)])
+        rows_i = range(i * n, (i + 1) * n)
+        result.append([(tokens[r, : length[r]].tolist(), bool(stopped[r])) for r in rows_i])
     return result
 
 
@@ -215,8 +217,8 @@ def choose(written: list[Written], references: dict[int, Decimal | None], settin
         if policy == "auto":
             policy = "reference" if ref is not None else "majority"
         if policy == "reference" and ref is None:
-            raise UserError(f"--keep reference: question row {q + 1} has no reference answer; use --keep auto "
-                            "(self-consistency where there is none) or --keep majority")
+            raise UserError(f"--keep reference: question row {q + 1} has no reference answer; use --keep "
+                            "auto (self-consistency where there is none) or --keep majority")
         answers = [written_answer(w.text) if w.stopped else None for w in samples]
         votes = Counter(a for a in answers if a is not None)
         top = votes.most_common(2)

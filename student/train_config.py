@@ -16,7 +16,8 @@ REPORT_TO = ("none", "tensorboard")
 
 # Settings that may change between an interrupted run and its resumption: they do not change the result
 # (cache paths are checked by fingerprint digest instead).
-RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "num_workers", "device", "compile",
+RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "num_workers", "device",
+                         "compile",
                          "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
                          "report_to", "record_cache_mb"})
 

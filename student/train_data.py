@@ -159,8 +159,8 @@ def _check_same_vocabulary(train, val, flag: str = "--val-cache") -> None:
 def _check_mixable(first, other) -> None:
     """Caches read in one batch must store the same rows: top-k, temperatures and samples."""
     a, b = first.settings, other.settings
-    diff = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in ("topk", "temperatures", "samples", "top_p")
-            if getattr(a, k) != getattr(b, k)]
+    keys = ("topk", "temperatures", "samples", "top_p")
+    diff = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in keys if getattr(a, k) != getattr(b, k)]
     if diff:
         raise UserError(f"--cache {other.path} cannot be mixed with --cache {first.path} (" + "; ".join(diff)
                         + "); write both with the same teacher-cache --topk, --temperatures, --samples and "

@@ -9,6 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -16,9 +17,10 @@ from cache.util import UserError
 from pipeline.cli import app
 
 SEEDS = (0, 1)
-RUNS = tuple(f"{m}-s{sd}" for sd in SEEDS for m in ("kd", "ce"))
+RUNS = tuple(f"{m}-s{sd}" for sd in SEEDS for m in ("kd", "ce", "kdw"))
 STAGES = ("assets", "teacher-cache train", "teacher-cache test",
-          "students: train + eval (4 runs, 2 at a time; teacher val CE and eval alongside)", "total")
+          "teacher-cache written (the teacher writes, then scores)",
+          "students: train + eval (6 runs, 2 at a time; teacher val CE and eval alongside)", "total")
 JOBS = ("teacher val CE", "eval teacher", *(f"{what} {r}" for r in RUNS for what in ("train", "eval")))
 FAIRNESS_FREE = {"out", "alpha"}
 
@@ -51,7 +53,8 @@ def _records(path: Path) -> list[dict]:
 
 def test_report_files_and_fields(tiny_demo):
     out, stdout = tiny_demo
-    for name in ("assets", "cache-train", "cache-test", *(f"student-{r}/final" for r in RUNS)):
+    for name in ("assets", "cache-train", "cache-test", "cache-written",
+                 *(f"student-{r}/final" for r in RUNS)):
         assert (out / name).is_dir(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
@@ -69,11 +72,13 @@ def test_report_files_and_fields(tiny_demo):
         assert key in report["machine"]
     assert set(report["runs"]) == set(RUNS)
     for row in ("| teacher |", "| KD student (2 seeds) |", "| CE only student (2 seeds) |",
-                "| KD - CE only (paired) |", "| cache-train |", "| cache-test |", "**Verdict.**"):
+                "| KD + teacher-written student (2 seeds) |", "| KD + teacher-written - KD (paired) |",
+                "| KD - CE only (paired) |", "| cache-train |", "| cache-test |", "| cache-written |",
+                "**Verdict.**", "**Teacher-written data.**", "**Verdict (teacher-written).**"):
         assert row in md, row
     for sd in SEEDS:
-        for name in ("KD", "CE only"):
-            run = report["runs"][f"{'kd' if name == 'KD' else 'ce'}-s{sd}"]
+        for name, m in (("KD", "kd"), ("CE only", "ce"), ("KD + teacher-written", "kdw")):
+            run = report["runs"][f"{m}-s{sd}"]
             assert f"| {name} | {sd} | {run['strict_acc']:.1%} ({run['exact']['strict_correct']}/" in md
     assert report["student_parameters"] > 0 and report["assets"]["teacher_parameters"] > 0
 
@@ -147,6 +152,54 @@ def test_means_spreads_and_gap_closed_recompute(tiny_demo):
     assert v["pass"] == (v["exact_answer"]["pass"] and v["val_ce"]["pass"] and v["val_kl"]["pass"])
 
 
+def test_written_cache_and_verdict_come_from_the_stages(tiny_demo):
+    """The written cache's counts are its manifest's; the written students read both caches; the paired
+    bootstrap rows recompute from the eval records with an independent numpy resampling."""
+    import numpy as np
+
+    out, _ = tiny_demo
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "cache-written" / "manifest.json").read_text())
+    c = report["caches"]["written"]
+    assert c["sequences"] == manifest["num_sequences"] == manifest["stats"]["written"]["kept"]
+    assert c["written"]["questions"] == report["config"]["resolved"]["write_questions"]
+    rows_file = out / "cache-written" / "provenance" / "rows.jsonl"
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
+    assert c["kept_correct"] == sum(bool(r["correct"]) for r in rows)
+    assert {r["source"] for r in rows} == {"teacher"}
+    for sd in SEEDS:
+        prov = json.loads((out / f"student-kdw-s{sd}" / "final" / "provenance.json").read_text())
+        assert [Path(p).name for p in prov["mix"]["caches"]] == ["cache-train", "cache-written"]
+        assert prov["mix"]["counts"] == [report["caches"]["train"]["sequences"], c["sequences"]]
+    wv = report["summary"]["written_verdict"]
+    correct = {name: np.array([r["strict_correct"] for r in _records(out / f"eval-{name}.jsonl")], float)
+               for name in RUNS}
+    for other in ("kd", "ce"):
+        for point in wv[other]["by_problems"]:
+            n = point["n"]
+            d = np.mean([correct[f"kdw-s{sd}"][:n] - correct[f"{other}-s{sd}"][:n] for sd in SEEDS], axis=0)
+            assert point["diff"] == pytest.approx(d.mean())
+            assert point["lo"] <= point["diff"] + 1e-12 and point["hi"] >= point["diff"] - 1e-12
+            assert point["lo"] >= d.min() - 1e-12 and point["hi"] <= d.max() + 1e-12
+        assert [p["n"] for p in wv[other]["by_problems"]][-1] == report["config"]["resolved"]["eval_limit"]
+        per = report["summary"]["methods"]
+        kdw, o = per["kdw"]["strict_acc"], per[other]["strict_acc"]
+        assert wv[other]["diff"] == pytest.approx(kdw["mean"] - o["mean"])
+
+
+def test_paired_bootstrap_interval_covers_a_known_difference():
+    from pipeline.demo.run import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    n = 600
+    a = [list(rng.random(n) < 0.6) for _ in range(3)]
+    b = [list(rng.random(n) < 0.4) for _ in range(3)]
+    r = paired_bootstrap(a, b, n)
+    assert r["lo"] < 0.2 < r["hi"] and r["hi"] - r["lo"] < 0.12
+    same = paired_bootstrap(a, a, n)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+
+
 def test_kd_and_ce_runs_differ_only_in_alpha(tiny_demo):
     out, _ = tiny_demo
     for sd in SEEDS:
@@ -157,6 +210,9 @@ def test_kd_and_ce_runs_differ_only_in_alpha(tiny_demo):
         diff = {k for k in kd["config"] if kd["config"][k] != ce["config"][k]}
         assert diff == FAIRNESS_FREE
         assert kd["student"] == ce["student"]
+        kdw = json.loads((out / f"student-kdw-s{sd}" / "final" / "train_config.json").read_text())
+        assert {k for k in kd["config"] if kd["config"][k] != kdw["config"][k]} == {"out", "mix_caches"}
+        assert kdw["student"] == kd["student"]
 
 
 def test_rerun_reuses_assets_and_caches_and_retrains(tiny_demo):

@@ -24,7 +24,7 @@ from cache.format import open_cache
 from cache.util import UserError
 from pipeline.demo.problems import iter_problems, write_jsonl
 from pipeline.teacher_cache import PROVENANCE_ROWS, TeacherCacheConfig, run_teacher_cache
-from pipeline.write import Written, WriteSettings, choose, pick_tokens, row_uniforms, sample_solutions
+from pipeline.write import WriteSettings, Written, choose, pick_tokens, row_uniforms, sample_solutions
 
 TEACHER = Path(__file__).resolve().parents[1] / "pipeline" / "demo" / "pretrained" / "teacher"
 
@@ -284,8 +284,9 @@ def cli() -> list[str]:
 
 
 def test_question_only_file_without_write_is_refused_in_one_line(questions, tmp_path):
-    res = subprocess.run(cli() + ["teacher-cache", "--teacher", str(TEACHER), "--dataset",
-                                  str(questions / "q.jsonl"), "--out", str(tmp_path / "c"), "--device", "cpu"],
+    args = ["teacher-cache", "--teacher", str(TEACHER), "--dataset", str(questions / "q.jsonl"), "--out",
+            str(tmp_path / "c"), "--device", "cpu"]
+    res = subprocess.run(cli() + args,
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode != 0

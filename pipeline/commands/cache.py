@@ -142,10 +142,10 @@ def register(app: typer.Typer) -> None:
         ]
         w = s.get("write_settings")
         if w is not None:
-            rows.append(("writing", f"{w['samples']} samples per question at T {w['temperature']:g}, top-p "
-                                    f"{w['top_p']:g}, <= {w['max_new_tokens']} tokens, seed {w['seed']}; kept "
-                                    f"by {w['keep']}" + (f" (min vote {w['min_vote']:g})"
-                                                         if w['keep'] in ('auto', 'majority') else "")))
+            vote = f" (min vote {w['min_vote']:g})" if w["keep"] in ("auto", "majority") else ""
+            rows.append(("writing", f"{w['samples']} samples per question at T {w['temperature']:g}, "
+                                    f"top-p {w['top_p']:g}, <= {w['max_new_tokens']} tokens, seed "
+                                    f"{w['seed']}; kept by {w['keep']}{vote}"))
         from pipeline.teacher_cache import written_lines
 
         for line in written_lines(s.get("written"), s.get("scored_from_file")):

@@ -48,6 +48,8 @@ def demo_command(
                                         "(default 10000 x --scale; 48 with --tiny; 0 leaves those runs out, "
                                         "as --gsm8k does)."),
     write_samples: int = typer.Option(4, help="Solutions the teacher writes per question."),
+    write_temperature: float = typer.Option(0.7, help="Sampling temperature of the teacher's solutions "
+                                            "(top-p 0.95)."),
     write_min_vote: float = typer.Option(0.75, help="Least share of a question's solutions that must agree "
                                          "on its final answer for the agreeing ones to be kept."),
     threads: int = typer.Option(1, help="torch CPU threads; 1 is robust on a shared machine (the demo's "
@@ -82,7 +84,8 @@ def demo_command(
                      seeds=seeds, eval_limit=eval_limit, curve_problems=curve_problems,
                      max_new_tokens=max_new_tokens, num_threads=threads or None, jobs=jobs,
                      progress=progress, write_questions=write_questions, write_samples=write_samples,
-                     write_min_vote=write_min_vote, student=replace(budget, **overrides))
+                     write_min_vote=write_min_vote, write_temperature=write_temperature,
+                     student=replace(budget, **overrides))
     report = run_demo(cfg)
     typer.echo("")
     typer.echo(report["markdown"])

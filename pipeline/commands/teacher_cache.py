@@ -90,7 +90,8 @@ def teacher_cache(
                              "majority) or all (every solution that ended). Exact duplicates of a question's "
                              "earlier sample are dropped."),
     min_vote: float = typer.Option(0.5, help="With --keep majority/auto: the least share of the question's "
-                                   "samples the majority answer needs (0.5 with --write 4: at least 2 of 4)."),
+                                   "samples the majority answer needs (0.5 with --write 4: at least 2 of "
+                                   "4)."),
     write_batch: int = typer.Option(1024, help="With --write: sequences sampled together (questions x "
                                     "--write). Not in the fingerprint; memory grows with it and the length."),
 ) -> None:

@@ -107,7 +107,8 @@ def train_student_command(
             raise UserError(f"--cache-weights must be comma-separated numbers like 1,3; got "
                             f"{cache_weights!r}") from None
     cfg = TrainConfig(
-        cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache, val_fraction=val_fraction, student_config=student_config,
+        cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache,
+        val_fraction=val_fraction, student_config=student_config,
         init_from=init_from, extend=extend, keep_best=keep_best, report_to=report_to,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,

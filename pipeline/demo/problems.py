@@ -185,9 +185,10 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def written_questions(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """``n`` distinct problems of another independent stream of ``seed`` for the teacher to answer: no held-out
-    question and none of ``exclude`` (the students' training split). Their answers are kept so a report can
-    measure the teacher's accuracy on what it wrote; the demo does not use them to keep solutions."""
+    """``n`` distinct problems of another independent stream of ``seed`` for the teacher to answer: no
+    held-out question and none of ``exclude`` (the students' training split). Their answers are kept so a
+    report can measure the teacher's accuracy on what it wrote; the demo does not use them to keep
+    solutions."""
     seen: set[str] = set(exclude)
     out: list[dict] = []
     budget = 50 * n + 1000

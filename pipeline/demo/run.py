@@ -42,12 +42,12 @@ from typing import Any
 
 from cache.util import (
     UserError,
-    lock_run_folder,
     atomic_replace_dir,
     atomic_write_bytes,
     atomic_write_json,
     file_hash,
     json_hash,
+    lock_run_folder,
 )
 
 Log = Callable[[str], None]
@@ -131,6 +131,7 @@ class DemoConfig:
     write_questions: int | None = None
     write_samples: int = WRITE_SAMPLES
     write_min_vote: float = WRITE_MIN_VOTE
+    write_temperature: float = 0.7
     student: StudentBudget = field(default_factory=StudentBudget)
 
     def __post_init__(self) -> None:
@@ -423,7 +424,8 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
     return summary
 
 
-def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...], log: Log) -> dict[str, Any]:
+def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...],
+                  log: Log) -> dict[str, Any]:
     """The teacher writes ``write_samples`` solutions to each of ``resolved_write_questions()`` new
     questions (none held out, none of the students' training split) into ``out/cache-written``, kept by
     self-consistency only: the file holds the generator's answers so that the report can measure the
@@ -445,6 +447,7 @@ def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ..
                             temperatures=temperatures, max_length=cfg.max_length(), batch_tokens=8192,
                             device="cpu", unit_size=512, seed=cfg.seed, progress=cfg.progress,
                             write=cfg.write_samples, write_max_tokens=cfg.resolved_max_new_tokens(),
+                            write_temperature=cfg.write_temperature,
                             keep=cfg.write_keep(), min_vote=cfg.write_min_vote)
     try:
         summary = run_teacher_cache(tc)
@@ -706,7 +709,8 @@ def written_verdict(summary: dict[str, Any], correct: dict[str, list[bool]], see
             v["pass"] = diff >= goal and diff > 3 * spread_ and v["interval_above_zero_everywhere"]
         out[other] = v
     if "kd" in out and "ce" in out:
-        out["ce"]["pass"] = out["ce"]["diff"] > out["kd"]["diff"] and out["ce"]["interval_above_zero_everywhere"]
+        ce = out["ce"]
+        ce["pass"] = ce["diff"] > out["kd"]["diff"] and ce["interval_above_zero_everywhere"]
         out["pass"] = out["kd"]["pass"] and out["ce"]["pass"]
     return out
 
@@ -807,12 +811,13 @@ def written_section(report: dict[str, Any]) -> list[str]:
         return []
     w = c["written"]
     n_kept = c["sequences"]
-    lines = ["", f"**Teacher-written data.** The teacher wrote {w['samples']:,} solutions ({w['new_tokens']:,} "
-             f"tokens) to {w['questions']:,} new questions ({report['config']['write_samples']} each, "
-             f"T 0.7, top-p 0.95) and {n_kept:,} were kept "
-             + ("by self-consistency alone: the final answer agrees with the unique majority of the question's "
-                f"samples, with at least {report['config']['write_min_vote']:.0%} of the votes, exact "
-                f"duplicates dropped ({w['questions_kept']:,} questions kept, {w['ties']:,} tied)"
+    lines = ["", f"**Teacher-written data.** The teacher wrote {w['samples']:,} solutions "
+             f"({w['new_tokens']:,} tokens) to {w['questions']:,} new questions "
+             f"({report['config']['write_samples']} each, T {report['config']['write_temperature']:g}, "
+             f"top-p 0.95) and {n_kept:,} were kept "
+             + ("by self-consistency alone: the final answer agrees with the unique majority of the "
+                f"question's samples, with at least {report['config']['write_min_vote']:.0%} of the votes, "
+                f"exact duplicates dropped ({w['questions_kept']:,} questions kept, {w['ties']:,} tied)"
                 if report["config"]["resolved"].get("write_keep") == "majority" else
                 "(every solution that ended, exact duplicates dropped: --tiny's teacher is barely trained)")
              + ". The generator knows the answers (never used to keep): the teacher's samples are "
@@ -829,13 +834,13 @@ def written_section(report: dict[str, Any]) -> list[str]:
         ns = [x["n"] for x in wv["kd"]["by_problems"]]
         k, ce = wv["kd"], wv["ce"]
         lines += ["", f"**Verdict (teacher-written).** {METHOD_NAMES[WRITTEN]} beats KD on references by "
-                  f"{k['diff'] * 100:+.1f} points against a seed spread of {k['seed_spread'] * 100:.1f} (goal: "
-                  f">= {k['goal'] * 100:.0f} points and > 3 spreads, the interval above 0 at every number of "
-                  f"problems): **{'yes' if k['pass'] else 'no'}**; it beats CE only by "
+                  f"{k['diff'] * 100:+.1f} points against a seed spread of {k['seed_spread'] * 100:.1f} "
+                  f"(goal: >= {k['goal'] * 100:.0f} points and > 3 spreads, the interval above 0 at every "
+                  f"number of problems): **{'yes' if k['pass'] else 'no'}**; it beats CE only by "
                   f"{ce['diff'] * 100:+.1f} points (more than KD on references does: "
                   f"**{'yes' if ce['pass'] else 'no'}**).", "",
-                  "Paired difference of exact answers (points, mean over seeds) on the first N held-out problems, "
-                  f"with a 95% paired bootstrap interval over problems ({BOOTSTRAP} draws):", "",
+                  "Paired difference of exact answers (points, mean over seeds) on the first N held-out "
+                  f"problems, with a 95% paired bootstrap interval over problems ({BOOTSTRAP} draws):", "",
                   "| N | " + " | ".join(map(str, ns)) + " |", "|---|" + "---|" * len(ns),
                   row("kd"), row("ce")]
     return lines
