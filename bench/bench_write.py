@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from peak_rss import reset_peak_rss, status_mib  # noqa: E402
 
+from cache.util import UserError  # noqa: E402
 from pipeline.demo.run import machine_info  # noqa: E402
 
 
@@ -53,14 +54,19 @@ def load(kind: str, n: int):
         it = iter_problems(123, stream="bench")
         rows = [next(it) for _ in range(n)]
         return model, tok, rows, path
-    shared = ROOT.parent / "shared"
+    import os
+
+    shared = Path(os.environ.get("FNET_SHARED", ROOT.parent / "shared"))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(shared / "tokenizers" / "qwen2")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151_936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643)
+    shape = (dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2) if kind == "qwen2-small" else  # Qwen2-0.5B's shape
+             dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2))
+    cfg = Qwen2Config(vocab_size=151_936, max_position_embeddings=2048, tie_word_embeddings=True,
+                      eos_token_id=151645, pad_token_id=151643, **shape)
     model = Qwen2ForCausalLM(cfg).eval()
     with open(shared / "data" / "gsm8k" / "test.jsonl") as f:
         rows = [json.loads(next(f)) for _ in range(n)]
@@ -116,13 +122,14 @@ def run_generate(model, prompts, n, ws, stops, pad, per_batch, device):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="demo", choices=("demo", "qwen2-small"))
+    ap.add_argument("--model", default="demo", choices=("demo", "qwen2-small", "qwen2-0.5b"))
     ap.add_argument("--questions", type=int, default=256)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "write.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/write.json (write_<model>.json for "
+                    "the random Qwen2 shapes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from pipeline.evaluate import prompt_ids, stop_token_ids
@@ -165,8 +172,17 @@ def main() -> int:
         q.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in rows))
         common = dict(teacher=str(model_dir), topk=32, temperatures=(1.0,), max_length=512, batch_tokens=8192,
                       device=args.device, unit_size=256, progress=False)
-        s = run_teacher_cache(TeacherCacheConfig(dataset=str(q), out=tmp / "written", write=args.samples,
-                                                 write_max_tokens=args.max_new_tokens, keep="all", **common))
+        try:
+            s = run_teacher_cache(TeacherCacheConfig(dataset=str(q), out=tmp / "written", write=args.samples,
+                                                     write_max_tokens=args.max_new_tokens, keep="all",
+                                                     **common))
+        except UserError as e:  # a random-weight model rarely ends a solution: nothing to score
+            s = None
+            scoring["skipped"] = str(e)
+    with tempfile.TemporaryDirectory(prefix="bench-write-") as tmp:
+        tmp = Path(tmp)
+        if s is None:
+            return finish(args, ws, device, results, scoring)
         kept = s["sequences"]
         refs = (rows * (kept // len(rows) + 1))[:kept]
         r = tmp / "r.jsonl"
@@ -178,13 +194,16 @@ def main() -> int:
                              "tokens_per_s": summ["tokens_per_second"],
                              "bytes_per_supervised_token": summ["bytes_per_supervised_token"]}
         print(json.dumps(scoring), flush=True)
+    return finish(args, ws, device, results, scoring)
+
+
+def finish(args, ws, device, results, scoring) -> int:
     report = {"bench": "write", "model": args.model, "device": str(device), "samples": args.samples,
               "max_new_tokens": args.max_new_tokens, "temperature": ws.temperature, "top_p": ws.top_p,
               "threads": args.threads, "machine": machine_info(), "results": results, "scoring": scoring,
               "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    if args.model != "demo":
-        out = out.with_name(f"write_{args.model}.json")
+    name = "write.json" if args.model == "demo" else f"write_{args.model}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

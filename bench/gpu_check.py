@@ -12,6 +12,9 @@
 3. Stage one on a random Qwen2-0.5B-shaped teacher in bf16: ``bench_teacher_cache.py --config qwen2-0.5b``.
    It needs the Qwen2 tokenizer and GSM8K under ``$FNET_SHARED`` (default ``../shared``). Its JSON lands
    beside ``--out`` as ``teacher_cache_<device>.json``.
+4. The teacher writing solutions on the same teacher shape: ``bench_write.py --model qwen2-0.5b`` (this
+   project's batched sampler against ``model.generate()``, at batch 1, 32 questions and the default
+   ``--write-batch``), into ``write_<device>.json`` beside ``--out``.
 
 Each section is written to ``--out`` as soon as it finishes, so a run cut short keeps what it measured.
 ``--quick`` runs tiny sizes (also on CPU) to check that the script works.
@@ -123,6 +126,23 @@ def stage_one_section(device: torch.device, out: Path, quick: bool) -> dict:
             "results": str(target) if rc == 0 else None}
 
 
+def write_section(device: torch.device, out: Path, quick: bool) -> dict:
+    """The teacher writing (``bench_write.py``): this project's sampler against ``model.generate()`` on a
+    random Qwen2-0.5B-shaped teacher (its solutions never end, so every one runs to the token limit: the
+    worst case)."""
+    shared = Path(os.environ.get("FNET_SHARED", REPO.parent / "shared"))
+    if not (shared / "tokenizers" / "qwen2").exists():
+        return {"skipped": f"needs the Qwen2 tokenizer and GSM8K under {shared} (set FNET_SHARED)"}
+    target = out.parent / f"write_{device.type}.json"
+    cmd = [sys.executable, str(HERE / "bench_write.py"), "--device", str(device), "--out", str(target)]
+    cmd += (["--model", "qwen2-small", "--questions", "16", "--max-new-tokens", "16"] if quick else
+            ["--model", "qwen2-0.5b", "--questions", "128", "--max-new-tokens", "256"])
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, env={**os.environ, "FNET_SHARED": str(shared)})
+    return {"command": " ".join(cmd[1:]), "exit": rc, "seconds": time.perf_counter() - t0,
+            "results": str(target) if rc == 0 else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json", help="where the JSON goes")
@@ -149,6 +169,8 @@ def main() -> int:
     atomic_write_json(args.out, res)
     if not args.skip_stage_one:
         res["stage_one"] = stage_one_section(device, args.out, args.quick)
+        atomic_write_json(args.out, res)
+        res["write"] = write_section(device, args.out, args.quick)
     res["total_s"] = time.perf_counter() - t0
     atomic_write_json(args.out, res)
     print("wrote", args.out, f"in {res['total_s']:.0f}s", flush=True)

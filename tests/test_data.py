@@ -119,7 +119,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 def test_missing_or_empty_field_names_the_row(tmp_path, row, field):
     p = tmp_path / "rows.jsonl"
     p.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(UserError, match=rf"row 1: the '{field}' field is (missing|empty); fix or remove"):
+    with pytest.raises(UserError, match=rf"row 2: the '{field}' field is (missing|empty); fix or remove"):
         load_examples(str(p))
 
 

@@ -337,3 +337,31 @@ def test_kill_9_while_writing_then_resume_equals_uninterrupted(tmp_path, writer)
     assert len(a) == len(b)
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i].input_ids, b[i].input_ids)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_what_one_process_writes(written_cache, questions, tmp_path):
+    """Units of questions go round-robin to two gloo ranks; every rank reads all units and keeps the same
+    solutions: the same written files, provenance and cached sequences as one process."""
+    out, _ = written_cache
+    two = tmp_path / "two"
+    args = ["teacher-cache", "--teacher", str(TEACHER), "--dataset", str(questions / "q.jsonl"), "--out",
+            str(two), "--topk", "8", "--temperatures", "1", "--max-length", "256", "--unit-size", "8",
+            "--device", "cpu",
+            "--write", "3", "--write-max-tokens", "48", "--encoding", "exact", "--logprob-dtype", "float32",
+            "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "pipeline", *args]
+    res = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in (out / "generation").glob("unit-*.jsonl"))
+    assert names == sorted(p.name for p in (two / "generation").glob("unit-*.jsonl")) and len(names) == 3
+    for name in names:
+        assert (two / "generation" / name).read_bytes() == (out / "generation" / name).read_bytes()
+    rows = Path("provenance") / PROVENANCE_ROWS
+    assert (two / rows).read_bytes() == (out / rows).read_bytes()
+    a, b = open_cache(out, verify_hashes="all"), open_cache(two, verify_hashes="all")
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a[i].input_ids, b[i].input_ids)
