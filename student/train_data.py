@@ -150,6 +150,10 @@ def _check_same_vocabulary(train, val, flag: str = "--val-cache") -> None:
         "teacher": (train.fingerprint.get("teacher"), val.fingerprint.get("teacher")),
         "chat_template": (train.fingerprint.get("chat_template"), val.fingerprint.get("chat_template")),
     }
+    if pairs["chat_template"][0] != pairs["chat_template"][1]:  # whole templates would fill the screen
+        from cache.util import json_hash
+
+        pairs["chat_template"] = tuple(json_hash(t)[:20] + "..." for t in pairs["chat_template"])
     diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
     if diff:
         raise UserError(f"{flag} {val.path} was not made with the first --cache's teacher/tokenizer ("

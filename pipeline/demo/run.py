@@ -802,6 +802,11 @@ def _acc(e: dict[str, Any] | None, key: str) -> str:
     return f"{e[key]:.1%} ({e[key.replace('_acc', '_correct')]}/{e['n']})"
 
 
+def _size_ratio(teacher: int, student: int) -> str:
+    """``5.8x fewer`` than the teacher, or ``1.1x more`` when the student is the larger one (--tiny)."""
+    return f"{teacher / student:.1f}x fewer" if teacher >= student else f"{student / teacher:.1f}x more"
+
+
 def written_section(report: dict[str, Any]) -> list[str]:
     """What the teacher wrote and kept, and the verdict of KD on it against KD on references and CE only,
     with paired bootstrap intervals at every number of held-out problems."""
@@ -855,8 +860,9 @@ def render_report(report: dict[str, Any]) -> str:
     lines = [f"# fnet-distill demo report ({report['variant']})", "",
              f"Teacher: Qwen2 ({a['teacher_parameters']:,} parameters, {a.get('teacher_source', 'built')}); "
              f"student: causal STFT FNet ({report['student_parameters']:,} parameters, "
-             f"{a['teacher_parameters'] / report['student_parameters']:.1f}x fewer; d={s['hidden_size']}, "
-             f"{s['layers']} layers, FFN {s['ffn']}, W={s['window']}, receptive field "
+             f"{_size_ratio(a['teacher_parameters'], report['student_parameters'])}; d={s['hidden_size']}, "
+             f"{s['layers']} layer{'s' if s['layers'] != 1 else ''}, FFN {s['ffn']}, W={s['window']}, "
+             "receptive field "
              f"{s['layers'] * (s['window'] - 1) + 1} tokens). {report['data']['train']:,} training problems, "
              f"{s['steps']} steps of <= {s['batch_tokens']} tokens ({report['data']['epochs']:.1f} epochs), "
              f"lr {s['lr']:g}; KD = `{s['kd']}` from the cache (top-{report['config']['topk']} + tail), "
