@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -162,37 +163,43 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
 
-    # Stage one scoring: the kept written solutions against the same number of reference answers.
+    # Stage one scoring: the kept written solutions against as many reference answers, each scored twice,
+    # alternating, into fresh folders (a process's first pass pays for warm-up); the faster pass counts.
+    # The written passes reuse the first run's generation/ folder, so they time the scoring only.
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
-    scoring = {}
+    scoring: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-write-") as tmp:
         tmp = Path(tmp)
         q = tmp / "q.jsonl"
         q.write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in rows))
         common = dict(teacher=str(model_dir), topk=32, temperatures=(1.0,), max_length=512, batch_tokens=8192,
                       device=args.device, unit_size=256, progress=False)
+        written = dict(dataset=str(q), write=args.samples, write_max_tokens=args.max_new_tokens, keep="all",
+                       **common)
         try:
-            s = run_teacher_cache(TeacherCacheConfig(dataset=str(q), out=tmp / "written", write=args.samples,
-                                                     write_max_tokens=args.max_new_tokens, keep="all",
-                                                     **common))
+            first = run_teacher_cache(TeacherCacheConfig(out=tmp / "written", **written))
         except UserError as e:  # a random-weight model rarely ends a solution: nothing to score
-            s = None
             scoring["skipped"] = str(e)
-    with tempfile.TemporaryDirectory(prefix="bench-write-") as tmp:
-        tmp = Path(tmp)
-        if s is None:
             return finish(args, ws, device, results, scoring)
-        kept = s["sequences"]
+        kept = first["sequences"]
         refs = (rows * (kept // len(rows) + 1))[:kept]
         r = tmp / "r.jsonl"
         r.write_text("".join(json.dumps({"question": x["question"], "answer": x["answer"]}) + "\n"
                              for x in refs))
-        s2 = run_teacher_cache(TeacherCacheConfig(dataset=str(r), out=tmp / "reference", **common))
-        for name, summ in (("written", s), ("reference", s2)):
-            scoring[name] = {"sequences": summ["sequences"], "tokens": summ["tokens"],
-                             "tokens_per_s": summ["tokens_per_second"],
-                             "bytes_per_supervised_token": summ["bytes_per_supervised_token"]}
+        for rep in range(2):
+            for name in ("written", "reference"):
+                out_dir = tmp / f"{name}-{rep}"
+                if name == "written":
+                    shutil.copytree(tmp / "written" / "generation", out_dir / "generation")
+                    cfg = TeacherCacheConfig(out=out_dir, **written)
+                else:
+                    cfg = TeacherCacheConfig(dataset=str(r), out=out_dir, **common)
+                summ = run_teacher_cache(cfg)
+                if name not in scoring or summ["tokens_per_second"] > scoring[name]["tokens_per_s"]:
+                    scoring[name] = {"sequences": summ["sequences"], "tokens": summ["tokens"],
+                                     "tokens_per_s": summ["tokens_per_second"],
+                                     "bytes_per_supervised_token": summ["bytes_per_supervised_token"]}
         print(json.dumps(scoring), flush=True)
     return finish(args, ws, device, results, scoring)
 

@@ -400,11 +400,23 @@ def gsm8k_assets(cfg: DemoConfig, log: Log) -> Assets:
 # ------------------------------------------------------------------------------------------------ stages
 
 
+def cache_or_rebuild(tc: Any, log: Log) -> dict[str, Any]:
+    """``run_teacher_cache(tc)``; a folder made with other settings (an earlier demo's) is rebuilt."""
+    from cache.format import FingerprintMismatch
+    from pipeline.teacher_cache import run_teacher_cache
+
+    try:
+        return run_teacher_cache(tc)
+    except FingerprintMismatch:
+        log(f"{tc.out} was made with other settings; rebuilding it")
+        shutil.rmtree(tc.out)
+        return run_teacher_cache(tc)
+
+
 def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperatures: tuple[float, ...],
                         log: Log) -> dict[str, Any]:
     """Stage one on one split into ``out/cache-<split>``; a cache of another fingerprint is rebuilt."""
-    from cache.format import FingerprintMismatch
-    from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+    from pipeline.teacher_cache import TeacherCacheConfig
 
     out = cfg.out / f"cache-{split}"
     tc = TeacherCacheConfig(teacher=str(assets.teacher_dir), dataset=str(assets.data_dir), split=split,
@@ -412,12 +424,7 @@ def teacher_cache_stage(cfg: DemoConfig, assets: Assets, split: str, temperature
                             batch_tokens=8192, device="cpu", unit_size=512, seed=cfg.seed,
                             limit=cfg.resolved_val_problems() if split == "test" else None,
                             progress=cfg.progress)
-    try:
-        summary = run_teacher_cache(tc)
-    except FingerprintMismatch:
-        log(f"{out} was made with other settings; rebuilding it")
-        shutil.rmtree(out)
-        summary = run_teacher_cache(tc)
+    summary = cache_or_rebuild(tc, log)
     log(f"cache-{split}: {summary['sequences']} sequences, {summary['tokens']:,} tokens, "
         f"{summary['bytes_per_token']:.1f} bytes/token ({summary['units_skipped']} of "
         f"{summary['units_total']} units reused)")
@@ -430,10 +437,9 @@ def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ..
     questions (none held out, none of the students' training split) into ``out/cache-written``, kept by
     self-consistency only: the file holds the generator's answers so that the report can measure the
     teacher's accuracy on what it wrote, but ``--keep majority`` never reads them."""
-    from cache.format import FingerprintMismatch
     from pipeline.data import load_examples
     from pipeline.demo.problems import write_jsonl, written_questions
-    from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+    from pipeline.teacher_cache import TeacherCacheConfig
 
     n = cfg.resolved_write_questions()
     train_questions = {ex.question for ex in load_examples(str(assets.data_dir), "train")}
@@ -449,12 +455,7 @@ def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ..
                             write=cfg.write_samples, write_max_tokens=cfg.resolved_max_new_tokens(),
                             write_temperature=cfg.write_temperature,
                             keep=cfg.write_keep(), min_vote=cfg.write_min_vote)
-    try:
-        summary = run_teacher_cache(tc)
-    except FingerprintMismatch:
-        log(f"{out} was made with other settings; rebuilding it")
-        shutil.rmtree(out)
-        summary = run_teacher_cache(tc)
+    summary = cache_or_rebuild(tc, log)
     w = summary["written"]
     rows_path = out / "provenance" / "rows.jsonl"
     kept = [json.loads(x) for x in rows_path.read_text().splitlines()]
