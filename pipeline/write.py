@@ -84,22 +84,57 @@ def row_uniforms(seed: int, question: int, sample: int, steps: int) -> torch.Ten
     return torch.rand(steps, generator=gen, dtype=torch.float64)
 
 
-def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One token per row of ``logits`` (B, V): greedy at temperature 0, else the inverse CDF at ``u`` (B,) of
-    softmax(logits / T) over the ids in descending order of probability (ties by id), restricted to the
-    fewest most likely ids whose mass reaches ``top_p``."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = logits.double() / temperature  # (B, V)
-    p, order = torch.sort(torch.softmax(z, dim=-1), dim=-1, descending=True, stable=True)
+CANDIDATES = 256  # most likely ids tried first; a row whose nucleus is not inside them is sorted whole
+
+
+def _nucleus_pick(p: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Inverse CDF at ``u`` over probabilities ``p`` (R, n) of ids ``ids`` (R, n) taken in descending order of
+    probability, ties by id, cut to the fewest ids whose mass reaches ``top_p``."""
+    by_id = torch.argsort(ids, dim=-1)  # ids ascending, so the stable sort below breaks ties by id
+    p, ids = p.gather(1, by_id), ids.gather(1, by_id)
+    p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, order)
     if top_p < 1.0:
         before = torch.cumsum(p, dim=-1) - p  # mass of the more likely ids
         p = p.masked_fill(before >= top_p, 0.0)
-    cdf = torch.cumsum(p, dim=-1)  # (B, V), unnormalised after the cut
-    idx = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1), right=True)
+    cdf = torch.cumsum(p, dim=-1)  # unnormalised after the cut
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
     # u < 1, so the first cdf entry above u * total exists and carries mass (cdf rises only where p > 0)
-    idx = idx.clamp_(max=cdf.shape[1] - 1).squeeze(1)
-    return order.gather(1, idx[:, None]).squeeze(1)
+    idx = idx.clamp_(max=cdf.shape[1] - 1)
+    return ids.gather(1, idx).squeeze(1)
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V): greedy at temperature 0, else the inverse CDF at ``u`` (B,) of
+    softmax(logits / T) over the ids in descending order of probability (ties by id), restricted to the
+    fewest most likely ids whose mass reaches ``top_p``.
+
+    Sorting a 151,936-id vocabulary for every row and token would cost more than the teacher's step, so each
+    row first tries its ``CANDIDATES`` most likely ids: when their mass reaches ``top_p`` the nucleus lies
+    among them and the draw is the same as over the sorted vocabulary; other rows (flat distributions,
+    ``top_p`` 1) are sorted whole. The choice is per row, so a row's token never depends on its batch."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits.double() / temperature  # (B, V)
+    u = u.to(z.device)
+    logp = torch.log_softmax(z, dim=-1)
+    B, V = z.shape
+    out = torch.empty(B, dtype=torch.long, device=z.device)
+    full = torch.ones(B, dtype=torch.bool, device=z.device)
+    if CANDIDATES < V and top_p < 1.0:
+        top_lp, top_ids = torch.topk(logp, CANDIDATES, dim=-1)  # (B, K)
+        top = top_lp.exp()
+        # the K-th id may tie with ids outside the set: only the first K - 1 must reach top_p
+        inside = (top.sum(-1) - top[:, -1]) >= top_p
+        if inside.any():
+            rows = inside.nonzero().squeeze(1)
+            out[rows] = _nucleus_pick(top[rows], top_ids[rows], u[rows], top_p)
+        full = ~inside
+    if full.any():
+        rows = full.nonzero().squeeze(1)
+        ids = torch.arange(V, device=z.device).expand(len(rows), V)
+        out[rows] = _nucleus_pick(logp[rows].exp(), ids, u[rows], top_p)
+    return out
 
 
 def _cache_kwarg(model: Any) -> str:

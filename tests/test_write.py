@@ -81,6 +81,28 @@ def test_pick_tokens_equals_nucleus_sampling_by_the_book():
     assert greedy.tolist() == logits.argmax(1).tolist()
 
 
+def test_candidate_shortcut_equals_the_sorted_vocabulary_row_by_row():
+    """Peaked rows take the shortcut through their most likely ids, flat ones sort the whole vocabulary;
+    both draw what the sorted vocabulary gives, and a row draws the same alone as in any batch."""
+    import pipeline.write as write
+
+    rng = np.random.default_rng(1)
+    V = 5000
+    logits = np.concatenate([rng.normal(size=(5, V)) * 8, rng.normal(size=(5, V)) * 0.5]).astype(np.float32)
+    z = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+    top = torch.topk(z, write.CANDIDATES, -1)[0].exp()
+    inside = (top.sum(-1) - top[:, -1]) >= 0.95
+    assert inside[:5].all() and not inside[5:].any()  # both paths are exercised
+    for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.5), (1.0, 1.0)):
+        for _ in range(10):
+            u = rng.random(10)
+            got = pick_tokens(torch.from_numpy(logits), torch.from_numpy(u), temperature, top_p)
+            assert got.tolist() == [reference_pick(logits[i], u[i], temperature, top_p) for i in range(10)]
+            alone = [pick_tokens(torch.from_numpy(logits[i:i + 1]), torch.from_numpy(u[i:i + 1]), temperature,
+                                 top_p).item() for i in range(10)]
+            assert got.tolist() == alone
+
+
 def test_kv_cache_sampler_equals_a_full_forward_per_token(writer):
     """Batched, left-padded, prefilled once per question and repeated for its samples, finished rows dropped:
     the same tokens as one unpadded sequence at a time re-run from scratch at every step."""
