@@ -173,7 +173,7 @@ def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
 def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
     """Provenance of rows whose answers are given: the dataset's reference answers, or answers someone
     else wrote (``written_by``), scored against their ``reference`` when the row has one."""
-    from pipeline.answers import parse_number, strict_answer
+    from pipeline.answers import extract_reference, parse_number, strict_answer
 
     out = []
     for ex in examples:
@@ -181,7 +181,9 @@ def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
             out.append({"source": "reference", "row": ex.row})
             continue
         ans = strict_answer(ex.answer or "")
-        ref = parse_number(ex.reference) if ex.reference is not None else None
+        ref = None
+        if ex.reference is not None:  # a number, or a whole GSM8K answer ending in '#### N'
+            ref = extract_reference(ex.reference) if "####" in ex.reference else parse_number(ex.reference)
         out.append({"source": "file", "row": ex.row, "written_by": ex.written_by,
                     "answer": None if ans is None else str(ans),
                     "correct": None if ref is None else bool(ans is not None and ans == ref)})

@@ -146,11 +146,12 @@ def register(app: typer.Typer) -> None:
             rows.append(("writing", f"{w['samples']} samples per question at T {w['temperature']:g}, "
                                     f"top-p {w['top_p']:g}, <= {w['max_new_tokens']} tokens, seed "
                                     f"{w['seed']}; kept by {w['keep']}{vote}"))
-        from pipeline.teacher_cache import written_lines
+        if s.get("written") or s.get("scored_from_file"):
+            from pipeline.teacher_cache import written_lines  # loads torch: only for caches that need it
 
-        for line in written_lines(s.get("written"), s.get("scored_from_file")):
-            key, _, rest = line.strip().partition(": ")
-            rows.append((key if rest else "", rest or line.strip()))
+            for line in written_lines(s.get("written"), s.get("scored_from_file")):
+                key, _, rest = line.strip().partition(": ")
+                rows.append((key if rest else "", rest or line.strip()))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             typer.echo(f"{k:<{width}}  {v}")
