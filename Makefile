@@ -3,9 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/fnet-distill
-# The CPU wheel of torch by default (a plain `torch` would pull a multi-GB CUDA build).
-# A torch that is already importable in the venv (e.g. your CUDA build) is kept.
+# torch, when the venv cannot import one yet. From PyPI, `torch==2.13.0` is the CUDA build on Linux x86_64
+# (several GB; it runs on a CPU too); for the CPU-only wheel pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu. A torch already importable in the venv is kept.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 # Stage one
 TEACHER ?= Qwen/Qwen2-0.5B-Instruct
@@ -50,11 +52,11 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install the project (CPU torch unless one is present)
+install: $(VENV)/.installed ## create .venv and install the project (torch==2.13.0 unless one is present)
 
 test: install ## run the test suite (CPU, no internet)
 	$(PY) -m pytest -q
