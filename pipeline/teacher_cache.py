@@ -76,11 +76,11 @@ class TeacherCacheConfig:
     chunk_positions: int = 128
     progress: bool = True
     write: int = 0
-    write_temperature: float = 0.7
-    write_top_p: float = 0.95
-    write_max_tokens: int = 256
-    keep: str = "auto"
-    min_vote: float = 0.5
+    write_temperature: float = WriteSettings.temperature  # the writing defaults live in WriteSettings
+    write_top_p: float = WriteSettings.top_p
+    write_max_tokens: int = WriteSettings.max_new_tokens
+    keep: str = WriteSettings.keep
+    min_vote: float = WriteSettings.min_vote
     write_batch: int = 1024
 
     def __post_init__(self) -> None:

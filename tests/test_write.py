@@ -387,3 +387,16 @@ def test_torchrun_two_ranks_write_what_one_process_writes(written_cache, questio
     assert len(a) == len(b)
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i].input_ids, b[i].input_ids)
+
+
+def test_writing_defaults_are_declared_once():
+    """The command's and the config's writing defaults are WriteSettings' (a changed default cannot drift)."""
+    import inspect
+
+    from pipeline.commands.teacher_cache import teacher_cache
+
+    params = inspect.signature(teacher_cache).parameters
+    for option, field in (("write_temperature", "temperature"), ("write_top_p", "top_p"),
+                          ("write_max_tokens", "max_new_tokens"), ("keep", "keep"), ("min_vote", "min_vote")):
+        assert params[option].default.default == getattr(WriteSettings, field), option
+        assert getattr(TeacherCacheConfig, option) == getattr(WriteSettings, field), option
