@@ -4,6 +4,7 @@ torch/transformers inside its command body, so ``--help`` stays fast)."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
 import sys
@@ -113,6 +114,16 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException as e:
+        # SIGINT/SIGTERM in train-student or teacher-cache (student.interrupt.Interrupted, a BaseException so
+        # that typer passes it through): one line saying what was kept and the command that goes on, exit
+        # 130/143. The module is loaded whenever one was raised; importing it here would slow --help.
+        interrupt = sys.modules.get("student.interrupt")
+        if interrupt is None or not isinstance(e, interrupt.Interrupted):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 speaks
+            print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     if rv == 130:  # typer turns Ctrl-C inside a command into exit code 130
         print("interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)

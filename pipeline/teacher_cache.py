@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pipeline.teacher import (
 )
 from pipeline.write import WriteSettings
 from student.device import Dist, resolve_device
+from student.interrupt import Interrupted, StopSignals, command_line, signal_name
 from student.progress import Progress
 
 FORMATS = ("arrow", "zarr")
@@ -220,9 +222,41 @@ def unit_records(teacher: Teacher, seqs: list[TokenizedSeq], settings: TargetSet
 
 def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
     """Build (or resume) the cache in ``cfg.out``; returns the closing summary (rank 0's includes the
-    manifest totals)."""
-    t0 = time.time()
+    manifest totals). SIGINT/SIGTERM stop it at once with ``Interrupted``, whose line says how many units
+    are committed (and kept) and the command that goes on from them; a second signal exits at once."""
     dist = Dist.from_env()
+    counts: dict[str, int] = {}  # filled as they become known: examples, units, done (committed units)
+    stop = StopSignals(lambda signum: interrupted_line(cfg, signum, counts, second=True) if dist.rank == 0
+                       else "", distributed=dist.distributed)
+    try:
+        with stop:
+            return _run_teacher_cache(cfg, dist, counts)
+    except Interrupted as e:
+        raise Interrupted(e.signum, interrupted_line(cfg, e.signum, counts)) from None
+
+
+def interrupted_line(cfg: TeacherCacheConfig, signum: int, counts: dict[str, int],
+                     second: bool = False) -> str:
+    """The one line for a SIGINT/SIGTERM: what is kept and the command that continues from it."""
+    rerun = command_line("teacher-cache")
+    rerun = (f"rerun the same command to go on from there: {rerun}" if rerun is not None else
+             "run it again with the same TeacherCacheConfig to go on from there")
+    head = (f"teacher-cache: second {signal_name(signum)}, stopped at once" if second else
+            f"teacher-cache: stopped by {signal_name(signum)}")
+    if "units" in counts and "done" in counts:
+        kept = f"{counts['done']} of {counts['units']} units are committed in {cfg.out} and kept"
+    elif cfg.write and "examples" in counts:
+        folder = cfg.out / "generation"
+        written = len(list(folder.glob("unit-*.jsonl"))) if folder.is_dir() else 0
+        kept = (f"{written} of {math.ceil(counts['examples'] / cfg.unit_size)} units of teacher-written "
+                f"solutions are kept in {folder}")
+    else:
+        kept = f"units committed in {cfg.out} are kept"
+    return f"{head}; {kept}; {rerun}"
+
+
+def _run_teacher_cache(cfg: TeacherCacheConfig, dist: Dist, counts: dict[str, int]) -> dict[str, Any]:
+    t0 = time.time()
     if dist.distributed and not torch.distributed.is_initialized():
         use_nccl = torch.cuda.is_available() and cfg.device != "cpu"
         if use_nccl:
@@ -239,6 +273,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         dc = cfg.data_config()
         examples = load_examples(dc.dataset, dc.split, config_name=dc.config_name, limit=dc.limit,
                                  require_answer=not cfg.write)
+        counts["examples"] = len(examples)
         data = None
         if not cfg.write:  # a row that cannot be cached fails before the teacher loads
             data = tokenize_examples(tokenizer, examples, max_length=cfg.max_length, overflow=cfg.overflow)
@@ -259,6 +294,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         check_token_ids(len(tokenizer), max(int(s.input_ids.max()) for s in data.seqs), teacher.vocab_size)
         units = unit_ranges(len(data.seqs), cfg.unit_size)
         done = writer.done_units()
+        counts.update(units=len(units), done=len(done))
         todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size) if u not in done]
         todo_seqs = [[data.seqs[i] for i in units[u]] for u in todo]
         total_tokens = sum(len(s) for seqs in todo_seqs for s in seqs)
@@ -271,6 +307,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
         t_compute = time.time()
         for u, seqs in zip(todo, todo_seqs):
             writer.write_unit(u, unit_records(teacher, seqs, settings, pad_id, cfg.batch_tokens, advance))
+            counts["done"] += 1
         bar.close()
         compute_s = time.time() - t_compute
         summary: dict[str, Any] = {
@@ -287,6 +324,10 @@ def run_teacher_cache(cfg: TeacherCacheConfig) -> dict[str, Any]:
             summary.update(_finalize(writer, tokenizer, eos_id, pad_id, len(units), data, summary, t0, rows))
         dist.barrier()
         return summary
+    except Interrupted:
+        if writer is not None and "units" in counts:  # every rank's committed units, from the journals
+            counts["done"] = len(writer.done_units())
+        raise
     finally:
         if writer is not None:
             writer.close()

@@ -23,11 +23,13 @@ from __future__ import annotations
 import datetime
 import math
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,13 @@ from student.checkpoint import (
 from student.chunked_loss import chunked_distill_loss
 from student.data import Collator, TokenBudgetBatchSampler, gather_rows, make_dataloader
 from student.device import Dist, resolve_device
+from student.interrupt import (
+    Interrupted,
+    StopSignals,
+    command_line,
+    ignore_stop_signals_in_worker,
+    signal_name,
+)
 from student.losses import DistillTargets, LossSums, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
@@ -151,7 +160,13 @@ class Run:
     lock: FolderLock | None = None  # rank 0: the run lock on ``cfg.out``, held until ``close``
 
     def close(self) -> None:
-        """Release the run lock on ``cfg.out`` (``train_student`` does at its end; the kernel on a crash)."""
+        """End the DataLoader workers and release the run lock on ``cfg.out`` (``train_student`` does at its
+        end; the kernel on a crash). The workers ignore SIGTERM (``_make_loader``), so they are stopped here
+        rather than left to multiprocessing's exit handler, which would terminate them with it and wait."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self.loader._iterator = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -191,9 +206,14 @@ def micro_batches_per_step(cfg: TrainConfig, world_size: int) -> int:
 def _make_loader(dataset, sampler, pad_id: int, num_workers: int, device: torch.device):
     # A private generator: creating an iterator draws its worker base seed from it, not from the global RNG
     # that dropout uses, so evaluations and resumes leave the training randomness untouched. Workers persist
-    # across epochs (the batch sampler runs in the main process, so set_epoch still applies).
-    return make_dataloader(dataset, sampler, Collator(pad_id=pad_id), num_workers=num_workers, device=device,
-                           persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
+    # across epochs (the batch sampler runs in the main process, so set_epoch still applies). Workers ignore
+    # SIGINT/SIGTERM: the trainer stops at a step boundary and they end with it.
+    loader = make_dataloader(dataset, sampler, Collator(pad_id=pad_id), num_workers=num_workers,
+                             device=device, persistent_workers=num_workers > 0,
+                             generator=torch.Generator().manual_seed(0))
+    if num_workers > 0:
+        loader.worker_init_fn = partial(ignore_stop_signals_in_worker, loader.worker_init_fn)
+    return loader
 
 
 def lock_out(cfg: TrainConfig, dist: Dist) -> FolderLock | None:
@@ -485,9 +505,11 @@ def _load_trainer_state(run: Run, saved: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------- fit
 
 
-def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
+def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = None) -> TrainResult:
     """Train to ``cfg.steps`` optimizer steps, evaluating, logging and checkpointing on the way. A resumed
-    run that had already finished only rewrites ``final/`` when it is missing or damaged."""
+    run that had already finished only rewrites ``final/`` when it is missing or damaged. When ``stop`` has
+    recorded SIGINT/SIGTERM (on any rank), the step in progress ends (with its evaluation and checkpoint when
+    due), ``checkpoint-last/`` is written at that step and ``Interrupted`` is raised."""
     t_start = time.perf_counter()
     cfg, st = run.cfg, run.state
     lc = cfg.loss_config()
@@ -568,6 +590,10 @@ def fit(run: Run, hooks: TrainHooks | None = None) -> TrainResult:
                     save_checkpoint(run)
                 if hooks is not None and hooks.after_step is not None:
                     hooks.after_step(st.step)
+                if stop is not None and st.step < cfg.steps and (signum := stop.agreed(run.device)):
+                    if run.last_checkpoint_step != st.step:
+                        save_checkpoint(run)
+                    raise Interrupted(signum, _stopped_line(run.cfg, signum, run))
                 if st.step >= cfg.steps:
                     finished_epoch = False
                     break
@@ -633,6 +659,55 @@ def _describe(run: Run) -> None:
           + (f"; resuming at step {run.state.step}" if run.cfg.resume else ""), file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------- interruption
+
+
+def resume_command(cfg: TrainConfig, resume: bool = True) -> str:
+    """The command that continues this run: the process's own ``fnet-distill train-student`` (or torchrun)
+    line with ``--resume`` added; for a library call, an equivalent ``fnet-distill train-student`` line."""
+    line = command_line("train-student", ["--resume"] if resume else [])
+    if line is not None:
+        return line
+    args = ["fnet-distill", "train-student"]
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if f.name in ("resume", "schedule_steps") or (f.default is not MISSING and v == f.default):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("cache", "mix_caches"):
+            args += [a for p in (v if f.name == "mix_caches" else [v]) for a in ("--cache", str(p))]
+        elif f.name == "cache_weights":
+            args += [flag, ",".join(f"{w:g}" for w in v)]
+        elif isinstance(v, bool):
+            args.append(flag if v else "--no-" + flag[2:])
+        else:
+            args += [flag, str(v)]
+    args += ["--resume"] if resume else []
+    return shlex.join(args)
+
+
+def _stopped_line(cfg: TrainConfig, signum: int, run: Run | None) -> str:
+    """The one line printed when SIGINT/SIGTERM stopped the run: where it stopped and how to go on."""
+    head = f"train-student: stopped by {signal_name(signum)}"
+    if run is not None:
+        step = run.state.step
+        return (f"{head} after step {step} of {run.cfg.steps}; saved {cfg.out / CHECKPOINT} (step {step}); "
+                f"resume with: {resume_command(cfg)}")
+    if (cfg.out / CHECKPOINT / TRAINER_STATE).is_file():
+        return (f"{head} before its first step; {cfg.out / CHECKPOINT} is unchanged; resume with: "
+                f"{resume_command(cfg)}")
+    return f"{head} before its first step; nothing was saved; start again with: {resume_command(cfg, False)}"
+
+
+def _second_line(cfg: TrainConfig, run: Run | None, signum: int) -> str:
+    head = f"train-student: second {signal_name(signum)}, stopped at once without saving"
+    step = run.last_checkpoint_step if run is not None else None
+    if step is None and not (cfg.out / CHECKPOINT / TRAINER_STATE).is_file():
+        return f"{head}; no checkpoint yet, start again with: {resume_command(cfg, False)}"
+    where = f"{cfg.out / CHECKPOINT}" + (f" (step {step})" if step is not None else "")
+    return f"{head}; the last checkpoint, {where}, is kept; resume with: {resume_command(cfg)}"
+
+
 def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Train a student from ``cfg.cache`` into ``cfg.out`` (under ``torchrun`` too); see ``TrainConfig``."""
     from transformers.utils import logging as hf_logging
@@ -647,9 +722,19 @@ def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainRes
         torch.distributed.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(hours=2))
         own_group = True
     run = None
+    # SIGINT/SIGTERM: during setup the run stops at once (nothing of it to save yet); from the first step on,
+    # at the end of the step in progress with a checkpoint; a second signal exits at once.
+    stop = StopSignals(lambda signum: _second_line(cfg, run, signum) if dist.rank == 0 else "",
+                       distributed=dist.distributed)
     try:
-        run = setup(cfg, dist)
-        return fit(run, hooks)
+        with stop:
+            run = setup(cfg, dist)
+            stop.defer()
+            return fit(run, hooks, stop)
+    except Interrupted as e:
+        if e.detailed:
+            raise
+        raise Interrupted(e.signum, _stopped_line(cfg, e.signum, None)) from None
     except torch.cuda.OutOfMemoryError:
         step = run.state.step + 1 if run is not None else 0
         raise UserError(f"CUDA out of memory at step {step}; lower --batch-tokens, use --compact-vocab or "
