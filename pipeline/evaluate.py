@@ -320,7 +320,8 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     if max_prompt_tokens is not None:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if len(prompts[longest]) > max_prompt_tokens:
-            raise UserError(f"row {examples[longest].row} has a {len(prompts[longest])}-token prompt, but "
+            row = examples[longest].row + 1
+            raise UserError(f"row {row} has a {len(prompts[longest])}-token prompt, but "
                             f"with this --max-new-tokens only {max(max_prompt_tokens, 0)} prompt tokens fit "
                             "in the model's positions; lower --max-new-tokens")
     order = sorted(range(len(examples)), key=lambda i: (-len(prompts[i]), i))

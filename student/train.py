@@ -523,12 +523,23 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
     if run.is_main:
         _describe(run)
 
+    bar: Progress | None = None
+
     def run_eval() -> None:
         nonlocal last_eval
         if run.data.val is None:
             return
         last_eval = {"event": "eval", "step": st.step, "tokens": st.tokens, **evaluate(run)}
         metrics.write(last_eval)
+        if cfg.progress and run.is_main:  # also in a log file, where the bar is one line every --log-every
+            kl = last_eval.get("val_kl")
+            line = (f"eval step {st.step}: val CE {last_eval['val_ce']:.4f}"
+                    + ("" if kl is None else f", KL to the teacher {kl:.4f}")
+                    + f", top-1 agreement {last_eval['val_top1_agree']:.1%}")
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
         metrics.plot()
         if cfg.keep_best and (st.best_val_ce is None or last_eval["val_ce"] < st.best_val_ce):
             st.best_val_ce, st.best_step = last_eval["val_ce"], st.step

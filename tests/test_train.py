@@ -418,3 +418,17 @@ def test_cli_end_to_end_on_a_real_cache(tmp_path, real_cache, monkeypatch, capsy
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume:")
     assert "seed: 1 in the checkpoint, 2 now" in lines[0]
+
+
+def test_every_evaluation_is_a_line_on_stderr_also_in_a_log(tmp_path, capsys):
+    """With stderr not a terminal (a log file), each evaluation prints its validation CE, KL and agreement."""
+    cache = write_bigram_cache(tmp_path / "train", n=12)
+    val = write_bigram_cache(tmp_path / "val", n=6, seed=9)
+    train_student(tiny(cache, tmp_path / "out", val_cache=val, steps=4, eval_every=2, progress=True))
+    err = capsys.readouterr().err
+    for step in (0, 2, 4):
+        line = next(x for x in err.splitlines() if x.startswith(f"eval step {step}: "))
+        assert "val CE" in line and "KL to the teacher" in line and "top-1 agreement" in line
+    metrics = [json.loads(x) for x in (tmp_path / "out" / METRICS).read_text().splitlines()]
+    last = [m for m in metrics if m.get("event") == "eval"][-1]
+    assert f"eval step 4: val CE {last['val_ce']:.4f}" in err

@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
                                     "edited on purpose."),
     ) -> None:
         """Generate an answer with a trained student (fast rolling-state decoder)."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in a log
         m, tok = load_student(model, device, verify=verify)
         typer.echo(generate_text(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k or None, seed=seed))

@@ -482,7 +482,9 @@ def student_and_eval(cfg: DemoConfig, assets: Assets, method: str, seed: int, lo
 def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dict[str, Any]:
     """One student run and its eval in a worker process (its own torch thread count; log lines to stderr)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a spawned worker does not inherit the command's setting
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     return student_and_eval(cfg, assets, method, seed, lambda msg: print(msg, file=sys.stderr, flush=True))
