@@ -11,9 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +175,24 @@ def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
     return fp
 
 
+def row_reference(ex: Example) -> Decimal | None:
+    """The reference answer of a row: its ``reference`` field (a number, or a whole GSM8K answer ending in
+    '#### N'), else its ``answer`` when that is the dataset's own GSM8K answer (not one written by another
+    model); None when it has neither."""
+    from pipeline.answers import extract_reference, parse_number
+
+    text = ex.reference if ex.reference is not None else (ex.answer if ex.written_by is None else None)
+    if text is None:
+        return None
+    if "####" in text:
+        return extract_reference(text)
+    return parse_number(text) if ex.reference is not None else None
+
+
 def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
     """Provenance of rows whose answers are given: the dataset's reference answers, or answers someone
     else wrote (``written_by``), scored against their ``reference`` when the row has one."""
-    from pipeline.answers import extract_reference, parse_number, strict_answer
+    from pipeline.answers import strict_answer
 
     out = []
     for ex in examples:
@@ -183,9 +200,7 @@ def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
             out.append({"source": "reference", "row": ex.row})
             continue
         ans = strict_answer(ex.answer or "")
-        ref = None
-        if ex.reference is not None:  # a number, or a whole GSM8K answer ending in '#### N'
-            ref = extract_reference(ex.reference) if "####" in ex.reference else parse_number(ex.reference)
+        ref = row_reference(ex)
         out.append({"source": "file", "row": ex.row, "written_by": ex.written_by,
                     "answer": None if ans is None else str(ans),
                     "correct": None if ref is None else bool(ans is not None and ans == ref)})
@@ -246,10 +261,12 @@ def interrupted_line(cfg: TeacherCacheConfig, signum: int, counts: dict[str, int
     if "units" in counts and "done" in counts:
         kept = f"{counts['done']} of {counts['units']} units are committed in {cfg.out} and kept"
     elif cfg.write and "examples" in counts:
-        folder = cfg.out / "generation"
-        written = len(list(folder.glob("unit-*.jsonl"))) if folder.is_dir() else 0
-        kept = (f"{written} of {math.ceil(counts['examples'] / cfg.unit_size)} units of teacher-written "
-                f"solutions are kept in {folder}")
+        from pipeline.write import GENERATION_DIR, unit_file
+
+        folder = cfg.out / GENERATION_DIR
+        units = math.ceil(counts["examples"] / cfg.unit_size)
+        written = sum(unit_file(folder, u).exists() for u in range(units))
+        kept = f"{written} of {units} units of teacher-written solutions are kept in {folder}"
     else:
         kept = f"units committed in {cfg.out} are kept"
     return f"{head}; {kept}; {rerun}"
@@ -338,8 +355,6 @@ def _run_teacher_cache(cfg: TeacherCacheConfig, dist: Dist, counts: dict[str, in
 def check_lengths(data: TokenizedDataset, cfg: TeacherCacheConfig) -> None:
     """Every row too long (one line), a --batch-tokens below the longest sequence, and a notice for
     dropped or truncated rows."""
-    import sys
-
     if not data.seqs:
         raise UserError(f"all {data.dropped} rows are longer than --max-length {cfg.max_length}; raise "
                         "--max-length or use --overflow truncate")
@@ -360,7 +375,6 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     """The teacher writes ``cfg.write`` solutions per question (units of questions, round-robin over the
     ranks, each unit kept in ``<out>/generation/`` once written), then every rank reads them all and keeps
     the same ones. Returns (kept solutions as examples, their provenance, the totals)."""
-    from pipeline.answers import extract_reference, parse_number
     from pipeline.evaluate import prompt_ids, stop_token_ids
     from pipeline.write import (
         Written,
@@ -417,15 +431,7 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     bar.close()
     dist.barrier()
     all_written = read_units(folder, len(units))
-    refs = {}
-    for ex in examples:
-        ref = None
-        if ex.reference is not None:
-            ref = parse_number(ex.reference)
-        elif ex.answer is not None and "####" in ex.answer:
-            ref = extract_reference(ex.answer)
-        refs[ex.row] = ref
-    kept, prov, totals = choose(all_written, refs, ws)
+    kept, prov, totals = choose(all_written, {ex.row: row_reference(ex) for ex in examples}, ws)
     scored = [Example(row=i, question=questions[w.question], answer=w.text) for i, w in enumerate(kept)]
     totals["new_tokens"] = sum(w.tokens for w in all_written)
     if not scored:
@@ -445,9 +451,7 @@ def _finalize(writer: CacheWriter, tokenizer: Any, eos_id: int, pad_id: int, num
     stats = {"dropped": data.dropped, "truncated": data.truncated,
              "wall_seconds_last_run": round(time.time() - t0, 3),
              "tokens_per_second_last_run": summary["tokens_per_second"]}
-    sources: dict[str, int] = {}
-    for r in rows:
-        sources[r["source"]] = sources.get(r["source"], 0) + 1
+    sources = dict(Counter(r["source"] for r in rows))
     stats["sources"] = sources
     if summary.get("written") is not None:
         stats["written"] = summary["written"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import xxhash
 
-from cache.util import UserError, atomic_write_bytes, json_hash
+from cache.util import UserError, atomic_write_bytes
 
 KEEP_POLICIES = ("auto", "reference", "majority", "all")
 GENERATION_DIR = "generation"
@@ -360,7 +360,3 @@ def read_units(folder: Path, num_units: int) -> list[Written]:
         for line in path.read_text(encoding="utf-8").splitlines():
             out.append(Written(**json.loads(line)))
     return out
-
-
-def questions_hash(questions: list[str]) -> str:
-    return json_hash(questions)
