@@ -51,7 +51,6 @@ class MixedDataset(torch.utils.data.Dataset):
         if len(parts) != len(counts) or any(c < 0 for c in counts):
             raise ValueError(f"one non-negative count per part, got {counts} for {len(parts)} parts")
         self.parts = parts
-        self.counts = [int(c) for c in counts]
         part_of, index_in = [], []
         for i, (part, c) in enumerate(zip(parts, counts)):
             perm = np.random.default_rng([seed, 0x313C, i]).permutation(len(part))
