@@ -438,7 +438,7 @@ def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ..
     self-consistency only: the file holds the generator's answers so that the report can measure the
     teacher's accuracy on what it wrote, but ``--keep majority`` never reads them."""
     from pipeline.data import load_examples
-    from pipeline.demo.problems import write_jsonl, written_questions
+    from pipeline.demo.problems import written_questions
     from pipeline.teacher_cache import TeacherCacheConfig
 
     n = cfg.resolved_write_questions()
@@ -446,8 +446,8 @@ def written_stage(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ..
     path = cfg.out / "written-questions.jsonl"
     rows = written_questions(n, cfg.seed, exclude=train_questions)
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    if not path.exists() or path.read_bytes() != body:
-        write_jsonl(path, rows)
+    if not path.exists() or path.read_bytes() != body:  # unchanged: the written cache's input stays as is
+        atomic_write_bytes(path, body)
     out = cfg.out / "cache-written"
     tc = TeacherCacheConfig(teacher=str(assets.teacher_dir), dataset=str(path), out=out, topk=cfg.topk,
                             temperatures=temperatures, max_length=cfg.max_length(), batch_tokens=8192,
@@ -648,8 +648,13 @@ def build_summary(teacher: dict[str, Any], runs: dict[str, dict[str, Any]],
     methods = [m for m in (*METHODS, WRITTEN) if all(run_name(m, sd) in runs for sd in seeds)]
     per = {m: {k: spread([runs[run_name(m, s)][k] for s in seeds]) for k in RUN_METRICS
                if all(runs[run_name(m, s)][k] is not None for s in seeds)} for m in methods}
-    paired = {k: spread([runs[run_name("kd", s)][k] - runs[run_name("ce", s)][k] for s in seeds])
-              for k in RUN_METRICS if k in per["kd"] and k in per["ce"]}
+
+    def paired_diff(a: str, b: str) -> dict[str, Any]:
+        """Per metric, the spread of method a's value minus method b's on the same seed."""
+        return {k: spread([runs[run_name(a, s)][k] - runs[run_name(b, s)][k] for s in seeds])
+                for k in RUN_METRICS if k in per[a] and k in per[b]}
+
+    paired = paired_diff("kd", "ce")
     gap = [(runs[run_name("ce", s)]["val_ce"] - runs[run_name("kd", s)]["val_ce"])
            / (runs[run_name("ce", s)]["val_ce"] - teacher["val_ce"]) for s in seeds]
     reach = {s: runs[run_name("kd", s)]["kd_reaches_ce_final_step"] for s in seeds}
@@ -666,9 +671,7 @@ def build_summary(teacher: dict[str, Any], runs: dict[str, dict[str, Any]],
     out = {"methods": per, "paired_kd_minus_ce": paired, "gap_closed": spread(gap),
            "kd_reaches_ce_final_val_ce_step": reach, "verdict": verdict}
     if WRITTEN in per:
-        out["paired_written"] = {
-            other: {k: spread([runs[run_name(WRITTEN, s)][k] - runs[run_name(other, s)][k] for s in seeds])
-                    for k in RUN_METRICS if k in per[WRITTEN] and k in per[other]} for other in METHODS}
+        out["paired_written"] = {other: paired_diff(WRITTEN, other) for other in METHODS}
     return out
 
 
