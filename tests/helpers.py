@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +103,24 @@ def random_samples(rng: np.random.Generator, n: int, vocab: int, samples: int) -
         offs.append(offs[-1] + len(u))
     return dict(sample_offsets=np.array(offs, np.int64), sample_ids=np.concatenate(ids).astype(np.int32),
                 sample_counts=np.concatenate(cnts).astype(np.int32))
+
+
+def kill_9_when(cmd: list[str], ready: Callable[[], bool], *, env: dict[str, str] | None = None,
+                timeout: float = 120.0, poll: float = 0.01) -> subprocess.Popen:
+    """Start ``cmd``, wait until ``ready()`` (polled every ``poll`` s), then kill -9 it. Fails when the
+    process ends first; returns the reaped process (its returncode is -SIGKILL)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(poll)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return proc

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_9_when  # tests/ is on sys.path under pytest
 
 from cache.format import open_cache
 from cache.util import UserError
@@ -118,22 +117,10 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(reference, tmp_path, ti
                                                          qwen_tokenizer_dir, gsm8k_slice):
     out = tmp_path / "cache"
     cmd = cli_command() + cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, batch_tokens=300)
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = out / "journal.rank0.jsonl"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if journal.exists() and any(json.loads(x).get("type") == "unit"
-                                        for x in journal.read_text().splitlines() if x.endswith("}")):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_when(cmd, lambda: journal.exists() and any(json.loads(x).get("type") == "unit"
+                                                      for x in journal.read_text().splitlines()
+                                                      if x.endswith("}")), env=env(), poll=0.02)
     assert not (out / "manifest.json").exists()
     with pytest.raises(UserError):
         open_cache(out)

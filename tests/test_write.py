@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_9_when  # tests/ is on sys.path under pytest
 
 from cache.format import open_cache
 from cache.util import UserError
@@ -326,20 +325,8 @@ def test_kill_9_while_writing_then_resume_equals_uninterrupted(tmp_path, writer)
             "--write", "3", "--write-max-tokens", "48", "--write-batch", "6", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli() + args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (killed / "generation" / "unit-000001.jsonl").exists():
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"ended before it could be killed: {proc.stderr.read().decode()}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_9_when(cli() + args + ["--out", str(killed)],
+                lambda: (killed / "generation" / "unit-000001.jsonl").exists(), env=env)
     done = sorted(p.name for p in (killed / "generation").glob("unit-*.jsonl"))
     assert 2 <= len(done) < 12 and not (killed / "manifest.json").exists()
     for name in done:  # a unit file under its final name is whole: 8 questions x 3 samples
