@@ -387,3 +387,29 @@ def test_writing_defaults_are_declared_once():
                           ("write_max_tokens", "max_new_tokens"), ("keep", "keep"), ("min_vote", "min_vote")):
         assert params[option].default.default == getattr(WriteSettings, field), option
         assert getattr(TeacherCacheConfig, option) == getattr(WriteSettings, field), option
+
+
+def test_batch_tokens_below_the_longest_sequence_and_dropped_rows_are_said_in_one_line(questions, tmp_path):
+    """A --batch-tokens smaller than any sequence is refused before anything is written; rows left out by
+    --max-length are announced, not only counted in the closing summary."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    base = ["teacher-cache", "--teacher", str(TEACHER), "--dataset", str(questions / "qa.jsonl"), "--topk",
+            "8", "--temperatures", "1", "--device", "cpu", "--no-progress"]
+    res = subprocess.run(cli() + base + ["--out", str(tmp_path / "a"), "--batch-tokens", "1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "--batch-tokens 1 is smaller than the longest sequence" in lines[0]
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    from pipeline.data import load_examples, load_tokenizer, tokenize_examples
+
+    lengths = sorted(len(s) for s in tokenize_examples(load_tokenizer(str(TEACHER)),
+                                                       load_examples(str(questions / "qa.jsonl"))).seqs)
+    cut = lengths[len(lengths) // 2]  # about half the rows are longer
+    dropped = sum(n > cut for n in lengths)
+    res = subprocess.run(cli() + base + ["--out", str(tmp_path / "b"), "--max-length", str(cut)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"note: {dropped} of {len(lengths)} rows are longer than --max-length {cut} and are left out" \
+        in res.stderr
+    assert f"dropped {dropped}" in res.stdout
