@@ -49,8 +49,8 @@ class LossConfig:
     """How to weigh hard labels against the teacher. ``temperature`` is tau (student and teacher)."""
 
     kind: str = "topk_tail"
-    alpha: float = 0.5
-    temperature: float = 2.0
+    alpha: float = 0.2
+    temperature: float = 1.0
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:

@@ -63,8 +63,8 @@ class TrainConfig:
     warmup: int | None = None
     weight_decay: float = 0.1
     clip: float = 1.0
-    alpha: float = 0.5
-    temperature: float = 2.0
+    alpha: float = 0.2
+    temperature: float = 1.0
     kd: str = "topk_tail"
     chunk_size: int = 1024
     compact_vocab: bool = False

@@ -49,8 +49,8 @@ def train_student_command(
     weight_decay: float = typer.Option(0.1, help="Decoupled weight decay (not on embeddings, norms, "
                                        "biases)."),
     clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
-    alpha: float = typer.Option(0.5, help="Weight of the label CE; 1 - alpha goes to KD (1 = labels only)."),
-    temperature: float = typer.Option(2.0, help="KD temperature tau; the cache must store it (loss is "
+    alpha: float = typer.Option(0.2, help="Weight of the label CE; 1 - alpha goes to KD (1 = labels only)."),
+    temperature: float = typer.Option(1.0, help="KD temperature tau; the cache must store it (loss is "
                                       "alpha*CE + (1-alpha)*tau^2*KD)."),
     kd: str = typer.Option("topk_tail", help="KD loss: topk_tail | topk_renorm | sampled (cache with "
                            "samples) | reverse_kl."),
