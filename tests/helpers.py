@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,3 +127,38 @@ def kill_9_when(cmd: list[str], ready: Callable[[], bool], *, env: dict[str, str
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(args: list[str], *, env: dict[str, str], timeout: float = 300.0) -> list[tuple]:
+    """Run ``torchrun --nnodes 2 --nproc-per-node 1`` as two agents on this machine, as on two machines: each
+    its own process with ``--node-rank``, meeting at a c10d rendezvous on 127.0.0.1 (a free port, one id).
+    ``args`` follow torchrun's own (``-m pipeline ...`` or a script). Returns (returncode, stderr) per
+    node."""
+    endpoint, job = f"127.0.0.1:{free_port()}", f"test-{os.getpid()}-{time.time_ns()}"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "--rdzv-id", job, *args]
+        err = tempfile.TemporaryFile()
+        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+    results = []
+    try:
+        for proc, err in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc, err in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err.seek(0)
+            results.append((proc.returncode, err.read().decode(errors="replace")))
+            err.close()
+    return results

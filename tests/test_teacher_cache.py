@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import kill_9_when  # tests/ is on sys.path under pytest
+from helpers import kill_9_when, torchrun_two_nodes  # tests/ is on sys.path under pytest
 
 from cache.format import open_cache
 from cache.util import UserError
@@ -145,6 +145,22 @@ def test_torchrun_two_processes_equals_one(reference, tmp_path, tiny_qwen_dir, q
         lines = (out / f"journal.rank{rank}.jsonl").read_text().splitlines()
         units = [json.loads(x)["unit"] for x in lines if json.loads(x).get("type") == "unit"]
         assert units and all(u % 2 == rank for u in units)
+    assert_same_cache(out, reference[0])
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(reference, tmp_path, tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice):
+    """Two torchrun agents (two "machines", one process each, a c10d rendezvous on 127.0.0.1) share one --out,
+    as nodes share a filesystem: each rank journals its own units, rank 0 finalises from both journals."""
+    out = tmp_path / "cache"
+    args = ["-m", "pipeline", *cli_args(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out, 700)]
+    for rc, err in torchrun_two_nodes(args, env={**env(), "OMP_NUM_THREADS": "1"}):
+        assert rc == 0, err[-3000:]
+    units = {}
+    for rank in (0, 1):
+        lines = (out / f"journal.rank{rank}.jsonl").read_text().splitlines()
+        units[rank] = [json.loads(x)["unit"] for x in lines if json.loads(x).get("type") == "unit"]
+    assert units[0] and units[1] and sorted(units[0] + units[1]) == list(range(reference[1]["shards"]))
     assert_same_cache(out, reference[0])
 
 

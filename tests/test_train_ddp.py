@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import V, write_bigram_cache  # tests/ is on sys.path under pytest
+from helpers import V, torchrun_two_nodes, write_bigram_cache  # tests/ is on sys.path under pytest
 
 import student.train as train
 from student.train import FINAL, METRICS, TrainConfig, train_student
@@ -53,13 +53,14 @@ def losses(out) -> list[tuple]:
              r.get("supervised_tokens")) for r in rows]
 
 
-
-
-def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
-    cache = write_bigram_cache(tmp_path / "cache", n=20)
-
-    one = tmp_path / "one"
-    one.mkdir()
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process accumulating the global batch (2 micro-batches per step), with its first
+    gradient recorded."""
+    tmp = tmp_path_factory.mktemp("one")
+    cache = write_bigram_cache(tmp / "cache", n=20)
+    out = tmp / "one"
+    out.mkdir()
     first: dict[str, torch.Tensor] = {}
     original = train.optimizer_step
 
@@ -68,10 +69,14 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
             first.update({n: p.grad.clone() for n, p in run.model.named_parameters()})
         return original(run)
 
-    monkeypatch.setattr(train, "optimizer_step", record)
-    train_student(TrainConfig(**config(cache, one, accum=2)))
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "optimizer_step", record)
+        train_student(TrainConfig(**config(cache, out, accum=2)))
+    return cache, out, first
 
+
+def worker_args(tmp_path, cache) -> tuple[list[str], dict[str, str], object]:
+    """The worker script and its arguments for torchrun (each rank runs it), its environment, its --out."""
     two = tmp_path / "two"
     two.mkdir()
     script = tmp_path / "worker.py"
@@ -79,11 +84,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(config(cache, two, accum=1)), str(two)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [str(script), json.dumps(config(cache, two, accum=1)), str(two)], env, two
 
+
+def assert_same_run(one_process, two) -> None:
+    """Two ranks, one micro-batch each per step, took the one-process run's steps."""
+    _, one, first = one_process
     g0, g1 = (torch.load(two / f"grads-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first.keys() == g0.keys()
     for name in first:  # after the all-reduce every rank holds the one-process gradient
@@ -105,6 +111,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
         torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=2e-3, msg=name)
     assert json.loads((two / FINAL / "provenance.json").read_text())["world_size"] == 2
     assert json.loads((two / FINAL / "config.json").read_text())["full_vocab_size"] == V
+
+
+def test_two_gloo_ranks_equal_one_process(one_process, tmp_path):
+    args, env, two = worker_args(tmp_path, one_process[0])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_same_run(one_process, two)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(one_process, tmp_path):
+    """Two torchrun agents (two "machines", one process each) meeting at a c10d rendezvous on 127.0.0.1."""
+    args, env, two = worker_args(tmp_path, one_process[0])
+    for rc, err in torchrun_two_nodes(args, env=env):
+        assert rc == 0, err[-3000:]
+    assert_same_run(one_process, two)
 
 
 @pytest.mark.parametrize("world", [2, 3])
