@@ -35,7 +35,7 @@ class EvalConfig:
     model: str
     dataset: str = "openai/gsm8k"
     split: str = "test"
-    config_name: str = "main"
+    config_name: str | None = None  # Hub config; None: 'main' for GSM8K, else the dataset's default
     limit: int | None = None
     max_new_tokens: int = 256
     batch_size: int = 16
@@ -45,8 +45,14 @@ class EvalConfig:
     out: Path | None = None
     progress: bool = True
     verify: bool = True  # a local student folder's files against its manifest.json, when it has one
+    data_format: str = "auto"  # row format (pipeline.data.DATA_FORMATS)
+    fields: tuple[tuple[str, str], ...] = ()  # --field CANON=COLUMN mapping
 
     def __post_init__(self) -> None:
+        from pipeline.data import check_data_format, parse_fields
+
+        check_data_format(self.data_format)
+        object.__setattr__(self, "fields", parse_fields(self.fields))
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"--limit must be a positive number of rows, got {self.limit}")
         if self.max_new_tokens <= 0:
@@ -205,6 +211,16 @@ def prompt_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
     return ids[:start]
 
 
+def example_prompt_ids(tokenizer: Any, ex: Any) -> list[int]:
+    """The prompt of a row (``pipeline.data.Example``): a qa row's as ``prompt_ids``; a chat row's turns
+    before its final reply, then the template's generation prompt."""
+    if ex.turns is None:
+        return prompt_ids(tokenizer, ex.question, ex.answer or "x")
+    from pipeline.data import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, ex.prompt_turns())
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu") -> tuple[Any, Any]:
     """Token id lists -> input_ids (B, T) left-padded with ``pad_id`` and attention_mask (B, T)."""
     import torch
@@ -295,8 +311,12 @@ def write_answers(records_path: Path, out: Path, *, written_by: str) -> int:
         r = json.loads(line)
         if not r["output"].strip():  # an empty answer has nothing for the teacher to score
             continue
-        rows.append({"question": r["question"], "answer": r["output"], "written_by": written_by,
-                     "reference": r["reference"]})
+        if "prompt" in r:  # a chat row: its conversation is the prompt, the output the completion
+            rows.append({"prompt": r["prompt"], "completion": r["output"], "written_by": written_by,
+                         "reference": r["reference"]})
+        else:
+            rows.append({"question": r["question"], "answer": r["output"], "written_by": written_by,
+                         "reference": r["reference"]})
     if not rows:
         raise UserError(f"all {len(lines)} outputs of the model are empty; nothing to write to {out}")
     write_records(Path(out), rows)
@@ -315,8 +335,14 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     if not examples:
         raise UserError("no examples to evaluate; check --dataset, --split and --limit")
     t0 = time.perf_counter()
-    references = [extract_reference(ex.answer) for ex in examples]  # a bad row fails before generation
-    prompts = [prompt_ids(tokenizer, ex.question, ex.answer) for ex in examples]
+    check_scorable(examples)
+    references = []
+    for ex in examples:  # a bad row fails before generation
+        try:
+            references.append(extract_reference(ex.answer))
+        except UserError as e:
+            raise UserError(f"{ex.where}: {e}; fix or remove that row" if ex.where else str(e)) from None
+    prompts = [example_prompt_ids(tokenizer, ex) for ex in examples]
     if max_prompt_tokens is not None:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         if len(prompts[longest]) > max_prompt_tokens:
@@ -338,6 +364,8 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
                 text = tokenizer.decode(kept, skip_special_tokens=True)
                 ex = examples[i]
                 records[i] = score_record(ex.row, ex.question, references[i], text, used, stopped)
+                if ex.turns is not None:  # a chat row: its whole prompt (eval --answers-out keeps it)
+                    records[i]["prompt"] = [{"role": t.role, "content": t.content} for t in ex.prompt_turns()]
                 total_new += used
             bar.update(len(batch), tokens=total_new - before)
     finally:
@@ -354,13 +382,25 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
                       flexible_correct=flexible, new_tokens=total_new, model_kind=model_kind)
 
 
+def check_scorable(examples: Sequence[Any]) -> None:
+    """One line when no row has a GSM8K-style reference ('#### N' ending its answer or final reply)."""
+    if not any("####" in (ex.answer or "") for ex in examples):
+        where = examples[0].where.rsplit(": row ", 1)[0] if examples[0].where else "the dataset"
+        raise UserError(f"{where}: none of the {len(examples)} rows has a GSM8K-style reference answer "
+                        "('#### N' in its answer or final assistant turn), so eval has nothing to score; "
+                        "measure such data by validation CE, KL and agreement instead (cache it with "
+                        "teacher-cache and pass it to train-student --val-cache)")
+
+
 def run_eval(cfg: EvalConfig) -> EvalResult:
     from pipeline.data import load_examples
 
     kind_name = model_type(cfg.model)  # a missing, broken or damaged model folder fails before anything slow
     if cfg.verify:
         verify_student_folder(cfg.model, kind_name)
-    examples = load_examples(cfg.dataset, cfg.split, config_name=cfg.config_name, limit=cfg.limit)
+    examples = load_examples(cfg.dataset, cfg.split, config_name=cfg.config_name, limit=cfg.limit,
+                             data_format=cfg.data_format, fields=cfg.fields)
+    check_scorable(examples)
     tokenizer = load_eval_tokenizer(cfg.model, cfg.tokenizer)
     model, kind = load_eval_model(cfg.model, device=cfg.device, dtype=cfg.dtype, verify=False)
     vocab = int(model.get_output_embeddings().weight.shape[0]) if kind == "hf" else \
@@ -382,14 +422,16 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 def evaluate_model(model_dir: str | Path, dataset: str = "openai/gsm8k", split: str = "test",
                    limit: int | None = None, *, max_new_tokens: int = 256, batch_size: int = 16,
                    device: str = "auto", dtype: str = "auto", tokenizer: str | Path | None = None,
-                   out: str | Path | None = None, config_name: str = "main",
-                   progress: bool = True, verify: bool = True) -> EvalResult:
+                   out: str | Path | None = None, config_name: str | None = None,
+                   progress: bool = True, verify: bool = True, data_format: str = "auto",
+                   fields: Any = ()) -> EvalResult:
     """Greedy GSM8K accuracy (strict and flexible) of a student checkpoint or any HF causal LM folder
     (``verify``: a student folder's files are checked against its manifest.json first)."""
     cfg = EvalConfig(model=str(model_dir), dataset=str(dataset), split=split, config_name=config_name,
                      limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
                      dtype=dtype, tokenizer=None if tokenizer is None else str(tokenizer),
-                     out=None if out is None else Path(out), progress=progress, verify=verify)
+                     out=None if out is None else Path(out), progress=progress, verify=verify,
+                     data_format=data_format, fields=tuple(fields))
     return run_eval(cfg)
 
 

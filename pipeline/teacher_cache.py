@@ -60,7 +60,9 @@ class TeacherCacheConfig:
     dataset: str
     out: Path
     split: str = "train"
-    dataset_config: str = "main"
+    dataset_config: str | None = None  # Hub config; None: 'main' for GSM8K, else the dataset's default
+    data_format: str = "auto"  # row format (pipeline.data.DATA_FORMATS)
+    fields: tuple[tuple[str, str], ...] = ()  # --field CANON=COLUMN mapping
     tokenizer: str | None = None
     topk: int = 64
     samples: int = 0
@@ -100,7 +102,7 @@ class TeacherCacheConfig:
         self.cache_settings(self.topk)  # one-line errors for --encoding, --top-p and --lp-step
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out} exists and is not a folder; pass a folder path")
-        self.data_config()
+        object.__setattr__(self, "fields", self.data_config().fields)  # parsed, identities dropped
         self.target_settings()
         if self.write < 0:
             raise UserError(f"--write must be 0 (score the given answers) or a number of solutions per "
@@ -119,7 +121,8 @@ class TeacherCacheConfig:
 
     def data_config(self) -> DataConfig:
         return DataConfig(dataset=self.dataset, split=self.split, config_name=self.dataset_config,
-                          limit=self.limit, max_length=self.max_length, overflow=self.overflow)
+                          limit=self.limit, max_length=self.max_length, overflow=self.overflow,
+                          data_format=self.data_format, fields=self.fields)
 
     def target_settings(self) -> TargetSettings:
         # the compact encoder quantises float32 log-probs itself; the exact encoding stores --logprob-dtype
@@ -148,15 +151,22 @@ def units_for_rank(num_units: int, rank: int, world_size: int) -> list[int]:
 
 
 def build_fingerprint(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any,
-                      input_hash: str) -> dict[str, Any]:
+                      input_hash: str, row_format: str = "qa") -> dict[str, Any]:
     """Everything that determines the cache content; not the device, batch size, rank count or paths.
     ``input_hash`` is the input rows' ``dataset_hash``; with ``--write`` the cached text follows from it and
-    the writing settings (``write``)."""
+    the writing settings (``write``). ``row_format`` is the rows' format as read (detected or given); it and
+    the ``--field`` mapping are recorded unless they are the defaults (qa rows, no mapping), so the
+    fingerprints of such caches stay what they were."""
     w = cfg.write_settings()
+    dataset: dict[str, Any] = {"hash": input_hash, "split": cfg.split, "limit": cfg.limit}
+    if row_format != "qa":
+        dataset["format"] = row_format
+    if cfg.fields:
+        dataset["fields"] = dict(cfg.fields)
     fp = {
         "teacher": teacher.identity,
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        "dataset": {"hash": input_hash, "split": cfg.split, "limit": cfg.limit},
+        "dataset": dataset,
         "chat_template": tokenizer.chat_template,
         "max_length": cfg.max_length,
         "overflow": cfg.overflow,
@@ -289,7 +299,7 @@ def _run_teacher_cache(cfg: TeacherCacheConfig, dist: Dist, counts: dict[str, in
         eos_id, pad_id = special_ids(tokenizer)
         dc = cfg.data_config()
         examples = load_examples(dc.dataset, dc.split, config_name=dc.config_name, limit=dc.limit,
-                                 require_answer=not cfg.write)
+                                 require_answer=not cfg.write, data_format=dc.data_format, fields=dc.fields)
         counts["examples"] = len(examples)
         data = None
         if not cfg.write:  # a row that cannot be cached fails before the teacher loads
@@ -298,7 +308,7 @@ def _run_teacher_cache(cfg: TeacherCacheConfig, dist: Dist, counts: dict[str, in
         teacher = load_teacher(cfg.teacher, device=str(device), dtype=cfg.dtype)
         settings = cfg.target_settings()
         settings.check_vocab(teacher.vocab_size)
-        fingerprint = build_fingerprint(cfg, teacher, tokenizer, dataset_hash(examples))
+        fingerprint = build_fingerprint(cfg, teacher, tokenizer, dataset_hash(examples), examples[0].kind)
         cache_settings = cfg.cache_settings(teacher.vocab_size)
         writer = CacheWriter(cfg.out, fingerprint, cache_settings, rank=dist.rank, world_size=dist.world_size)
         written_summary = None
@@ -375,7 +385,7 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     """The teacher writes ``cfg.write`` solutions per question (units of questions, round-robin over the
     ranks, each unit kept in ``<out>/generation/`` once written), then every rank reads them all and keeps
     the same ones. Returns (kept solutions as examples, their provenance, the totals)."""
-    from pipeline.evaluate import prompt_ids, stop_token_ids
+    from pipeline.evaluate import example_prompt_ids, stop_token_ids
     from pipeline.write import (
         Written,
         choose,
@@ -388,14 +398,12 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     )
 
     ws = cfg.write_settings()
-    questions = [ex.question for ex in examples]
     gfp = generation_fingerprint(writer_identity(teacher), tokenizer_hash(tokenizer),
-                                 dataset_hash([Example(e.row, e.question, None) for e in examples]), ws,
-                                 cfg.unit_size)
+                                 dataset_hash([e.without_answer() for e in examples]), ws, cfg.unit_size)
     folder = open_generation_dir(cfg.out, gfp) if dist.rank == 0 else None
     dist.barrier()
     folder = folder or open_generation_dir(cfg.out, gfp)
-    units = unit_ranges(len(questions), cfg.unit_size)
+    units = unit_ranges(len(examples), cfg.unit_size)
     todo = [u for u in units_for_rank(len(units), dist.rank, dist.world_size)
             if not unit_file(folder, u).exists()]
     stop_ids = stop_token_ids(tokenizer, teacher.model)
@@ -404,9 +412,10 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     limit = getattr(teacher.model.config, "max_position_embeddings", None)
     for u in todo:
         for q in units[u]:
-            prompts[q] = prompt_ids(tokenizer, questions[q], "x")
+            prompts[q] = example_prompt_ids(tokenizer, examples[q])
             if limit is not None and len(prompts[q]) + ws.max_new_tokens > limit:
-                raise UserError(f"row {q + 1}: a {len(prompts[q])}-token prompt plus --write-max-tokens "
+                where = examples[q].where or f"row {q + 1}"
+                raise UserError(f"{where}: a {len(prompts[q])}-token prompt plus --write-max-tokens "
                                 f"{ws.max_new_tokens} exceeds the teacher's {limit} positions; lower "
                                 "--write-max-tokens")
     per_batch = max(1, cfg.write_batch // ws.samples)
@@ -432,7 +441,7 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     dist.barrier()
     all_written = read_units(folder, len(units))
     kept, prov, totals = choose(all_written, {ex.row: row_reference(ex) for ex in examples}, ws)
-    scored = [Example(row=i, question=questions[w.question], answer=w.text) for i, w in enumerate(kept)]
+    scored = [examples[w.question].answered(i, w.text) for i, w in enumerate(kept)]
     totals["new_tokens"] = sum(w.tokens for w in all_written)
     if not scored:
         raise UserError(f"the teacher wrote {totals['samples']} solutions and none was kept (--keep "

@@ -13,9 +13,19 @@ from pipeline.evaluate import evaluate_model, format_summary
 def eval_command(
     model: str = typer.Option(..., help="Student checkpoint folder or any causal LM (save_pretrained folder "
                               "or Hub id); the type is read from config.json."),
-    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
-                                ".jsonl/.parquet file (or a folder with <split>.jsonl)."),
+    dataset: str = typer.Option("openai/gsm8k", help="Rows to score: a Hub id, a local .jsonl/.parquet file "
+                                "or a folder (read as teacher-cache reads it). Rows whose answer (or final "
+                                "assistant turn) ends with a GSM8K-style '#### N' are scored; data without "
+                                "any is refused in one line (measure it by validation CE/KL instead)."),
     split: str = typer.Option("test", help="Dataset split (Hub) or file stem looked up in a local folder."),
+    data_format: str = typer.Option("auto", "--data-format", help="Row format: auto, qa, messages or "
+                                    "prompt-completion (as teacher-cache --data-format); the prompt is "
+                                    "everything before the final assistant turn."),
+    field: list[str] = typer.Option(None, "--field", metavar="CANON=COLUMN", help="Repeatable: read a "
+                                    "canonical field from another column (as teacher-cache --field), e.g. "
+                                    "--field question=problem --field answer=solution."),
+    dataset_config: str = typer.Option(None, "--dataset-config", help="Hub dataset config (subset); default: "
+                                       "'main' for openai/gsm8k, else the dataset's default."),
     limit: int = typer.Option(None, help="Evaluate only the first N rows."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per example."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch (left-padded, length-sorted)."),
@@ -48,7 +58,8 @@ def eval_command(
         records = out if out is not None or answers_out is None else Path(tmp) / "eval.jsonl"
         result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
-                                out=records, progress=progress, verify=verify)
+                                out=records, progress=progress, verify=verify, config_name=dataset_config,
+                                data_format=data_format, fields=tuple(field or ()))
         n_answers = None
         if answers_out is not None:
             n_answers = write_answers(records, answers_out, written_by=str(model))

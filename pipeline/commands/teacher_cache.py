@@ -22,11 +22,29 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
 def teacher_cache(
     teacher: str = typer.Option(..., help="Teacher causal LM: a Hub id (e.g. Qwen/Qwen2-0.5B-Instruct) or a "
                                 "local folder made by save_pretrained."),
-    dataset: str = typer.Option("openai/gsm8k", help="GSM8K source: a Hub id (config 'main') or a local "
-                                ".jsonl/.parquet file (or a folder with <split>.jsonl) with question/answer "
-                                "fields (answer optional with --write; optional written_by and reference "
-                                "fields mark answers written by another model)."),
+    dataset: str = typer.Option("openai/gsm8k", help="Rows to cache: a Hub id, a local .jsonl/.parquet "
+                                "file, or a folder (its <split>.jsonl/.parquet, else its <split>-* shards, "
+                                "also under data/, else all its .jsonl/.parquet files). Rows are qa "
+                                "(question/answer; answer optional with --write; optional written_by and "
+                                "reference fields mark answers written by another model), messages or "
+                                "prompt/completion: see --data-format and --field (docs/teacher-cache.md)."),
     split: str = typer.Option("train", help="Dataset split (Hub) or file stem looked up in a local folder."),
+    data_format: str = typer.Option("auto", "--data-format", help="Row format: auto (from the first row: a "
+                                    "'messages' field means messages, 'prompt' prompt-completion, 'question' "
+                                    "qa), qa (question + answer, GSM8K's), messages (a chat of system/user/"
+                                    "assistant turns; every assistant turn is learned, nothing else) or "
+                                    "prompt-completion (prompt: a string or a list of turns; completion: the "
+                                    "learned reply). All rows must have the same format. (The shard format "
+                                    "is --format.)"),
+    field: list[str] = typer.Option(None, "--field", metavar="CANON=COLUMN", help="Repeatable: read the "
+                                    "canonical field CANON from your column COLUMN, e.g. --field "
+                                    "question=problem --field answer=solution, or --field "
+                                    "messages=conversations --field role=from --field content=value. CANON: "
+                                    "question, answer, written_by, "
+                                    "reference, messages, prompt, completion, role, content (role/content: "
+                                    "the keys inside each turn). Recorded in the cache's fingerprint."),
+    dataset_config: str = typer.Option(None, "--dataset-config", help="Hub dataset config (subset); default: "
+                                       "'main' for openai/gsm8k, else the dataset's default."),
     out: Path = typer.Option(..., help="Output cache folder. Rerunning the same command resumes it; a folder "
                              "made with other settings is refused."),
     tokenizer: str = typer.Option(None, help="Tokenizer (Hub id or folder); default: the teacher's own."),
@@ -95,8 +113,8 @@ def teacher_cache(
     write_batch: int = typer.Option(1024, help="With --write: sequences sampled together (questions x "
                                     "--write). Not in the fingerprint; memory grows with it and the length."),
 ) -> None:
-    """Run the teacher once over chat-formatted GSM8K and write its sparse next-token distributions
-    (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache.
+    """Run the teacher once over chat-formatted rows (GSM8K by default) and write its sparse next-token
+    distributions (top-k log-probs, tail mass, optional samples) to a sharded, fingerprinted, resumable cache.
 
     The cached answers are the dataset's (reference answers, or answers someone else wrote: rows with a
     'written_by' field, such as `fnet-distill eval --answers-out`), or with --write N solutions the teacher
@@ -108,7 +126,8 @@ def teacher_cache(
     hf_logging.disable_progress_bar()
 
     cfg = TeacherCacheConfig(
-        teacher=teacher, dataset=dataset, out=out, split=split, tokenizer=tokenizer, topk=topk,
+        teacher=teacher, dataset=dataset, out=out, split=split, dataset_config=dataset_config,
+        data_format=data_format, fields=tuple(field or ()), tokenizer=tokenizer, topk=topk,
         samples=samples,
         temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=overflow,
         batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, logprob_dtype=logprob_dtype,
