@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,8 @@ def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any
         raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
     now = cfg.to_json()
     grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
+    # a setting added after the checkpoint was written reads as its default there
+    saved_cfg = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **saved_cfg}
     diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
             if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
     if prov.get("cache_fingerprint_digest") != data.fingerprint_digest:

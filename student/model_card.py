@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cache.util import atomic_write_bytes
+from student.any_student import render_card
 from student.configuration_causal_fnet import CausalFNetConfig
 from student.modeling_causal_fnet import CausalFNetForCausalLM
 
@@ -75,6 +76,9 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
     cache's ``manifest.json``; ``metrics`` the last validation record."""
     train_config, provenance = train_config or {}, provenance or {}
     cache_manifest, metrics = cache_manifest or {}, metrics or {}
+    if config.get("model_type", CausalFNetConfig.model_type) != CausalFNetConfig.model_type:
+        return render_card(config, train_config=train_config, provenance=provenance,
+                           cache_manifest=cache_manifest, metrics=metrics, name=name)
     cfg = CausalFNetConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
     fp = cache_manifest.get("fingerprint") or {}
     teacher = fp.get("teacher")

@@ -1,5 +1,7 @@
-"""Where a run's student comes from when it is not built from the plain shape options: a saved student
-folder (``--init-from``, ``--resume``) or a ``--student-config`` file, each checked before any training.
+"""Where a run's student comes from: the shape options (``build_student``: the FNet, or ``--student
+qwen2|llama``), a saved folder (``--init-from``, ``--resume``: a student, a cut-student folder or any
+pretrained transformers causal LM) or a ``--student-config`` file, each checked before any training.
+Transformer students are ``student.any_student.CausalLMStudent``.
 
 A saved folder must hold a student (``model_type`` ``causal_stft_fnet``) whose weights fill its config
 exactly (no missing, unexpected or resized tensor): transformers would otherwise load a Qwen2 folder, say,
@@ -15,12 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cache.util import UserError
+from student import any_student
+from student.any_student import CausalLMStudent
 from student.checkpoint import MANIFEST, verify_folder
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
 from student.train_config import TrainConfig
-from student.train_data import TrainData, check_student_vocabulary, tokenizer_info
+from student.train_data import (
+    TrainData,
+    cache_token_ids,
+    check_student_vocabulary,
+    student_model_config,
+    tokenizer_info,
+)
 
 STUDENT_MODEL_TYPE = CausalFNetConfig.model_type
 
@@ -58,12 +69,43 @@ def load_student_folder(folder: Path, what: str) -> CausalFNetForCausalLM:
     return model
 
 
-def init_from_folder(cfg: TrainConfig, data: TrainData) -> CausalFNetForCausalLM:
-    """``--init-from``: a trained student's weights and shape, checked against this run's caches (files
-    against the folder's manifest, model type and weights, vocabulary, special ids, positions)."""
+def load_any_student(folder: Path, what: str) -> nn.Module:
+    """The student saved in ``folder``: an FNet (``load_student_folder``) or a transformers causal LM."""
+    if any_student.folder_model_type(folder, what) == STUDENT_MODEL_TYPE:
+        return load_student_folder(folder, what)
+    return any_student.load_causal_lm(folder, what)
+
+
+def check_any_vocabulary(model: nn.Module, data: TrainData, what: str = "--resume") -> None:
+    if isinstance(model, CausalLMStudent):
+        any_student.check_vocabulary(model, data.reader, what)
+    else:
+        check_student_vocabulary(model.config, data)
+
+
+def _check_positions(model: nn.Module, data: TrainData, what: str) -> None:
+    n = getattr(model.config, "max_position_embeddings", None)
+    if n is not None and data.longest > n:
+        raise UserError(f"{what} has max_position_embeddings={n} but the cache holds sequences of "
+                        f"{data.longest} tokens; use a model with more positions")
+
+
+def init_from_folder(cfg: TrainConfig, data: TrainData) -> nn.Module:
+    """``--init-from``: a trained student's (or any stock causal LM's) weights and shape, checked against
+    this run's caches (files against the folder's manifest, model type and weights, tokenizer, vocabulary,
+    special ids, positions). A transformers model is compacted to the caches' ids with ``--compact-vocab``."""
     folder = cfg.init_from
     if (folder / MANIFEST).exists():
         verify_folder(folder, "--init-from")
+    if any_student.folder_model_type(folder, "--init-from") != STUDENT_MODEL_TYPE:
+        any_student.check_tokenizer(folder, data.reader, "--init-from")
+        model = any_student.load_causal_lm(folder, "--init-from", recompact=not cfg.compact_vocab)
+        any_student.check_vocabulary(model, data.reader, "--init-from")
+        if cfg.compact_vocab:
+            _check_compact_temperature(cfg)
+            model = any_student.check_head(any_student.compact(model.lm, cache_token_ids(data).tolist()))
+        _check_positions(model, data, f"--init-from {folder}")
+        return model
     model = load_student_folder(folder, "--init-from")
     mc = model.config
     try:
@@ -94,10 +136,9 @@ def check_student_config(cfg: TrainConfig, data: TrainData) -> None:
     if not isinstance(d, dict):
         return
     kind = d.get("model_type")
-    if kind is not None and kind != STUDENT_MODEL_TYPE:
-        raise UserError(f"--student-config {path} is the config of a {kind!r} model, not of a student "
-                        f"({STUDENT_MODEL_TYPE!r}); pass a student's config.json (e.g. "
-                        "OUT/final/config.json) or a JSON object of CausalFNetConfig fields")
+    if kind is not None and kind != STUDENT_MODEL_TYPE and cfg.student != "fnet" and kind != cfg.student:
+        raise UserError(f"--student-config {path} is the config of a {kind!r} model but --student is "
+                        f"{cfg.student!r}; drop one of them")
     if not cfg.compact_vocab:
         return
     vocab = d.get("full_vocab_size") if d.get("vocab_map") is not None else d.get("vocab_size")
@@ -107,3 +148,58 @@ def check_student_config(cfg: TrainConfig, data: TrainData) -> None:
                         f"{data.reader.vocab_size}; --compact-vocab builds the student's vocabulary from the "
                         "cache and would replace it: drop vocab_size / vocab_map from the config, or drop "
                         "--compact-vocab")
+
+
+def student_kind(cfg: TrainConfig) -> str:
+    """``causal_stft_fnet`` or the transformers ``model_type`` of the student ``cfg`` builds from scratch."""
+    if cfg.student_config is not None:
+        try:
+            d = json.loads(cfg.student_config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            d = None  # student_model_config reports it
+        if isinstance(d, dict) and d.get("model_type") not in (None, STUDENT_MODEL_TYPE):
+            return d["model_type"]
+    return STUDENT_MODEL_TYPE if cfg.student == "fnet" else any_student.ARCHITECTURES[cfg.student]
+
+
+def build_student(cfg: TrainConfig, data: TrainData) -> nn.Module:
+    """A new student for ``cfg`` (torch's RNG seeded with ``cfg.seed`` just before the weights are drawn):
+    the FNet from ``student_model_config``, or a transformers model from ``--student`` at the shape options
+    or from a ``--student-config`` of another ``model_type``, its vocabulary covering the cache's."""
+    check_student_config(cfg, data)
+    if student_kind(cfg) == STUDENT_MODEL_TYPE:
+        mc = student_model_config(cfg, data)
+        torch.manual_seed(cfg.seed)
+        return CausalFNetForCausalLM(mc)
+    reader = data.reader
+    if cfg.student_config is not None:
+        d = _read_json(cfg.student_config, "--student-config")
+        d.setdefault("vocab_size", reader.vocab_size)
+        config = any_student.config_from_json(d, f"--student-config {cfg.student_config}")
+    else:
+        config = any_student.architecture_config(cfg.student, vocab_size=reader.vocab_size,
+                                                 hidden_size=cfg.hidden_size, layers=cfg.layers, ffn=cfg.ffn,
+                                                 heads=cfg.heads, max_positions=cfg.max_positions)
+    config.pad_token_id, config.eos_token_id = data.pad_id, data.eos_id
+    where = "--student-config" if cfg.student_config is not None else f"--student {cfg.student}"
+    if config.vocab_size < reader.vocab_size:
+        raise UserError(f"{where}: vocab_size {config.vocab_size} does not cover the cache's "
+                        f"{reader.vocab_size} ids (the teacher's logits width); use vocab_size >= "
+                        f"{reader.vocab_size} or drop it from the config")
+    if cfg.compact_vocab:
+        _check_compact_temperature(cfg)
+    vocab_map = cache_token_ids(data).tolist() if cfg.compact_vocab else None
+    torch.manual_seed(cfg.seed)
+    model = any_student.new_student(config, vocab_map, config.vocab_size)
+    _check_positions(model, data, where)
+    return model
+
+
+def _check_compact_temperature(cfg: TrainConfig) -> None:
+    """A compacted transformers student counts its unused ids' shared row once per id through a constant
+    logit column, exact in a softmax at T = 1 only (at T the count would need T * log(count))."""
+    if cfg.alpha < 1.0 and cfg.temperature != 1.0 and cfg.kd != "topk_renorm":
+        raise UserError(f"--compact-vocab with a transformers student trains at --temperature 1 (its unused "
+                        f"ids share one row, counted exactly only at T = 1); got --temperature "
+                        f"{cfg.temperature:g} with --kd {cfg.kd}: use --temperature 1, --kd topk_renorm, or "
+                        "drop --compact-vocab")

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from cache.util import FolderLock, Locked, UserError, lock_run_folder
+from student.any_student import CausalLMStudent
+from student.any_student import describe as describe_causal_lm
 from student.checkpoint import (
     BEST,
     CHECKPOINT,
@@ -66,12 +68,12 @@ from student.interrupt import (
 )
 from student.losses import DistillTargets, LossSums, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
-from student.modeling import CausalFNetForCausalLM, CausalSTFT, count_parameters
+from student.modeling import CausalSTFT, count_parameters
 from student.progress import Progress
 from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
-from student.sources import check_student_config, init_from_folder, load_student_folder
+from student.sources import build_student, check_any_vocabulary, init_from_folder, load_any_student
 from student.train_config import TrainConfig
-from student.train_data import TrainData, check_student_vocabulary, open_training_data, student_model_config
+from student.train_data import TrainData, open_training_data
 
 __all__ = ["CHECKPOINT", "FINAL", "METRICS", "TRAINER_STATE", "TrainConfig", "TrainHooks", "TrainResult",
            "TrainingDiverged", "accumulate", "evaluate", "fit", "optimizer_step", "setup", "train_student"]
@@ -275,15 +277,12 @@ def _setup_locked(cfg: TrainConfig, dist: Dist, device: torch.device, precision:
     saved = None
     if cfg.resume:
         saved = check_resume(cfg, ckpt, data)
-        model = load_student_folder(ckpt, "--resume")
-        check_student_vocabulary(model.config, data)
+        model = load_any_student(ckpt, "--resume")
+        check_any_vocabulary(model, data)
     elif cfg.init_from is not None:
         model = init_from_folder(cfg, data)
-    else:
-        check_student_config(cfg, data)
-        mc = student_model_config(cfg, data)
-        torch.manual_seed(cfg.seed)
-        model = CausalFNetForCausalLM(mc)
+    else:  # the FNet, or a transformers model (student.any_student.CausalLMStudent)
+        model = build_student(cfg, data)
     model.to(device).train()
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -338,7 +337,7 @@ def _seed_everything(seed: int) -> None:
 
 def targets_for(run: Run, batch, temp_index: int):
     targets = DistillTargets.from_batch(batch, temp_index)
-    if run.model.config.vocab_map is not None:
+    if getattr(run.model, "vocab_map", None) is not None or getattr(run.model.config, "vocab_map", None):
         targets = targets.map_ids(run.model.map_to_compact)
     return targets
 
@@ -656,10 +655,14 @@ def _diverged_message(run: Run, loss: float) -> str:
 
 def _describe(run: Run) -> None:
     mc = run.model.config
-    vocab = f"{mc.vocab_size} (compacted from {mc.full_vocab_size})" if mc.vocab_map else str(mc.vocab_size)
-    print(f"train-student: {count_parameters(run.model):,} parameters (d={mc.hidden_size}, "
-          f"{mc.num_hidden_layers} layers, FFN {mc.intermediate_size}, W={mc.stft_window_size}, "
-          f"vocab {vocab}); "
+    if isinstance(run.model, CausalLMStudent):
+        shape = describe_causal_lm(run.model)
+    else:
+        vocab = (f"{mc.vocab_size} (compacted from {mc.full_vocab_size})" if mc.vocab_map
+                 else str(mc.vocab_size))
+        shape = (f"d={mc.hidden_size}, {mc.num_hidden_layers} layers, FFN {mc.intermediate_size}, "
+                 f"W={mc.stft_window_size}, vocab {vocab}")
+    print(f"train-student: {count_parameters(run.model):,} parameters ({shape}); "
           f"{len(run.data.train)} train sequences"
           + ("" if not run.data.mix else " per epoch (" + ", ".join(
               f"{n:,} from {c}" for c, n in zip(run.data.mix["caches"], run.data.mix["counts"])) + ")")

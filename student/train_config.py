@@ -3,6 +3,7 @@ when it is built, so a bad option fails before any cache is opened."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from student.schedule import OptimizerConfig, ScheduleConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+# --student: the causal STFT FNet, or a stock transformers architecture at the shape options
+STUDENTS = ("fnet", "qwen2", "llama")
 
 # Settings that may change between an interrupted run and its resumption: they do not change the result
 # (cache paths are checked by fingerprint digest instead).
@@ -24,8 +27,11 @@ RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "n
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. ``student_config`` (a JSON file of ``CausalFNetConfig``
-    fields) replaces the shape fields ``hidden_size .. dropout``. ``warmup=None`` means
+    """Everything that defines a training run. ``student``: the architecture, ``fnet`` (the causal STFT
+    FNet) or a stock transformers one (``qwen2``, ``llama``; ``heads`` attention heads, default
+    ``hidden_size // 64``). ``student_config`` (a JSON file of ``CausalFNetConfig`` fields, or of any
+    transformers config with its ``model_type``) replaces the shape fields ``hidden_size .. dropout``.
+    ``warmup=None`` means
     ``min(100, steps // 10)``. ``accum`` is micro-batches per rank per step; ``step_tokens`` instead sets
     the global step size (``ceil(step_tokens / batch_tokens)`` micro-batches over all ranks).
     ``eval_every``/``save_every`` 0 mean only at the end.
@@ -48,6 +54,8 @@ class TrainConfig:
     val_fraction: float = 0.0
     student_config: Path | None = None
     init_from: Path | None = None
+    student: str = "fnet"
+    heads: int | None = None
     hidden_size: int = 256
     layers: int = 4
     ffn: int = 1024
@@ -139,13 +147,23 @@ class TrainConfig:
                             "--val-fraction")
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to must be one of {'|'.join(REPORT_TO)} (got {self.report_to!r})")
+        if self.student not in STUDENTS:
+            raise UserError(f"--student must be one of {'|'.join(STUDENTS)} (got {self.student!r}); another "
+                            "transformers architecture comes as --student-config with its model_type")
+        if self.heads is not None and (self.heads < 1 or self.student == "fnet"):
+            raise UserError(f"--heads {self.heads}: attention heads of a transformer student (--student "
+                            f"{'|'.join(STUDENTS[1:])}), >= 1; the FNet has none")
         if self.init_from is not None:
-            if self.student_config is not None or self.compact_vocab:
-                raise UserError("--init-from takes the student's shape and vocabulary from its folder; drop "
-                                "--student-config / --compact-vocab")
             if not (self.init_from / "config.json").is_file():
-                raise UserError(f"--init-from {self.init_from} is not a student folder (no config.json); "
-                                "pass a final/, best/ or checkpoint-last/ folder written by train-student")
+                raise UserError(f"--init-from {self.init_from} is not a model folder (no config.json); "
+                                "pass a final/, best/ or checkpoint-last/ folder written by train-student, "
+                                "a cut-student folder or a pretrained causal LM folder")
+            if self.student_config is not None or self.student != "fnet" or self.heads is not None:
+                raise UserError("--init-from takes the student's architecture and shape from its folder; "
+                                "drop --student-config / --student / --heads")
+            if self.compact_vocab and _model_type(self.init_from) in (None, "causal_stft_fnet"):
+                raise UserError("--init-from a trained FNet student keeps its folder's vocabulary; drop "
+                                "--compact-vocab (it applies to a transformers model folder)")
         if self.student_config is not None and not self.student_config.is_file():
             raise UserError(f"--student-config {self.student_config} is not a file; pass a JSON file of "
                             "CausalFNetConfig fields (e.g. a checkpoint's config.json)")
@@ -173,3 +191,11 @@ class TrainConfig:
             return [plain(x) for x in v] if isinstance(v, tuple) else v
 
         return {k: plain(v) for k, v in asdict(self).items()}
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        d = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return d.get("model_type") if isinstance(d, dict) else None

@@ -26,18 +26,29 @@ def train_student_command(
                                    "teacher-cache on the GSM8K test split)."),
     val_fraction: float = typer.Option(0.0, help="Hold out this fraction of --cache for validation instead "
                                        "(chosen deterministically from --seed)."),
+    student: str = typer.Option("fnet", help="Student architecture: fnet (the causal STFT FNet) | qwen2 | "
+                                "llama (a stock transformers model, sized by --hidden-size, --layers, --ffn, "
+                                "--heads, --max-positions; saved as a plain transformers folder). Any other "
+                                "transformers architecture: --student-config with its model_type."),
+    heads: int = typer.Option(None, help="Attention heads of a qwen2/llama student (default hidden-size / "
+                              "64; as many key/value heads)."),
     student_config: Path = typer.Option(None, help="JSON file of CausalFNetConfig fields (e.g. a "
-                                        "checkpoint's config.json); replaces --hidden-size .. --dropout."),
-    init_from: Path = typer.Option(None, help="Start from the weights of a trained student folder (final/, "
-                                   "best/ or checkpoint-last/ of a train-student run) instead of a random "
-                                   "init; its shape and vocabulary replace --hidden-size .. --dropout and "
-                                   "must fit the cache. Optimizer and schedule start afresh."),
+                                        "checkpoint's config.json), or of a transformers config with its "
+                                        "model_type (e.g. qwen2); replaces --hidden-size .. --dropout."),
+    init_from: Path = typer.Option(None, help="Start from the weights of a model folder instead of a random "
+                                   "init: a trained student (final/, best/ or checkpoint-last/ of a "
+                                   "train-student run), a cut-student folder or a pretrained transformers "
+                                   "causal LM (no remote code; its tokenizer, if any, must be the cache's). "
+                                   "Its architecture, shape and vocabulary replace --student, --hidden-size "
+                                   ".. --dropout and must fit the cache; --compact-vocab compacts a "
+                                   "transformers model to the cache's ids. Optimizer and schedule start "
+                                   "afresh."),
     hidden_size: int = typer.Option(256, help="Student width d."),
     layers: int = typer.Option(4, help="Student blocks."),
     ffn: int = typer.Option(1024, help="FFN inner width."),
-    window: int = typer.Option(32, help="STFT window W (tokens each mixing layer sees)."),
+    window: int = typer.Option(32, help="STFT window W (tokens each mixing layer sees; FNet only)."),
     max_positions: int = typer.Option(1024, help="Position embeddings (must cover the longest sequence)."),
-    dropout: float = typer.Option(0.1, help="Dropout on embeddings and FFN outputs."),
+    dropout: float = typer.Option(0.1, help="Dropout on embeddings and FFN outputs (FNet only)."),
     steps: int = typer.Option(2000, help="Optimizer steps (the cache is repeated as needed)."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per micro-batch (B x Lmax)."),
     accum: int = typer.Option(None, help="Micro-batches per rank per optimizer step (default 1)."),
@@ -56,7 +67,9 @@ def train_student_command(
                            "samples) | reverse_kl."),
     chunk_size: int = typer.Option(1024, help="Supervised positions per head/loss chunk (memory vs speed)."),
     compact_vocab: bool = typer.Option(False, "--compact-vocab", help="Give the student rows only for the "
-                                       "token ids that occur in the caches (much smaller head)."),
+                                       "token ids that occur in the caches (much smaller head). A "
+                                       "transformers student keeps one shared row for all other ids and is "
+                                       "saved expanded to the full vocabulary (a plain model)."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | "
                                   "fp16 (CUDA, with a GradScaler)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student forward."),
@@ -85,7 +98,8 @@ def train_student_command(
                                   "every --log-every steps or 30 s (FNET_PROGRESS_SECONDS); the summary is "
                                   "printed either way."),
 ) -> None:
-    """Train the causal STFT FNet student from a teacher cache (the teacher is never loaded).
+    """Train a student from a teacher cache (the teacher is never loaded): the causal STFT FNet, or any
+    transformers causal LM (--student qwen2|llama, --student-config, --init-from a model folder).
 
     loss = alpha * CE(labels) + (1 - alpha) * tau^2 * KD, per supervised token of the whole optimizer step.
 
@@ -109,7 +123,8 @@ def train_student_command(
     cfg = TrainConfig(
         cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache,
         val_fraction=val_fraction, student_config=student_config,
-        init_from=init_from, extend=extend, keep_best=keep_best, report_to=report_to,
+        init_from=init_from, student=student, heads=heads, extend=extend, keep_best=keep_best,
+        report_to=report_to,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, alpha=alpha,
