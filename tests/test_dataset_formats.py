@@ -356,6 +356,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow
 def test_messages_dataset_through_both_stages_matches_a_hand_computation(demo_tokenizer, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -428,3 +429,47 @@ def test_messages_dataset_through_both_stages_matches_a_hand_computation(demo_to
             teacher=str(TEACHER), dataset=str(renamed), out=cache, fields=("messages=conversations",), topk=8,
             encoding="exact", logprob_dtype="float32", temperatures=(1.0,), unit_size=4, max_length=128,
             device="cpu", progress=False))
+
+
+def test_write_answers_prompt_rows_like_questions(demo_tokenizer, tmp_path):
+    """--write on prompt rows: a prompt string writes what the same question writes (same text, tokens and
+    teacher rows; another fingerprint), a prompt of turns conditions the writer on them, and the cached
+    sequence is the prompt turns then the written reply."""
+    from cache.format import open_cache
+    from pipeline.demo.problems import iter_problems
+    from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+
+    it = iter_problems(5, stream="tests")
+    probs = [next(it) for _ in range(3)]
+    qs = write_jsonl(tmp_path / "q.jsonl", [{"question": p["question"]} for p in probs])
+    ps = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p["question"]} for p in probs])
+    system = "Answer with the number after ####."
+    pl = write_jsonl(tmp_path / "pl.jsonl", [{"prompt": msg(("system", system), ("user", p["question"])),
+                                              "completion": p["answer"]} for p in probs])
+
+    def cache(data: Path, name: str):
+        out = tmp_path / name
+        run_teacher_cache(TeacherCacheConfig(
+            teacher=str(TEACHER), dataset=str(data), out=out, topk=8, temperatures=(1.0,), max_length=256,
+            unit_size=8, device="cpu", progress=False, write=2, keep="all", write_max_tokens=48,
+            encoding="exact", logprob_dtype="float32"))
+        r = open_cache(out, verify_hashes="all")
+        return r, [r[i] for i in range(len(r))]
+
+    rq, from_q = cache(qs, "q")
+    rp, from_p = cache(ps, "p")
+    assert rp.fingerprint["dataset"]["format"] == "prompt-completion"
+    assert "format" not in rq.fingerprint["dataset"]
+    assert len(from_q) == len(from_p) > 0
+    for a, b in zip(from_q, from_p):
+        for f in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+    _, from_l = cache(pl, "pl")
+    prompts = {tuple(chat_prompt_ids(demo_tokenizer, [Turn("system", system), Turn("user", p["question"])]))
+               for p in probs}
+    for r in from_l:
+        start = r.assistant_start
+        assert tuple(r.input_ids[:start].tolist()) in prompts
+        assert r.loss_mask[start:].all() and not r.loss_mask[:start].any()
+        assert r.input_ids[-1] == demo_tokenizer.eos_token_id
