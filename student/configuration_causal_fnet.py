@@ -8,6 +8,7 @@ project.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 from transformers import PretrainedConfig
@@ -24,6 +25,14 @@ class CausalFNetConfig(PretrainedConfig):
     ``vocab_map`` (optional, sorted tokenizer ids) turns on vocabulary compaction: the model then has
     ``len(vocab_map)`` embedding/head rows, still reads tokenizer ids, and ``full_vocab_size`` is the
     tokenizer's id range. ``stft_impl`` picks the mixing kernel: "auto" (measured crossover), "conv", "fft".
+
+    ``num_tokenizer_ids`` (optional, ``len(tokenizer)``): logits at ids from there on are -inf. A teacher's
+    embedding is often padded past its tokenizer (Qwen2: 151,936 rows, 151,646 ids); the student keeps
+    those rows for training (the cached teacher distributions put a little mass there) but never emits them.
+
+    In ``config.json`` a compacted student's ``vocab_size`` is the width of its logits (the tokenizer's id
+    range, what tools that read the file without this code expect); loaded, ``vocab_size`` is the number of
+    rows again (``len(vocab_map)``). Files written the other way (``vocab_size`` = rows) load the same.
     """
 
     model_type = "causal_stft_fnet"
@@ -44,8 +53,11 @@ class CausalFNetConfig(PretrainedConfig):
         vocab_map: list[int] | None = None,
         full_vocab_size: int | None = None,
         stft_impl: str = "auto",
+        num_tokenizer_ids: int | None = None,
         **kwargs,
     ):
+        if vocab_map is not None and full_vocab_size is not None and int(vocab_size) == int(full_vocab_size):
+            vocab_size = len(vocab_map)  # config.json's vocab_size of a compacted student: the logits' width
         self.vocab_size = int(vocab_size)
         self.hidden_size = int(hidden_size)
         self.num_hidden_layers = int(num_hidden_layers)
@@ -58,6 +70,7 @@ class CausalFNetConfig(PretrainedConfig):
         self.vocab_map = None if vocab_map is None else [int(i) for i in vocab_map]
         self.full_vocab_size = None if full_vocab_size is None else int(full_vocab_size)
         self.stft_impl = stft_impl
+        self.num_tokenizer_ids = None if num_tokenizer_ids is None else int(num_tokenizer_ids)
         with self._tokenizer_range():  # transformers checks special-token ids against vocab_size here
             super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
@@ -76,6 +89,17 @@ class CausalFNetConfig(PretrainedConfig):
     def validate(self) -> None:
         with self._tokenizer_range():
             super().validate()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """``config.json``: as transformers writes it, with a compacted student's ``vocab_size`` the width of
+        its logits, so that a plain ``PretrainedConfig`` read of the file (``AutoTokenizer`` without
+        ``trust_remote_code`` makes one) finds the eos/pad ids inside the vocabulary."""
+        text = super().to_json_string(use_diff)
+        if self.vocab_map is None:
+            return text
+        d = json.loads(text)
+        d["vocab_size"] = self.full_vocab_size
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -99,6 +123,10 @@ class CausalFNetConfig(PretrainedConfig):
                 raise ModelInputError(f"vocab_map ids must lie in [0, full_vocab_size="
                                       f"{self.full_vocab_size}); set full_vocab_size to the tokenizer's "
                                       "id range")
+        n = self.num_tokenizer_ids
+        if n is not None and not 1 <= n <= self.output_vocab_size:
+            raise ModelInputError(f"num_tokenizer_ids must be in [1, {self.output_vocab_size}] (the logits' "
+                                  f"width), got {n}; set it to len(tokenizer) or leave it out")
 
     @property
     def output_vocab_size(self) -> int:

@@ -58,9 +58,48 @@ def _fmt(v: Any) -> str:
         return f"{v:,}"
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return f"`{json.dumps(v, sort_keys=True)}`"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items() if x is not None)
     return str(v)
+
+
+HASH_DIGITS = 16  # of a 128-bit content hash: enough to tell two models or datasets apart by eye
+
+
+def short_hash(h: str) -> str:
+    """``xxh3_128:809a4ec9...`` -> its first ``HASH_DIGITS`` hex digits."""
+    return str(h).rpartition(":")[2][:HASH_DIGITS]
+
+
+def teacher_text(teacher: Any) -> str | None:
+    """The teacher as a reader wants it: a Hub id (and revision) or a local model's content hash."""
+    if not isinstance(teacher, dict):
+        return None if teacher is None else str(teacher)
+    if teacher.get("id"):
+        rev = teacher.get("revision")
+        return teacher["id"] + (f" (revision {str(rev)[:12]})" if rev else "")
+    if teacher.get("hash"):
+        return f"a local model (content hash {short_hash(teacher['hash'])})"
+    return _fmt(teacher)
+
+
+def dataset_text(dataset: Any) -> str | None:
+    """``train split, all rows, content hash fe741bdcb015ddf7`` and any other recorded field."""
+    if not isinstance(dataset, dict):
+        return None if dataset is None else str(dataset)
+    d = dict(dataset)
+    parts = []
+    if d.get("split"):
+        parts.append(f"{d.pop('split')} split")
+    if "limit" in d:
+        limit = d.pop("limit")
+        parts.append("all rows" if limit is None else f"first {limit:,} rows")
+    if d.get("hash"):
+        parts.append(f"content hash {short_hash(d.pop('hash'))}")
+    rest = _fmt({k: v for k, v in d.items()})
+    return ", ".join(parts + ([rest] if rest else []))
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
@@ -81,12 +120,20 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
                            cache_manifest=cache_manifest, metrics=metrics, name=name)
     cfg = CausalFNetConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
     fp = cache_manifest.get("fingerprint") or {}
-    teacher = fp.get("teacher")
-    teacher_name = teacher
-    if isinstance(teacher, dict):
-        teacher_name = teacher.get("id") or (f"a local model (content hash {teacher['hash'][:12]})"
-                                             if teacher.get("hash") else None)
+    teacher_name = teacher_text(fp.get("teacher"))
+    if isinstance(fp.get("teacher"), dict) and fp["teacher"].get("id"):
+        teacher_name = fp["teacher"]["id"]  # the title names the model; the table gives the revision
     compact = cfg.vocab_map is not None
+    batch_tokens = train_config.get("batch_tokens")
+    micro = provenance.get("micro_batches_per_step")
+    val_fraction = train_config.get("val_fraction") or 0
+    held_out = None
+    if val_fraction and not train_config.get("val_cache") and not provenance.get("val_cache"):
+        source = "the first training cache's" if provenance.get("mix") else "the training cache's"
+        held_out = (f"{val_fraction:.1%} of {source} sequences, held out before training (never trained on, "
+                    "but the same teacher and data as training: not an independent test set)")
+    n_ids = cfg.num_tokenizer_ids
+    emits = len([i for i in cfg.vocab_map if n_ids is None or i < n_ids]) if compact else None
     vocab = f"{cfg.vocab_size:,} rows, compacted from {cfg.full_vocab_size:,} tokenizer ids" if compact \
         else f"{cfg.vocab_size:,}"
     reach = cfg.num_hidden_layers * (cfg.stft_window_size - 1) + 1
@@ -114,16 +161,17 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
                  ("dtype", config.get("dtype") or config.get("torch_dtype"))]),
         "",
         "## Teacher and data",
-        *_table([("teacher", teacher), ("cache", provenance.get("cache")),
+        *_table([("teacher", teacher_text(fp.get("teacher"))), ("cache", provenance.get("cache")),
                  ("cache fingerprint digest", provenance.get("cache_fingerprint_digest")
                   or cache_manifest.get("fingerprint_digest")),
-                 ("dataset", fp.get("dataset")), ("tokenizer hash", fp.get("tokenizer_hash")),
+                 ("dataset", dataset_text(fp.get("dataset"))), ("tokenizer hash", fp.get("tokenizer_hash")),
                  ("sequences", cache_manifest.get("num_sequences")),
                  ("tokens", cache_manifest.get("num_tokens")),
                  ("supervised tokens", cache_manifest.get("num_supervised")),
                  ("teacher top-k", cache_manifest.get("topk")), ("samples", cache_manifest.get("samples")),
                  ("temperatures", cache_manifest.get("temperatures")),
                  ("mixed caches (sequences per epoch)", _mix_text(provenance.get("mix"))),
+                 ("validation", held_out),
                  ("validation cache", provenance.get("val_cache")),
                  ("validation cache fingerprint digest", provenance.get("val_cache_fingerprint_digest"))]),
         "",
@@ -133,15 +181,18 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
                  ("loss", train_config.get("kd")), ("alpha (CE weight)", train_config.get("alpha")),
                  ("KD temperature", train_config.get("temperature")),
                  ("learning rate", train_config.get("lr")),
-                 ("tokens per step", train_config.get("batch_tokens")),
+                 ("micro-batch size (padded tokens, --batch-tokens)", batch_tokens),
+                 ("micro-batches per step (all processes)", micro),
+                 ("padded tokens per step (at most)", None if None in (batch_tokens, micro)
+                  else batch_tokens * micro),
                  ("precision", provenance.get("precision")), ("processes", provenance.get("world_size")),
                  ("seed", train_config.get("seed")), ("torch", provenance.get("torch"))]),
         "",
         "The full resolved settings are in `train_config.json`, the origin in `provenance.json`.",
         "",
         "## Validation",
-        *([f"The run's last validation before this folder was written (step {metrics.get('step')}):", ""]
-          if metrics else []),
+        *([f"The run's last validation before this folder was written (step {metrics.get('step')})"
+           + (f", on {held_out}:" if held_out else ":"), ""] if metrics else []),
         *(_table([(k, v) for k, v in metrics.items() if k not in ("event",)]) if metrics
           else ["No validation was run for this folder (no `--val-cache` / `--val-fraction`)."]),
         "",
@@ -170,6 +221,9 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "(`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True ...`) work on the folder; "
         "`model(ids).logits` are over tokenizer ids" + (" (ids outside the compacted vocabulary at -inf)."
                                                           if compact else "."),
+        *(["", f"Ids from {n_ids:,} on (the teacher's padded embedding rows; no token of the tokenizer's "
+           f"{n_ids:,} decodes to them) have -inf logits: the model never emits them."]
+          if n_ids is not None and n_ids < cfg.output_vocab_size else []),
         "",
         "## Limits",
         f"- At most {cfg.max_position_embeddings:,} positions (prompt + generated); longer inputs are an "
@@ -179,7 +233,7 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "reaches it.",
         *(["- Compacted vocabulary: the model reads any tokenizer id (ids outside the map count as zero "
            "vectors) but can only produce the "
-           f"{cfg.vocab_size:,} ids of its map; text needing other tokens cannot be generated."] if compact
+           f"{emits:,} tokens of its map; text needing other tokens cannot be generated."] if compact
           else []),
         "- A small student trained on the teacher's answers to one task's data: expect it to follow that "
         "task's format, not to be a general assistant; check the validation numbers above.",

@@ -12,6 +12,7 @@ the model card are project-side (``student/modeling.py``, ``student/model_card.p
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from .configuration_causal_fnet import CausalFNetConfig, ModelInputError
 from .decoding import RollingStateCache, generate_tokens
@@ -142,6 +143,33 @@ class CausalFNetBlock(GradientCheckpointingLayer):
         return F.layer_norm(y, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
 
 
+# The model card and the training run's record in a saved folder: a model loaded from the folder carries
+# them (a few kB) and writes them again with save_pretrained. Not manifest.json: it hashes the old files.
+RUN_FILES = ("README.md", "train_config.json", "provenance.json")
+
+
+def _read_run_files(path: str | os.PathLike, kwargs: dict) -> dict[str, bytes]:
+    """The ``RUN_FILES`` a folder or Hub repository holds (those it lacks are skipped; never an error)."""
+    found: dict[str, bytes] = {}
+    sub = kwargs.get("subfolder") or ""
+    for name in RUN_FILES:
+        if os.path.isdir(path):
+            file: str | None = os.path.join(path, sub, name)
+        else:
+            try:
+                file = cached_file(path, name, subfolder=sub, cache_dir=kwargs.get("cache_dir"),
+                                   revision=kwargs.get("revision"), token=kwargs.get("token"),
+                                   local_files_only=kwargs.get("local_files_only", False),
+                                   _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False)
+            except Exception:  # offline, gated, no such repo: the weights loaded, the card is a nicety
+                file = None
+        if file is not None and os.path.isfile(file):
+            with open(file, "rb") as f:
+                found[name] = f.read()
+    return found
+
+
 class CausalFNetPreTrainedModel(PreTrainedModel):
     config_class = CausalFNetConfig
     config: CausalFNetConfig
@@ -150,6 +178,26 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CausalFNetBlock"]
     _can_compile_fullgraph = True
     _is_stateful = True  # a rolling state cannot be rolled back: no assisted generation
+    run_files: dict[str, bytes] = {}  # RUN_FILES of the folder this model was loaded from (name -> bytes)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.run_files = _read_run_files(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """transformers' ``save_pretrained``, plus the model card, ``train_config.json`` and
+        ``provenance.json`` of the folder the model was loaded from (written first, so ``push_to_hub``
+        uploads them too)."""
+        if is_main_process and self.run_files:
+            os.makedirs(save_directory, exist_ok=True)
+            for name, data in self.run_files.items():
+                with open(os.path.join(save_directory, name), "wb") as f:
+                    f.write(data)
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
 
     @contextlib.contextmanager
     def shared_kernels(self, max_len: int | None = None) -> Iterator[None]:
@@ -307,7 +355,7 @@ class CausalFNetForCausalLM(CausalFNetModel, GenerationMixin):
     def __init__(self, config: CausalFNetConfig):
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._vocab_index: torch.Tensor | None = None
+        self._vocab_index: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -317,14 +365,28 @@ class CausalFNetForCausalLM(CausalFNetModel, GenerationMixin):
         self.lm_head = value
 
     def to_full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., vocab_size) row logits -> (..., output_vocab_size) tokenizer-id logits, -inf where absent."""
-        vm = self.config.vocab_map
-        if vm is None:
+        """(..., vocab_size) row logits -> (..., output_vocab_size) tokenizer-id logits: the rows' logits
+        unchanged at their ids, -inf at ids without a row (compacted) and at ids from ``num_tokenizer_ids``
+        on (no token decodes to them), so ``generate`` never emits those."""
+        vm, n, width = self.config.vocab_map, self.config.num_tokenizer_ids, self.config.output_vocab_size
+        if n is None or n >= width:
+            n = None
+        if vm is None and n is None:
             return logits
-        if self._vocab_index is None or self._vocab_index.device != logits.device:
-            self._vocab_index = torch.tensor(vm, device=logits.device)
-        full = logits.new_full((*logits.shape[:-1], self.config.full_vocab_size), float("-inf"))
-        full[..., self._vocab_index] = logits
+        if self._vocab_index is None or self._vocab_index[0].device != logits.device:
+            if vm is None:  # (width,) True at the ids to mask
+                self._vocab_index = (torch.arange(width, device=logits.device) >= n, None)
+            else:  # tokenizer ids and the rows that give them
+                pairs = [(i, r) for r, i in enumerate(vm) if n is None or i < n]
+                cols = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=logits.device)
+                rows = (None if len(pairs) == len(vm)
+                        else torch.tensor([r for _, r in pairs], dtype=torch.long, device=logits.device))
+                self._vocab_index = (cols, rows)
+        index, rows = self._vocab_index
+        if vm is None:
+            return logits.masked_fill(index, float("-inf"))
+        full = logits.new_full((*logits.shape[:-1], width), float("-inf"))
+        full[..., index] = logits if rows is None else logits[..., rows]
         return full
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

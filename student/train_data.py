@@ -264,6 +264,9 @@ def student_model_config(cfg: TrainConfig, data: TrainData) -> CausalFNetConfig:
                  intermediate_size=cfg.ffn, stft_window_size=cfg.window,
                  max_position_embeddings=cfg.max_positions, hidden_dropout_prob=cfg.dropout)
     d.update(pad_token_id=data.pad_id, eos_token_id=data.eos_id)
+    tok_ids = tokenizer_info(reader).get("vocab_size")  # len(tokenizer): ids past it are padded teacher rows
+    if tok_ids is not None and int(tok_ids) < reader.vocab_size:
+        d["num_tokenizer_ids"] = int(tok_ids)
     if cfg.compact_vocab:
         ids = cache_token_ids(data)
         d.update(vocab_size=len(ids), vocab_map=ids.tolist(), full_vocab_size=reader.vocab_size)
