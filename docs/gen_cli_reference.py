@@ -12,7 +12,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "cli.md"
 COMMANDS = [[], ["teacher-cache"], ["cache", "info"], ["cache", "verify"], ["train-student"], ["eval"],
-            ["generate"], ["demo"]]
+            ["generate"], ["demo"], ["cut-student"]]
 HEADER = """# Command-line reference
 
 Generated from the real `--help` output by `python docs/gen_cli_reference.py`; do not edit by hand.

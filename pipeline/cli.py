@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 from cache.util import UserError
 from pipeline import __version__
 from pipeline.commands import cache as cache_commands
-from pipeline.commands import demo, evaluate, generate, teacher_cache, train_student
+from pipeline.commands import cut_student, demo, evaluate, generate, teacher_cache, train_student
 
 app = typer.Typer(
     name="fnet-distill",
@@ -53,6 +53,7 @@ cache_commands.register(cache_app)
 teacher_cache.register(app)
 generate.register(app)
 train_student.register(app)
+cut_student.register(app)
 evaluate.register(app)
 demo.register(app)
 

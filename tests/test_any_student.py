@@ -204,3 +204,89 @@ def test_a_student_of_another_tokenizer_or_too_small_a_vocabulary_is_refused(tmp
     with pytest.raises(UserError, match="--student must be one of"):
         tiny(caches["full"], tmp_path / "c", student="mamba")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------- cut student
+
+
+def _tiny_teacher(folder: Path, layers: int = 4):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    cfg = AutoConfig.for_model("qwen2", vocab_size=V, hidden_size=16, num_hidden_layers=layers,
+                               intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=64, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger than the init so that every layer changes the logits
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def _by_hand(teacher, ids: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """Logits of the teacher's embeddings -> its layers ``layers`` in order -> its final norm and head,
+    composed from the teacher's own modules."""
+    t = teacher.model
+    h = t.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    pe = t.rotary_emb(h, pos)
+    for i in layers:
+        h = t.layers[i](h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    return teacher.lm_head(t.norm(h))
+
+
+def test_cut_student_keeps_the_teachers_layers_and_computes_them(tmp_path, caches):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    teacher = _tiny_teacher(tmp_path / "teacher")
+    ids = torch.tensor([[1, 5, 9, 2, 30, 7, 7, 3]])
+    with torch.no_grad():  # the hand-built reference is the teacher itself when every layer is kept
+        torch.testing.assert_close(_by_hand(teacher, ids, [0, 1, 2, 3]), teacher(ids).logits)
+    res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher"), "--layers", "0,2-3",
+                                   "--out", str(tmp_path / "cut")])
+    assert res.exit_code == 0, res.output
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    record = json.loads((tmp_path / "cut" / "cut.json").read_text())
+    assert record["kept_layers"] == [0, 2, 3] and record["teacher_layers"] == 4
+    assert record["parameters"] == sum(p.numel() for p in cut.parameters())
+    assert record["teacher_parameters"] == sum(p.numel() for p in teacher.parameters())
+    assert cut.config.num_hidden_layers == 3
+    tp = dict(teacher.named_parameters())
+    for name, p in cut.named_parameters():
+        if name.startswith("model.layers."):
+            j, rest = name[len("model.layers."):].split(".", 1)
+            name = f"model.layers.{[0, 2, 3][int(j)]}.{rest}"
+        assert torch.equal(p, tp[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, _by_hand(teacher, ids, [0, 2, 3]), rtol=1e-5, atol=1e-5)
+
+    # a narrower FFN keeps the channels with the largest gate * up * down norms, in order
+    res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher"), "--layers", "1",
+                                   "--ffn", "8", "--out", str(tmp_path / "narrow")])
+    assert res.exit_code == 0, res.output
+    narrow = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow")
+    mlp = teacher.model.layers[1].mlp
+    with torch.no_grad():
+        score = [float(mlp.gate_proj.weight[j].norm() * mlp.up_proj.weight[j].norm()
+                       * mlp.down_proj.weight[:, j].norm()) for j in range(32)]
+    keep = sorted(sorted(range(32), key=lambda j: -score[j])[:8])
+    assert json.loads((tmp_path / "narrow" / "cut.json").read_text())["ffn_channels"] == {"1": keep}
+    got = narrow.model.layers[0].mlp
+    assert torch.equal(got.up_proj.weight, mlp.up_proj.weight[keep])
+    assert torch.equal(got.down_proj.weight, mlp.down_proj.weight[:, keep])
+
+    # the cut folder is a starting point for train-student (same vocabulary as the cache here)
+    out = train_student(tiny(caches["full"], tmp_path / "run", student="fnet", heads=None,
+                             init_from=tmp_path / "cut", steps=2))
+    assert out.final_metrics["step"] == 2
+    assert json.loads((tmp_path / "run" / FINAL / "config.json").read_text())["num_hidden_layers"] == 3
+
+    for bad, match in ((["--layers", "2,1"], "increasing and distinct"), (["--layers", "0,9"], "not layers"),
+                       (["--layers", "0", "--ffn", "99"], "--ffn 99 must be between")):
+        res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher"), *bad, "--out",
+                                       str(tmp_path / "x")])
+        assert isinstance(res.exception, UserError) and match in str(res.exception), res.output
