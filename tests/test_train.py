@@ -403,7 +403,13 @@ def test_cli_end_to_end_on_a_real_cache(tmp_path, real_cache, monkeypatch, capsy
     model = CausalFNetForCausalLM.from_pretrained(out / FINAL)
     tok = AutoTokenizer.from_pretrained(out / FINAL)
     ids = tok("12 + 7", return_tensors="pt").input_ids
-    assert model(ids, full_vocab_logits=True).logits.shape[-1] == open_cache(real_cache).vocab_size
+    logits = model(ids, full_vocab_logits=True).logits
+    assert logits.shape[-1] == open_cache(real_cache).vocab_size
+    # the teacher's padded rows (ids past the tokenizer) are in the map, but never emitted
+    assert model.config.num_tokenizer_ids == len(tok) < max(model.config.vocab_map)
+    assert torch.isneginf(logits[..., len(tok):]).all() and torch.isfinite(logits[..., ids[0]]).all()
+    card = (out / FINAL / "README.md").read_text()
+    assert "34.0% of the training cache's sequences, held out" in card and f"Ids from {len(tok):,} on" in card
     events = metrics_of(out)
     assert {"train", "eval"} <= {m["event"] for m in events}
     assert all(np.isfinite(m["loss"]) for m in events if m["event"] == "train")
@@ -412,6 +418,7 @@ def test_cli_end_to_end_on_a_real_cache(tmp_path, real_cache, monkeypatch, capsy
     from pipeline.cli import main
 
     monkeypatch.setattr(sys, "argv", ["fnet-distill", *cmd[3:-2], "--seed", "2", "--resume"])
+    capsys.readouterr()  # what loading the model above printed (its bar, when no command has turned it off)
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
