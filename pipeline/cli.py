@@ -3,6 +3,7 @@ torch/transformers inside its command body, so ``--help`` stays fast)."""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
@@ -43,10 +44,29 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def quiet_library_bars(stream=None) -> None:
+    """When stderr is not a terminal (a log file, SLURM, CI), turn off the progress bars of the libraries
+    underneath (transformers, huggingface_hub, datasets, any tqdm): their carriage-return redraws would pile
+    up in the log between our own plain progress lines. Set in the environment, so worker processes and
+    torchrun ranks inherit it (a value the user set is kept), and in the libraries already imported. Our own
+    ``student.progress`` lines are not affected."""
+    stream = sys.stderr if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
+    if "huggingface_hub" in sys.modules:  # these read the environment once, at import
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    pass
+    quiet_library_bars()  # before any command imports them
 
 
 cache_commands.register(cache_app)
@@ -84,11 +104,21 @@ _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "t", "f", "y
 
 def usage_error_line(e: click_exc.UsageError) -> str:
     """One line for a command-line mistake (click prints usage + a boxed error otherwise)."""
-    msg = e.format_message().strip().rstrip(".")
+    msg = e.format_message().strip().rstrip(".").replace("Value error, ", "")  # typer's validation prefix
+    near = None
+    wrong = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", msg)
+    if wrong:  # a choice option: name the choice meant by a near miss (topk-tail, TopK_Tail, tensorbord)
+        choices = re.findall(r"'([^']*)'", wrong.group(2))
+        given = wrong.group(1).strip().lower().replace("-", "_")
+        digits = [c for c in given if c.isdigit()]  # fp64 is not a typo of fp16
+        near = next((c for c in difflib.get_close_matches(given, choices, n=3, cutoff=0.8)
+                     if [d for d in c if d.isdigit()] == digits), None)
     extra = re.search(r"unexpected extra argument(?:s|\(s\))? \((.*)\)", msg)
     if extra and extra.group(1).split()[0].lower() in _BOOL_WORDS:
         msg += "; yes/no options are flags: write the flag alone (e.g. --compact-vocab, --no-progress)"
     command = e.ctx.command_path if e.ctx is not None else "fnet-distill"
+    if near is not None:
+        return f"{msg}; did you mean {near!r}? See {command} --help"
     return f"{msg}; see {command} --help"
 
 

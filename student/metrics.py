@@ -1,22 +1,23 @@
-"""``metrics.jsonl`` (one JSON object per training-log or evaluation event), its plot ``curves.png`` and,
-with ``--report-to tensorboard``, the same numbers as TensorBoard scalars in ``tensorboard/``."""
+"""``metrics.jsonl`` (one JSON object per training-log or evaluation event) and its plot ``curves.png``;
+with ``--report-to``, the same numbers go to the trackers of ``student.reporting`` (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cache.util import UserError, atomic_write_bytes
+from cache.util import atomic_write_bytes
+from student.reporting import TENSORBOARD, Reporter
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
-TENSORBOARD = "tensorboard"
 PLOT_INTERVAL_S = 60.0  # curves.png is redrawn at an evaluation at most this often, and always at the end
+
+__all__ = ["CURVES", "METRICS", "TENSORBOARD", "MetricsLog", "plot_curves"]
 
 
 class MetricsLog:
@@ -24,12 +25,13 @@ class MetricsLog:
 
     ``keep_until_step``: a resumed run keeps what was logged up to its checkpoint's step and drops the rest
     (the resumed run logs those steps again), so no line is duplicated or lost; ``None`` starts afresh.
-    ``tensorboard``: every numeric field of every record also goes to TensorBoard as ``EVENT/FIELD`` at its
-    step (events after the checkpoint's step are purged on resume, as in ``metrics.jsonl``)."""
+    ``reporters``: every record also goes to each of them (``student.reporting.open_reporters``); they are
+    closed with the log."""
 
-    def __init__(self, out: Path, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
+    def __init__(self, out: Path, enabled: bool, keep_until_step: int | None,
+                 reporters: Sequence[Reporter] = ()):
         self.path, self.png, self.enabled = out / METRICS, out / CURVES, enabled
-        self.tb = None
+        self.reporters = list(reporters)
         self._last_plot = time.monotonic()  # the first redraw comes PLOT_INTERVAL_S in (or at the end)
         if not enabled:
             return
@@ -39,8 +41,6 @@ class MetricsLog:
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and _line_step(ln) is not None and _line_step(ln) <= keep_until_step]
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
-        if tensorboard:
-            self.tb = _tensorboard_writer(out / TENSORBOARD, keep_until_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -48,16 +48,14 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
-            self.tb.flush()
+        for reporter in self.reporters:
+            reporter.log(record)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        """Close the reporters (each once; a tracker flushes its last events here)."""
+        reporters, self.reporters = self.reporters, []
+        for reporter in reporters:
+            reporter.close()
 
     def last(self, event: str) -> dict[str, Any]:
         """The last record of this event kind (``train`` or ``eval``), {} if none (or not rank 0)."""
@@ -75,28 +73,6 @@ class MetricsLog:
         if self.enabled and (force or now - self._last_plot >= PLOT_INTERVAL_S):
             plot_curves(self.path, self.png)
             self._last_plot = time.monotonic()
-
-
-def _tensorboard_writer(folder: Path, keep_until_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-                        "(or pip install 'fnet-distill[tensorboard]'), or drop --report-to") from None
-    if keep_until_step is None:
-        shutil.rmtree(folder, ignore_errors=True)  # a fresh run, like metrics.jsonl
-    # SummaryWriter opens its event file in a writer thread: a folder it cannot write fails there, and that
-    # thread's traceback would follow the one-line error at exit. Try the folder here first.
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"--report-to tensorboard cannot write to {folder} ({e.strerror or e}); fix its "
-                        "permissions or drop --report-to") from None
-    if keep_until_step is None:
-        return SummaryWriter(str(folder))
-    return SummaryWriter(str(folder), purge_step=keep_until_step + 1)
 
 
 def _line_step(line: str) -> int | None:

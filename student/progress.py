@@ -1,8 +1,9 @@
 """Progress of a long loop, readable both on a terminal and in a log file.
 
 On a terminal a tqdm bar redraws in place. When the stream is not a terminal (``> log``, SLURM, CI) a bar's
-carriage-return redraws pile up into one enormous line, so ``Progress`` writes one plain line instead every
-``every`` units or ``every_seconds`` seconds, whichever comes first, and one at the end::
+carriage-return redraws pile up into one enormous line, so ``Progress`` writes one plain line instead at
+every multiple of ``every`` units and whenever ``every_seconds`` seconds have passed since the last line, and
+one at the end (the values shown are those of the latest ``update``, never older)::
 
     train 120/2000 step (6%)  loss 3.412  12,345 tok/s  elapsed 1m02s  ETA 16m20s
 
@@ -73,8 +74,9 @@ class Progress:
         if enabled and tty:
             from tqdm import tqdm
 
+            # disable=False: TQDM_DISABLE (set for libraries' bars in a log file) must not reach our own
             self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=self.stream,
-                             dynamic_ncols=True, unit_scale=unit == "tok")
+                             dynamic_ncols=True, unit_scale=unit == "tok", disable=False)
 
     def update(self, n: int = 1, *, tokens: int = 0, **shown: Any) -> None:
         """``n`` more units done (``tokens`` more tokens processed); keyword values replace the shown ones."""
@@ -91,7 +93,8 @@ class Progress:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if ((self.every is not None and self.n - self._last_n >= self.every)
+        # at each multiple of `every` (so a resumed run and a time-triggered line keep the same rhythm)
+        if ((self.every is not None and self.n // self.every > self._last_n // self.every)
                 or now - self._last_t >= self.every_seconds):
             self._write(now)
 

@@ -69,7 +69,8 @@ from student.interrupt import (
 from student.losses import DistillTargets, LossSums, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalSTFT, count_parameters
-from student.progress import Progress
+from student.progress import Progress, format_duration
+from student.reporting import open_reporters
 from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
 from student.sources import build_student, check_any_vocabulary, init_from_folder, load_any_student
 from student.train_config import TrainConfig
@@ -513,8 +514,12 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
     cfg, st = run.cfg, run.state
     lc = cfg.loss_config()
     sched = cfg.schedule_config()
-    metrics = MetricsLog(cfg.out, run.is_main, st.step if cfg.resume else None,
-                         tensorboard=cfg.report_to == "tensorboard")
+    keep_until = st.step if cfg.resume else None
+    # --report-to: rank 0 opens the trackers (a finished run resumed has nothing to report)
+    reporters = (open_reporters(cfg.report_to, cfg.out, keep_until, cfg.to_json(),
+                                wandb_project=cfg.wandb_project, run_name=cfg.run_name)
+                 if run.is_main and st.step < cfg.steps else [])
+    metrics = MetricsLog(cfg.out, run.is_main, keep_until, reporters)
     if st.step >= cfg.steps:
         return _already_finished(run, metrics, t_start)
     last_eval: dict[str, Any] = {}
@@ -534,7 +539,8 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
             kl = last_eval.get("val_kl")
             line = (f"eval step {st.step}: val CE {last_eval['val_ce']:.4f}"
                     + ("" if kl is None else f", KL to the teacher {kl:.4f}")
-                    + f", top-1 agreement {last_eval['val_top1_agree']:.1%}")
+                    + f", top-1 agreement {last_eval['val_top1_agree']:.1%}"
+                    + f", elapsed {format_duration(time.perf_counter() - t_start)}")
             if bar is not None:
                 bar.write(line)
             else:
@@ -546,7 +552,9 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
 
     if st.step == 0 and cfg.eval_every:
         run_eval()
-    # a bar on a terminal; in a log file one plain line every --log-every steps (or 30 s) with loss and ETA
+    # a bar on a terminal; in a log file one plain line every --log-every steps (or 30 s) with loss and ETA.
+    # Its loss is the mean over the steps since the last metrics line, up to this step: at a --log-every
+    # step exactly the loss that metrics.jsonl records, in between never a stale value.
     bar = Progress(cfg.steps, desc="train", unit="step", initial=st.step,
                    enabled=cfg.progress and run.is_main, every=cfg.log_every)
     window = np.zeros(7)
@@ -576,7 +584,7 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
                 st.supervised_tokens += int(sums[4])
                 window += np.asarray(sums)
                 window_steps += 1
-                shown = {}
+                shown = {"loss": step_loss(window, lc.alpha, lc.temperature)}
                 if st.step % cfg.log_every == 0 or st.step == cfg.steps:
                     dt = max(time.perf_counter() - window_t, 1e-9)
                     rows = max(window[4], 1.0)
@@ -590,7 +598,6 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
                         "steps_per_s": window_steps / dt, "elapsed_s": time.perf_counter() - t_start,
                     }
                     metrics.write(last_train)
-                    shown = {"loss": last_train["loss"]}
                     window[:] = 0
                     window_t, window_steps = time.perf_counter(), 0
                 bar.update(1, tokens=int(sums[5]), **shown)

@@ -10,10 +10,10 @@ from typing import Any
 
 from cache.util import UserError
 from student.losses import LossConfig
+from student.reporting import parse_report_to
 from student.schedule import OptimizerConfig, ScheduleConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-REPORT_TO = ("none", "tensorboard")
 # --student: the causal STFT FNet, or a stock transformers architecture at the shape options
 STUDENTS = ("fnet", "qwen2", "llama")
 
@@ -22,7 +22,7 @@ STUDENTS = ("fnet", "qwen2", "llama")
 RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "num_workers", "device",
                          "compile",
                          "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
-                         "report_to", "record_cache_mb"})
+                         "report_to", "wandb_project", "run_name", "record_cache_mb"})
 
 
 @dataclass
@@ -44,7 +44,9 @@ class TrainConfig:
     initialisation. ``extend`` (with ``resume``): continue to a larger ``steps``; the learning-rate schedule
     stays the checkpoint's (``warmup`` and the cosine over ``schedule_steps``, the original ``steps``) and
     the added steps run at ``min_lr``. ``keep_best``: also keep ``best/``, the model with the lowest
-    validation CE so far. ``report_to``: ``tensorboard`` also writes the metrics as TensorBoard events."""
+    validation CE so far. ``report_to``: ``none``, ``tensorboard``, ``wandb`` or ``tensorboard,wandb``: the
+    trackers that also get the metrics (``student.reporting``); ``wandb_project`` and ``run_name`` name the
+    W&B run (defaults: ``$WANDB_PROJECT`` or ``fnet-distill``, and the name of ``out``)."""
 
     cache: Path
     out: Path
@@ -87,6 +89,8 @@ class TrainConfig:
     schedule_steps: int | None = None
     keep_best: bool = False
     report_to: str = "none"
+    wandb_project: str | None = None
+    run_name: str | None = None
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -145,8 +149,7 @@ class TrainConfig:
         if self.keep_best and self.val_cache is None and not self.val_fraction:
             raise UserError("--keep-best picks the model by validation CE; give --val-cache or "
                             "--val-fraction")
-        if self.report_to not in REPORT_TO:
-            raise UserError(f"--report-to must be one of {'|'.join(REPORT_TO)} (got {self.report_to!r})")
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"  # one line if wrong
         if self.student not in STUDENTS:
             raise UserError(f"--student must be one of {'|'.join(STUDENTS)} (got {self.student!r}); another "
                             "transformers architecture comes as --student-config with its model_type")

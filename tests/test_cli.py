@@ -218,3 +218,100 @@ def test_cache_info_prints_the_teacher_readably(monkeypatch, capsys, tmp_path):
     code, out, _ = in_process(monkeypatch, capsys, "cache", "info", str(cache))
     teacher = [ln for ln in out.splitlines() if ln.startswith("teacher ")]
     assert code == 0 and teacher and "{" not in teacher[0]
+
+
+# ------------------------------------------------------------------------------ enumerated options
+
+
+def test_enumerated_options_match_the_sets_the_code_accepts():
+    from cache.schema import ENCODINGS, FORMATS
+    from pipeline import commands
+    from pipeline.commands import choices as c
+    from pipeline.data import OVERFLOW_POLICIES
+    from pipeline.teacher import COMPUTE_DTYPES, LOGPROB_DTYPES
+    from pipeline.write import KEEP_POLICIES
+    from student.losses import KD_KINDS
+    from student.reporting import REPORT_TO
+    from student.train_config import PRECISIONS
+
+    def values(enum):
+        return tuple(e.value for e in enum)
+
+    assert values(c.KdKind) == KD_KINDS and values(c.Precision) == PRECISIONS
+    assert values(c.ShardFormat) == FORMATS and values(c.Encoding) == ENCODINGS
+    assert values(c.Overflow) == OVERFLOW_POLICIES and set(values(c.Keep)) == set(KEEP_POLICIES)
+    assert values(c.ComputeDtype) == ("auto", *COMPUTE_DTYPES)
+    assert set(values(c.LogprobDtype)) == set(LOGPROB_DTYPES) and c.REPORT_TO == REPORT_TO
+    assert commands.choices is c
+
+
+CHOICES = [  # (command, option, the choices --help lists, a wrong value, the choice it should suggest)
+    ("train-student", "--kd", "topk_tail|topk_renorm|sampled|reverse_kl", "topk-tail", "topk_tail"),
+    ("train-student", "--precision", "auto|fp32|bf16|fp16", "fp64", None),
+    ("train-student", "--report-to", "none|tensorboard|wandb", "tensorbord", "tensorboard"),
+    ("teacher-cache", "--format", "arrow|zarr", "parquet", None),
+    ("teacher-cache", "--encoding", "exact|compact", "Compact", "compact"),
+    ("teacher-cache", "--keep", "auto|reference|majority|all", "majorty", "majority"),
+    ("teacher-cache", "--overflow", "drop|truncate", "cut", None),
+    ("teacher-cache", "--dtype", "auto|float32|bfloat16|float16", "fp16", None),
+    ("teacher-cache", "--logprob-dtype", "float16|float32", "float64", None),
+    ("eval", "--dtype", "auto|float32|bfloat16|float16", "bf16", None),
+]
+REQUIRED = {"train-student": ["--cache", "c", "--out", "o"], "eval": ["--model", "m"],
+            "teacher-cache": ["--teacher", "t", "--out", "o"]}
+
+
+def test_enumerated_options_list_their_choices_and_refuse_others_in_one_line(monkeypatch, capsys):
+    helps = {}
+    for command, option, listed, wrong, near in CHOICES:
+        if command not in helps:
+            helps[command] = in_process(monkeypatch, capsys, command, "--help")[1]
+        assert f"{option} <{listed}>" in helps[command], (command, option)
+        code, out, err = in_process(monkeypatch, capsys, command, *REQUIRED[command], option, wrong)
+        line = one_error_line(err)
+        assert code == 2 and out == "" and f"Invalid value for '{option}': '{wrong}' is not one of" in line
+        assert ", ".join(f"'{v}'" for v in listed.split("|")) in line, line
+        assert line.endswith(f"{command} --help") and "\n" not in line, line
+        if near is None:
+            assert "did you mean" not in line and "; see " in line, line
+        else:
+            assert f"; did you mean '{near}'? See " in line, line
+    code, _, err = in_process(monkeypatch, capsys, "train-student", *REQUIRED["train-student"], "--report-to",
+                              "none,wandb")
+    assert code == 2 and "nor a comma list of trackers such as 'tensorboard,wandb'" in one_error_line(err)
+
+
+def test_choices_reach_the_configs_as_the_same_plain_strings(monkeypatch, capsys):
+    """The Enums stop at the command line: configs (and so train_config.json, manifests and fingerprints)
+    get plain str values, the same strings as before."""
+    import pipeline.commands.evaluate as eval_command
+    import pipeline.teacher_cache
+    import student.train
+
+    seen = {}
+
+    def capture(name):  # stands in for the run: keeps what the command passed, ends the command
+        def fake(*args, **kwargs):
+            seen[name] = args[0] if name != "eval" else kwargs
+            raise SystemExit(0)
+        return fake
+
+    monkeypatch.setattr(student.train, "train_student", capture("train"))
+    monkeypatch.setattr(pipeline.teacher_cache, "run_teacher_cache", capture("teacher"))
+    monkeypatch.setattr(eval_command, "evaluate_model", capture("eval"))
+    in_process(monkeypatch, capsys, "train-student", "--cache", "c", "--out", "o", "--kd", "reverse_kl",
+               "--precision", "fp32", "--report-to", "wandb,tensorboard")
+    in_process(monkeypatch, capsys, "teacher-cache", "--teacher", "t", "--out", "o", "--format", "zarr",
+               "--encoding", "exact", "--keep", "all", "--overflow", "truncate", "--dtype", "float32",
+               "--logprob-dtype", "float32")
+    in_process(monkeypatch, capsys, "eval", "--model", "m", "--dtype", "bfloat16")
+    train, teacher = seen["train"], seen["teacher"]
+    got = {"kd": train.kd, "precision": train.precision, "report_to": train.report_to,
+           "format": teacher.format, "encoding": teacher.encoding, "keep": teacher.keep,
+           "overflow": teacher.overflow, "dtype": teacher.dtype, "logprob_dtype": teacher.logprob_dtype,
+           "eval dtype": seen["eval"]["dtype"]}
+    assert got == {"kd": "reverse_kl", "precision": "fp32", "report_to": "tensorboard,wandb",
+                   "format": "zarr", "encoding": "exact", "keep": "all", "overflow": "truncate",
+                   "dtype": "float32", "logprob_dtype": "float32", "eval dtype": "bfloat16"}
+    assert all(type(v) is str for v in got.values())
+    assert f"{train.kd}/{teacher.format}" == "reverse_kl/zarr"  # an Enum would format as KdKind.reverse_kl

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.commands.choices import ComputeDtype, value
 from pipeline.evaluate import evaluate_model, format_summary
 
 
@@ -30,8 +31,8 @@ def eval_command(
     max_new_tokens: int = typer.Option(256, help="Generation budget per example."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch (left-padded, length-sorted)."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
-                              "float16."),
+    dtype: ComputeDtype = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                       "bfloat16 or float16."),
     tokenizer: str = typer.Option(None, help="Tokenizer folder or Hub id; default: the model folder's own."),
     out: Path = typer.Option(None, help="Write per-example records (question, reference, output, extracted "
                              "answers, verdicts) to this JSONL file."),
@@ -57,7 +58,7 @@ def eval_command(
     with tempfile.TemporaryDirectory(prefix="fnet-eval-") as tmp:
         records = out if out is not None or answers_out is None else Path(tmp) / "eval.jsonl"
         result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                                batch_size=batch_size, device=device, dtype=value(dtype), tokenizer=tokenizer,
                                 out=records, progress=progress, verify=verify, config_name=dataset_config,
                                 data_format=data_format, fields=tuple(field or ()))
         n_answers = None

@@ -7,6 +7,15 @@ from pathlib import Path
 import typer
 
 from cache.util import UserError
+from pipeline.commands.choices import (
+    ComputeDtype,
+    Encoding,
+    Keep,
+    LogprobDtype,
+    Overflow,
+    ShardFormat,
+    value,
+)
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -54,8 +63,9 @@ def teacher_cache(
     temperatures: str = typer.Option("1,2", help="Comma-separated temperatures for which the top-k shift "
                                      "and exact tail mass are stored."),
     max_length: int = typer.Option(512, help="Maximum tokens per chat-formatted sequence."),
-    overflow: str = typer.Option("drop", help="Rows longer than --max-length: 'drop' them, or 'truncate' "
-                                 "the answer (keeps the prompt; a truncated row has no closing eos)."),
+    overflow: Overflow = typer.Option("drop", help="Rows longer than --max-length: 'drop' them, or "
+                                      "'truncate' the answer (keeps the prompt; a truncated row has no "
+                                      "closing eos)."),
     batch_tokens: int = typer.Option(16384, help="Padded tokens per teacher batch (sequences are "
                                                  "length-sorted). Not in the fingerprint, so a resume may "
                                                  "use another; it changes only float rounding: the teacher's"
@@ -67,13 +77,14 @@ def teacher_cache(
     limit: int = typer.Option(None, help="Use only the first N rows of the split."),
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="Teacher compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
-                              "float32, bfloat16 or float16."),
-    logprob_dtype: str = typer.Option("float16", help="With --encoding exact: stored dtype of the top-k "
-                                      "log-probs, float16 or float32 (shifts and tail masses are always "
-                                      "float32). Ignored by the compact encoding, which decodes to float32."),
-    format: str = typer.Option("arrow", "--format", help="Shard format: arrow or zarr."),
-    encoding: str = typer.Option("compact", help="Record encoding: compact (ids through a per-sequence "
+    dtype: ComputeDtype = typer.Option("auto", help="Teacher compute dtype: auto (bfloat16 on CUDA, float32 "
+                                       "on CPU), float32, bfloat16 or float16."),
+    logprob_dtype: LogprobDtype = typer.Option("float16", help="With --encoding exact: stored dtype of the "
+                                               "top-k log-probs (shifts and tail masses are always "
+                                               "float32). Ignored by the compact encoding, which decodes to "
+                                               "float32."),
+    format: ShardFormat = typer.Option("arrow", "--format", help="Shard format (docs/cache-format.md)."),
+    encoding: Encoding = typer.Option("compact", help="Record encoding: compact (ids through a per-sequence "
                                  "frequency dictionary, bit-packed or Rice-coded; log-probs quantised in "
                                  "--lp-step nats below each row's top, 16-bit tail codes; ~5x smaller than "
                                  "exact at top-64, KL to the exact rows <= (lp-step + 0.002)^2 / 8 per row, "
@@ -101,7 +112,7 @@ def teacher_cache(
                                       "tokens whose mass reaches this share (1: the whole distribution)."),
     write_max_tokens: int = typer.Option(256, help="With --write: most new tokens per solution; a solution "
                                          "that has not ended by then is never kept."),
-    keep: str = typer.Option("auto", help="With --write, which solutions are cached: reference (final "
+    keep: Keep = typer.Option("auto", help="With --write, which solutions are cached: reference (final "
                              "'#### N' equals the row's reference answer; every row needs one), majority "
                              "(agrees with the unique most frequent answer of the question's samples, "
                              "reference answers unused), auto (reference where the row has one, else "
@@ -129,11 +140,12 @@ def teacher_cache(
         teacher=teacher, dataset=dataset, out=out, split=split, dataset_config=dataset_config,
         data_format=data_format, fields=tuple(field or ()), tokenizer=tokenizer, topk=topk,
         samples=samples,
-        temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=overflow,
-        batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, logprob_dtype=logprob_dtype,
-        format=format, unit_size=unit_size, seed=seed, progress=progress, encoding=encoding, top_p=top_p,
+        temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=value(overflow),
+        batch_tokens=batch_tokens, limit=limit, device=device, dtype=value(dtype),
+        logprob_dtype=value(logprob_dtype), format=value(format), unit_size=unit_size, seed=seed,
+        progress=progress, encoding=value(encoding), top_p=top_p,
         lp_step=lp_step, write=write, write_temperature=write_temperature, write_top_p=write_top_p,
-        write_max_tokens=write_max_tokens, keep=keep, min_vote=min_vote, write_batch=write_batch,
+        write_max_tokens=write_max_tokens, keep=value(keep), min_vote=min_vote, write_batch=write_batch,
     )
     summary = run_teacher_cache(cfg)
     if summary["rank"] == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cache.util import UserError
+from pipeline.commands.choices import REPORT_TO_METAVAR, KdKind, Precision, check_report_to, value
 
 
 def train_student_command(
@@ -63,15 +64,17 @@ def train_student_command(
     alpha: float = typer.Option(0.2, help="Weight of the label CE; 1 - alpha goes to KD (1 = labels only)."),
     temperature: float = typer.Option(1.0, help="KD temperature tau; the cache must store it (loss is "
                                       "alpha*CE + (1-alpha)*tau^2*KD)."),
-    kd: str = typer.Option("topk_tail", help="KD loss: topk_tail | topk_renorm | sampled (cache with "
-                           "samples) | reverse_kl."),
+    kd: KdKind = typer.Option("topk_tail", help="KD loss. topk_tail: KL(teacher || student) over the top-k "
+                              "ids plus the tail mass; topk_renorm: KL of the two top-k renormalised; "
+                              "sampled: CE on the cached teacher samples (a cache made with --samples); "
+                              "reverse_kl: KL(student || teacher) over top-k plus tail."),
     chunk_size: int = typer.Option(1024, help="Supervised positions per head/loss chunk (memory vs speed)."),
     compact_vocab: bool = typer.Option(False, "--compact-vocab", help="Give the student rows only for the "
                                        "token ids that occur in the caches (much smaller head). A "
                                        "transformers student keeps one shared row for all other ids and is "
                                        "saved expanded to the full vocabulary (a plain model)."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | "
-                                  "fp16 (CUDA, with a GradScaler)."),
+    precision: Precision = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 "
+                                        "or fp16 (CUDA, with a GradScaler)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the student forward."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute block activations "
                                             "in backward (less memory)."),
@@ -85,8 +88,15 @@ def train_student_command(
                                 "--steps); the added steps run at --min-lr."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Also keep best/: the model at the evaluation "
                                    "with the lowest validation CE (needs --val-cache or --val-fraction)."),
-    report_to: str = typer.Option("none", help="none | tensorboard: also write the metrics.jsonl numbers as "
-                                  "TensorBoard scalars to OUT/tensorboard/ (needs the tensorboard package)."),
+    report_to: str = typer.Option("none", metavar=REPORT_TO_METAVAR, callback=check_report_to,
+                                  help="Also send the metrics.jsonl numbers to a tracker (rank 0): "
+                                  "tensorboard (scalars in OUT/tensorboard/; pip install tensorboard), wandb "
+                                  "(a Weights & Biases run kept in OUT/wandb/, config = the run config; pip "
+                                  "install wandb; WANDB_MODE=offline for no upload), or tensorboard,wandb."),
+    wandb_project: str = typer.Option(None, help="With --report-to wandb: the W&B project (default: "
+                                      "$WANDB_PROJECT, else fnet-distill)."),
+    run_name: str = typer.Option(None, help="With --report-to wandb: the W&B run name (default: the name of "
+                                 "--out). --resume continues the same W&B run."),
     seed: int = typer.Option(0, help="Seed of the initialisation, data order and validation split."),
     device: str = typer.Option("auto", help="auto (CUDA if available, per LOCAL_RANK under torchrun), cpu, "
                                "cuda or cuda:N."),
@@ -124,14 +134,14 @@ def train_student_command(
         cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache,
         val_fraction=val_fraction, student_config=student_config,
         init_from=init_from, student=student, heads=heads, extend=extend, keep_best=keep_best,
-        report_to=report_to,
+        report_to=report_to, wandb_project=wandb_project, run_name=run_name,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, alpha=alpha,
-        temperature=temperature, kd=kd, chunk_size=chunk_size, compact_vocab=compact_vocab,
-        precision=precision, compile=compile, grad_checkpointing=grad_checkpointing, eval_every=eval_every,
-        save_every=save_every, log_every=log_every, resume=resume, seed=seed, device=device,
-        num_workers=num_workers, record_cache_mb=record_cache_mb, progress=progress,
+        temperature=temperature, kd=value(kd), chunk_size=chunk_size, compact_vocab=compact_vocab,
+        precision=value(precision), compile=compile, grad_checkpointing=grad_checkpointing,
+        eval_every=eval_every, save_every=save_every, log_every=log_every, resume=resume, seed=seed,
+        device=device, num_workers=num_workers, record_cache_mb=record_cache_mb, progress=progress,
     )
     result = train_student(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
