@@ -227,12 +227,12 @@ def test_enumerated_options_match_the_sets_the_code_accepts():
     from cache.schema import ENCODINGS, FORMATS
     from pipeline import commands
     from pipeline.commands import choices as c
-    from pipeline.data import OVERFLOW_POLICIES
+    from pipeline.data import DATA_FORMATS, OVERFLOW_POLICIES
     from pipeline.teacher import COMPUTE_DTYPES, LOGPROB_DTYPES
     from pipeline.write import KEEP_POLICIES
     from student.losses import KD_KINDS
     from student.reporting import REPORT_TO
-    from student.train_config import PRECISIONS
+    from student.train_config import PRECISIONS, STUDENTS
 
     def values(enum):
         return tuple(e.value for e in enum)
@@ -242,17 +242,21 @@ def test_enumerated_options_match_the_sets_the_code_accepts():
     assert values(c.Overflow) == OVERFLOW_POLICIES and set(values(c.Keep)) == set(KEEP_POLICIES)
     assert values(c.ComputeDtype) == ("auto", *COMPUTE_DTYPES)
     assert set(values(c.LogprobDtype)) == set(LOGPROB_DTYPES) and c.REPORT_TO == REPORT_TO
+    assert values(c.DataFormat) == DATA_FORMATS and values(c.Student) == STUDENTS
     assert commands.choices is c
 
 
 CHOICES = [  # (command, option, the choices --help lists, a wrong value, the choice it should suggest)
     ("train-student", "--kd", "topk_tail|topk_renorm|sampled|reverse_kl", "topk-tail", "topk_tail"),
     ("train-student", "--precision", "auto|fp32|bf16|fp16", "fp64", None),
+    ("train-student", "--student", "fnet|qwen2|llama", "gpt2", None),
     ("train-student", "--report-to", "none|tensorboard|wandb", "tensorbord", "tensorboard"),
     ("teacher-cache", "--format", "arrow|zarr", "parquet", None),
     ("teacher-cache", "--encoding", "exact|compact", "Compact", "compact"),
     ("teacher-cache", "--keep", "auto|reference|majority|all", "majorty", "majority"),
     ("teacher-cache", "--overflow", "drop|truncate", "cut", None),
+    ("teacher-cache", "--data-format", "auto|qa|messages|prompt-completion", "prompt_completion",
+     "prompt-completion"),
     ("teacher-cache", "--dtype", "auto|float32|bfloat16|float16", "fp16", None),
     ("teacher-cache", "--logprob-dtype", "float16|float32", "float64", None),
     ("eval", "--dtype", "auto|float32|bfloat16|float16", "bf16", None),

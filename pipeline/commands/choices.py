@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from cache.schema import ENCODINGS, FORMATS
-from pipeline.data import OVERFLOW_POLICIES
+from pipeline.data import DATA_FORMATS, OVERFLOW_POLICIES
 
 
 def choice(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -31,11 +31,13 @@ def value(option: Any) -> Any:
 ShardFormat = choice("ShardFormat", FORMATS)
 Encoding = choice("Encoding", ENCODINGS)
 Overflow = choice("Overflow", OVERFLOW_POLICIES)
+DataFormat = choice("DataFormat", DATA_FORMATS)
 Keep = choice("Keep", ("auto", "reference", "majority", "all"))  # pipeline.write.KEEP_POLICIES
 ComputeDtype = choice("ComputeDtype", ("auto", "float32", "bfloat16", "float16"))  # + pipeline.teacher's
 LogprobDtype = choice("LogprobDtype", ("float16", "float32"))  # pipeline.teacher.LOGPROB_DTYPES
 KdKind = choice("KdKind", ("topk_tail", "topk_renorm", "sampled", "reverse_kl"))  # student.losses.KD_KINDS
 Precision = choice("Precision", ("auto", "fp32", "bf16", "fp16"))  # student.train_config.PRECISIONS
+Student = choice("Student", ("fnet", "qwen2", "llama"))  # student.train_config.STUDENTS
 
 # --report-to takes one of these or a comma list of trackers; student.reporting.REPORT_TO
 REPORT_TO = ("none", "tensorboard", "wandb")

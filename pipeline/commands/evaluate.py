@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands.choices import ComputeDtype, value
+from pipeline.commands.choices import ComputeDtype, DataFormat, value
 from pipeline.evaluate import evaluate_model, format_summary
 
 
@@ -19,9 +19,9 @@ def eval_command(
                                 "assistant turn) ends with a GSM8K-style '#### N' are scored; data without "
                                 "any is refused in one line (measure it by validation CE/KL instead)."),
     split: str = typer.Option("test", help="Dataset split (Hub) or file stem looked up in a local folder."),
-    data_format: str = typer.Option("auto", "--data-format", help="Row format: auto, qa, messages or "
-                                    "prompt-completion (as teacher-cache --data-format); the prompt is "
-                                    "everything before the final assistant turn."),
+    data_format: DataFormat = typer.Option("auto", "--data-format", help="Row format: auto, qa, messages or "
+                                           "prompt-completion (as teacher-cache --data-format); the prompt "
+                                           "is everything before the final assistant turn."),
     field: list[str] = typer.Option(None, "--field", metavar="CANON=COLUMN", help="Repeatable: read a "
                                     "canonical field from another column (as teacher-cache --field), e.g. "
                                     "--field question=problem --field answer=solution."),
@@ -60,7 +60,7 @@ def eval_command(
         result = evaluate_model(model, dataset, split, limit, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, device=device, dtype=value(dtype), tokenizer=tokenizer,
                                 out=records, progress=progress, verify=verify, config_name=dataset_config,
-                                data_format=data_format, fields=tuple(field or ()))
+                                data_format=value(data_format), fields=tuple(field or ()))
         n_answers = None
         if answers_out is not None:
             n_answers = write_answers(records, answers_out, written_by=str(model))

@@ -9,6 +9,7 @@ import typer
 from cache.util import UserError
 from pipeline.commands.choices import (
     ComputeDtype,
+    DataFormat,
     Encoding,
     Keep,
     LogprobDtype,
@@ -38,13 +39,14 @@ def teacher_cache(
                                 "reference fields mark answers written by another model), messages or "
                                 "prompt/completion: see --data-format and --field (docs/teacher-cache.md)."),
     split: str = typer.Option("train", help="Dataset split (Hub) or file stem looked up in a local folder."),
-    data_format: str = typer.Option("auto", "--data-format", help="Row format: auto (from the first row: a "
-                                    "'messages' field means messages, 'prompt' prompt-completion, 'question' "
-                                    "qa), qa (question + answer, GSM8K's), messages (a chat of system/user/"
-                                    "assistant turns; every assistant turn is learned, nothing else) or "
-                                    "prompt-completion (prompt: a string or a list of turns; completion: the "
-                                    "learned reply). All rows must have the same format. (The shard format "
-                                    "is --format.)"),
+    data_format: DataFormat = typer.Option("auto", "--data-format", help="Row format: auto (from the first "
+                                           "row: a 'messages' field means messages, 'prompt' "
+                                           "prompt-completion, 'question' qa), qa (question + answer, "
+                                           "GSM8K's), messages (a chat of system/user/assistant turns; "
+                                           "every assistant turn is learned, nothing else) or "
+                                           "prompt-completion (prompt: a string or a list of turns; "
+                                           "completion: the learned reply). All rows must have the same "
+                                           "format. (The shard format is --format.)"),
     field: list[str] = typer.Option(None, "--field", metavar="CANON=COLUMN", help="Repeatable: read the "
                                     "canonical field CANON from your column COLUMN, e.g. --field "
                                     "question=problem --field answer=solution, or --field "
@@ -138,7 +140,7 @@ def teacher_cache(
 
     cfg = TeacherCacheConfig(
         teacher=teacher, dataset=dataset, out=out, split=split, dataset_config=dataset_config,
-        data_format=data_format, fields=tuple(field or ()), tokenizer=tokenizer, topk=topk,
+        data_format=value(data_format), fields=tuple(field or ()), tokenizer=tokenizer, topk=topk,
         samples=samples,
         temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=value(overflow),
         batch_tokens=batch_tokens, limit=limit, device=device, dtype=value(dtype),

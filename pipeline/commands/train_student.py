@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from cache.util import UserError
-from pipeline.commands.choices import REPORT_TO_METAVAR, KdKind, Precision, check_report_to, value
+from pipeline.commands.choices import REPORT_TO_METAVAR, KdKind, Precision, Student, check_report_to, value
 
 
 def train_student_command(
@@ -27,10 +27,11 @@ def train_student_command(
                                    "teacher-cache on the GSM8K test split)."),
     val_fraction: float = typer.Option(0.0, help="Hold out this fraction of --cache for validation instead "
                                        "(chosen deterministically from --seed)."),
-    student: str = typer.Option("fnet", help="Student architecture: fnet (the causal STFT FNet) | qwen2 | "
-                                "llama (a stock transformers model, sized by --hidden-size, --layers, --ffn, "
-                                "--heads, --max-positions; saved as a plain transformers folder). Any other "
-                                "transformers architecture: --student-config with its model_type."),
+    student: Student = typer.Option("fnet", help="Student architecture: fnet (the causal STFT FNet), qwen2 "
+                                    "or llama (a stock transformers model, sized by --hidden-size, "
+                                    "--layers, --ffn, --heads, --max-positions; saved as a plain "
+                                    "transformers folder). Any other transformers architecture: "
+                                    "--student-config with its model_type."),
     heads: int = typer.Option(None, help="Attention heads of a qwen2/llama student (default hidden-size / "
                               "64; as many key/value heads)."),
     student_config: Path = typer.Option(None, help="JSON file of CausalFNetConfig fields (e.g. a "
@@ -133,7 +134,7 @@ def train_student_command(
     cfg = TrainConfig(
         cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache,
         val_fraction=val_fraction, student_config=student_config,
-        init_from=init_from, student=student, heads=heads, extend=extend, keep_best=keep_best,
+        init_from=init_from, student=value(student), heads=heads, extend=extend, keep_best=keep_best,
         report_to=report_to, wandb_project=wandb_project, run_name=run_name,
         hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
         dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
