@@ -18,8 +18,10 @@ HEADER = """# Command-line reference
 Generated from the real `--help` output by `python docs/gen_cli_reference.py`; do not edit by hand.
 
 Every command prints one line starting with `error:` and exits with 2 on a bad input (what is wrong, what to
-do); yes/no options are flags (`--compact-vocab`, `--no-progress`) and take no value. Progress goes to stderr:
-a bar on a terminal, one plain line every 30 s in a log file (`FNET_PROGRESS_SECONDS` sets the interval).
+do); yes/no options are flags (`--compact-vocab`, `--no-progress`) and take no value; an option with a fixed
+set of values lists it (`--kd <topk_tail|...>`) and refuses anything else with that list (and a "did you
+mean" for a near miss such as `topk-tail`). Progress goes to stderr: a bar on a terminal, one plain line every
+30 s in a log file (`FNET_PROGRESS_SECONDS` sets the interval), where the libraries' own bars are turned off.
 """
 
 

@@ -81,7 +81,8 @@ def train_student_command(
                                             "in backward (less memory)."),
     eval_every: int = typer.Option(200, help="Evaluate on the validation set every N steps (0: at the end)."),
     save_every: int = typer.Option(500, help="Write checkpoint-last/ every N steps (0: at the end)."),
-    log_every: int = typer.Option(10, help="Write a metrics line every N steps."),
+    log_every: int = typer.Option(10, help="Write a metrics line every N steps (the train numbers are "
+                                  "averages over those N steps); in a log file a progress line too."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoint-last/ "
                                 "(same options and cache; the result equals an uninterrupted run)."),
     extend: bool = typer.Option(False, "--extend", help="With --resume: continue to a larger --steps. The "
