@@ -158,16 +158,23 @@ def test_no_library_bars_in_a_log_file(tmp_path, tiny_qwen_dir, qwen_tokenizer_d
     """Each command with stderr not a terminal (as in `cmd 2> log`): our plain progress lines, and none of
     the libraries' bars (transformers' "Loading weights", hub or datasets bars, carriage returns), although
     the libraries start with their bars on."""
+    import warnings
+
     import datasets
     import huggingface_hub
     from transformers.utils import logging as hf_logging
 
+    def bars_on() -> None:
+        hf_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+        with warnings.catch_warnings():  # datasets keeps the variable it saw at import, if it was set then
+            warnings.simplefilter("ignore")
+            datasets.enable_progress_bars()
+
     for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)  # unset now, restored to what it was afterwards
-    hf_logging.enable_progress_bar()
-    huggingface_hub.utils.enable_progress_bars()
-    datasets.enable_progress_bars()
+    bars_on()
     monkeypatch.setenv("FNET_PROGRESS_SECONDS", "0")
 
     def run(*args: str) -> str:
@@ -194,6 +201,6 @@ def test_no_library_bars_in_a_log_file(tmp_path, tiny_qwen_dir, qwen_tokenizer_d
                   "--max-new-tokens", "4", "--device", "cpu")
         assert "eval 2/2 ex (100%)" in err
     finally:
-        hf_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
-        datasets.enable_progress_bars()
+        for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            monkeypatch.delenv(name, raising=False)  # set by the commands; restored afterwards
+        bars_on()
