@@ -47,7 +47,7 @@ ROUND_STEPS ?= 500
 
 DEMO_SCALE ?= 1
 
-.PHONY: help install test lint teacher-cache val-cache written-cache onpolicy-round train-student eval-student eval-teacher demo demo-gsm8k demo-teacher bench bench-gpu study clean
+.PHONY: help install test lint teacher-cache val-cache written-cache onpolicy-round train-student eval-student eval-teacher demo demo-gsm8k demo-teacher bench bench-gpu study compare clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -117,6 +117,9 @@ bench-gpu: install ## the GPU-only checks in one run (needs CUDA): bench/results
 
 study: install ## student quality vs cache bytes, 42 students on the demo assets (< 30 min on 2 cores): runs/study/
 	$(PY) bench/study_cache_size.py --out runs/study
+
+compare: install ## FNet vs transformer students (same params, same shape, cut from the teacher) on the demo, 3 seeds
+	$(PY) bench/compare_students.py --out runs/compare
 
 clean: ## delete runs/ (caches, students, demo reports) and .pytest_cache
 	rm -rf runs .pytest_cache

@@ -290,3 +290,22 @@ def test_cut_student_keeps_the_teachers_layers_and_computes_them(tmp_path, cache
         res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher"), *bad, "--out",
                                        str(tmp_path / "x")])
         assert isinstance(res.exception, UserError) and match in str(res.exception), res.output
+
+
+def test_init_from_a_pretrained_model_with_compact_vocab_keeps_its_logits(tmp_path, caches):
+    """--init-from a full-vocabulary model + --compact-vocab: the compacted model's logits at the kept ids are
+    the pretrained model's; the shared row starts as the mean of the rows it replaces."""
+    teacher = _tiny_teacher(tmp_path / "teacher", layers=2)
+    run = setup(tiny(caches["sparse"], tmp_path / "run", student="fnet", heads=None,
+                     init_from=tmp_path / "teacher", compact_vocab=True))
+    try:
+        model = run.model.eval()
+        kept = model.vocab_map
+        assert 0 < model.unused == V - len(kept)
+        ids = torch.tensor([kept[:6]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids)[..., kept], teacher(ids).logits[..., kept])
+        unused = sorted(set(range(V)) - set(kept))
+        torch.testing.assert_close(model.lm.lm_head.weight[-1], teacher.lm_head.weight[unused].mean(0))
+    finally:
+        run.close()
