@@ -217,13 +217,16 @@ def render_model_card(config: dict[str, Any], *, train_config: dict[str, Any] | 
         "",
         "`generate()` carries a rolling window state: each new token costs the same whatever the length so "
         "far, and the state per sequence has a fixed size. `pipeline(\"text-generation\", model=DIR, "
-        "trust_remote_code=True)` and lm-evaluation-harness "
-        "(`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True ...`) work on the folder; "
+        "trust_remote_code=True)` and lm-evaluation-harness (`pip install \"lm-eval[hf]\"`, then "
+        "`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True ...`) work on the folder; "
         "`model(ids).logits` are over tokenizer ids" + (" (ids outside the compacted vocabulary at -inf)."
                                                           if compact else "."),
         *(["", f"Ids from {n_ids:,} on (the teacher's padded embedding rows; no token of the tokenizer's "
            f"{n_ids:,} decodes to them) have -inf logits: the model never emits them."]
           if n_ids is not None and n_ids < cfg.output_vocab_size else []),
+        "",
+        "A model loaded from this folder writes this card, `train_config.json` and `provenance.json` again "
+        "with `save_pretrained` / `push_to_hub`.",
         "",
         "## Limits",
         f"- At most {cfg.max_position_embeddings:,} positions (prompt + generated); longer inputs are an "
