@@ -30,6 +30,8 @@ def _demo(out: Path, *extra: str):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert result.exit_code == 0, result.output
+    # stderr is not a terminal here: no library bar (transformers' "Loading weights", tqdm redraws) in it
+    assert "\r" not in result.output and "Loading weights" not in result.output
     return result
 
 
