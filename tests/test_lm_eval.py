@@ -23,8 +23,8 @@ def own_loglikelihood(model, tok, context: str, continuation: str) -> tuple[floa
     return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
 
 
-@pytest.mark.parametrize("compacted", [False, True])
-def test_hflm_loglikelihood_and_generate_until_match_the_project(tmp_path, compacted):
+@pytest.mark.parametrize("kind", ["full", "compacted", "padded"])
+def test_hflm_loglikelihood_and_generate_until_match_the_project(tmp_path, kind):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -32,8 +32,10 @@ def test_hflm_loglikelihood_and_generate_until_match_the_project(tmp_path, compa
     from student.modeling import compact_model
 
     model = tiny_student()
-    if compacted:
+    if kind == "compacted":
         model = compact_model(model, [PAD, EOS] + list(range(3, 39)))  # drops <unk> only
+    if kind == "padded":  # 9 rows past the tokenizer's 39 ids (a padded teacher's), masked in the logits
+        model = compact_model(tiny_student(vocab_size=48, num_tokenizer_ids=39), list(range(48)))
     folder = save_student(model, tmp_path / "student")
     lm = HFLM(pretrained=str(folder), trust_remote_code=True, device="cpu", batch_size=2, max_length=64)
     tok = tiny_tokenizer()
