@@ -57,9 +57,9 @@ def test_init_from_starts_at_the_trained_weights_and_checks_the_folder(tmp_path,
     result = train_student(TrainConfig(cache=cache, out=tmp_path / "b", init_from=trained / FINAL, **TINY))
     assert result.final_metrics["val_ce"] < metric_lines(trained)[0]["val_ce"]  # below a random init's
 
-    with pytest.raises(UserError, match="is not a student folder"):
+    with pytest.raises(UserError, match="is not a model folder"):
         TrainConfig(cache=cache, out=tmp_path / "c", init_from=tmp_path, **TINY)
-    with pytest.raises(UserError, match="drop --student-config / --compact-vocab"):
+    with pytest.raises(UserError, match="trained FNet student keeps its folder's vocabulary; drop --compact"):
         TrainConfig(cache=cache, out=tmp_path / "c", init_from=trained / FINAL, compact_vocab=True, **TINY)
     damaged = tmp_path / "damaged"
     shutil.copytree(trained / FINAL, damaged)
