@@ -279,6 +279,28 @@ def test_cut_student_keeps_the_teachers_layers_and_computes_them(tmp_path, cache
     assert torch.equal(got.up_proj.weight, mlp.up_proj.weight[keep])
     assert torch.equal(got.down_proj.weight, mlp.down_proj.weight[:, keep])
 
+    # fewer heads: whole key/value groups; with the dropped groups' output columns zeroed in the teacher, the
+    # narrowed cut computes exactly what the teacher's modules compute
+    o_proj = [layer.self_attn.o_proj.weight for layer in teacher.model.layers]
+    with torch.no_grad():
+        for w in o_proj:  # 4 query heads of 4 in 2 groups: drop group 0 (its columns) in every layer
+            w[:, :8] = 0.0
+    teacher.save_pretrained(tmp_path / "teacher-zeroed")
+    res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher-zeroed"), "--layers",
+                                   "0,2", "--heads", "2", "--out", str(tmp_path / "heads")])
+    assert res.exit_code == 0, res.output
+    fewer = AutoModelForCausalLM.from_pretrained(tmp_path / "heads").eval()
+    rec = json.loads((tmp_path / "heads" / "cut.json").read_text())
+    assert rec["kv_groups"] == {"0": [1], "2": [1]} and rec["heads"] == 2
+    assert (fewer.config.num_attention_heads, fewer.config.num_key_value_heads) == (2, 1)
+    attn = teacher.model.layers[2].self_attn
+    got = fewer.model.layers[1].self_attn
+    assert torch.equal(got.q_proj.weight, attn.q_proj.weight[8:])
+    assert torch.equal(got.k_proj.bias, attn.k_proj.bias[4:])
+    assert torch.equal(got.o_proj.weight, attn.o_proj.weight[:, 8:])
+    with torch.no_grad():
+        torch.testing.assert_close(fewer(ids).logits, _by_hand(teacher, ids, [0, 2]), rtol=1e-5, atol=1e-5)
+
     # the cut folder is a starting point for train-student (same vocabulary as the cache here)
     out = train_student(tiny(caches["full"], tmp_path / "run", student="fnet", heads=None,
                              init_from=tmp_path / "cut", steps=2))
@@ -286,7 +308,8 @@ def test_cut_student_keeps_the_teachers_layers_and_computes_them(tmp_path, cache
     assert json.loads((tmp_path / "run" / FINAL / "config.json").read_text())["num_hidden_layers"] == 3
 
     for bad, match in ((["--layers", "2,1"], "increasing and distinct"), (["--layers", "0,9"], "not layers"),
-                       (["--layers", "0", "--ffn", "99"], "--ffn 99 must be between")):
+                       (["--layers", "0", "--ffn", "99"], "--ffn 99 must be between"),
+                       (["--layers", "0", "--heads", "3"], "--heads 3 must be a multiple of")):
         res = CliRunner().invoke(app, ["cut-student", "--teacher", str(tmp_path / "teacher"), *bad, "--out",
                                        str(tmp_path / "x")])
         assert isinstance(res.exception, UserError) and match in str(res.exception), res.output

@@ -22,8 +22,12 @@ def cut_student_command(
     ffn: int = typer.Option(None, help="Narrow each kept layer's FFN to this many inner channels, those with "
                             "the largest gate * up * down weight norms (gate/up/down MLPs: Qwen2, Llama). "
                             "Default: the teacher's width."),
+    heads: int = typer.Option(None, help="Keep this many query heads per layer: whole key/value groups (a "
+                              "multiple of the teacher's query heads per key/value head), those whose output "
+                              "projection columns have the largest norm (q/k/v/o attention: Qwen2, Llama). "
+                              "Default: all."),
 ) -> None:
-    """Cut a student from the teacher: a subset of its layers (optionally narrower FFNs), same architecture.
+    """Cut a student from the teacher: a subset of its layers (optionally narrower FFNs, fewer heads).
 
     The folder records the kept layers and the parameter counts (cut.json) and loads with plain
     AutoModelForCausalLM.from_pretrained; train it with train-student --init-from OUT.
@@ -54,7 +58,7 @@ def cut_student_command(
             tokenizer = AutoTokenizer.from_pretrained(teacher, local_files_only=local_only)
         except (OSError, ValueError, TypeError):
             pass
-    student, record = cut_model(model, kept, ffn)
+    student, record = cut_model(model, kept, ffn, heads)
     write_cut(student, record, out, teacher_name=teacher, teacher_layers=model.config.num_hidden_layers,
               teacher_parameters=parameter_count(model), tokenizer=tokenizer)
     typer.echo(f"cut {len(kept)} of {model.config.num_hidden_layers} layers ({parameter_count(student):,} "
