@@ -420,9 +420,9 @@ def render_card(config: dict[str, Any], *, train_config: dict[str, Any], provena
     kind = config.get("model_type")
 
     def table(rows: list[tuple[str, Any]]) -> list[str]:
-        rows = [(k, v) for k, v in rows if v is not None]
-        return ["| | |", "|---|---|", *[f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |"
-                                        for k, v in rows]] if rows else ["(not recorded)"]
+        rows = [(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in rows
+                if v is not None]
+        return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]] if rows else ["(not recorded)"]
 
     n = parameter_count(config)
     return "\n".join([

@@ -56,6 +56,8 @@ def test_every_kd_kind_trains_a_qwen2_student(tmp_path, caches, kd):
     cfg = json.loads((res.out_dir / FINAL / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and "auto_map" not in cfg and cfg["vocab_size"] == V
     assert (cfg["pad_token_id"], cfg["eos_token_id"]) == (PAD, EOS)
+    card = (res.out_dir / FINAL / "README.md").read_text()  # the model card of a transformers student
+    assert "# qwen2 student distilled from bigram-0" in card and "trust_remote_code" not in card
 
 
 @pytest.mark.parametrize("compact", [False, True])
