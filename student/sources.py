@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,10 +78,17 @@ def load_any_student(folder: Path, what: str) -> nn.Module:
 
 
 def check_any_vocabulary(model: nn.Module, data: TrainData, what: str = "--resume") -> None:
-    if isinstance(model, CausalLMStudent):
-        any_student.check_vocabulary(model, data.reader, what)
-    else:
+    """Every id the caches use has a row (a compacted transformers student: in its map)."""
+    if not isinstance(model, CausalLMStudent):
         check_student_vocabulary(model.config, data)
+        return
+    any_student.check_vocabulary(model, data.reader, what)
+    if model.vocab_map is not None:
+        missing = np.setdiff1d(cache_token_ids(data), np.asarray(model.vocab_map, dtype=np.int64))
+        if len(missing):
+            raise UserError(f"{what}: the student's compacted vocabulary lacks {len(missing)} token ids the "
+                            f"cache uses (e.g. {missing[:5].tolist()}); add --compact-vocab to compact it "
+                            "again from this cache")
 
 
 def _check_positions(model: nn.Module, data: TrainData, what: str) -> None:
@@ -100,7 +108,7 @@ def init_from_folder(cfg: TrainConfig, data: TrainData) -> nn.Module:
     if any_student.folder_model_type(folder, "--init-from") != STUDENT_MODEL_TYPE:
         any_student.check_tokenizer(folder, data.reader, "--init-from")
         model = any_student.load_causal_lm(folder, "--init-from", recompact=not cfg.compact_vocab)
-        any_student.check_vocabulary(model, data.reader, "--init-from")
+        check_any_vocabulary(model, data, "--init-from")
         if cfg.compact_vocab:
             _check_compact_temperature(cfg)
             model = any_student.check_head(any_student.compact(model.lm, cache_token_ids(data).tolist()))

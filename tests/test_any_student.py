@@ -334,3 +334,22 @@ def test_init_from_a_pretrained_model_with_compact_vocab_keeps_its_logits(tmp_pa
         torch.testing.assert_close(model.lm.lm_head.weight[-1], teacher.lm_head.weight[unused].mean(0))
     finally:
         run.close()
+
+
+def test_a_compacted_student_continues_only_on_caches_its_map_covers(tmp_path, caches):
+    """--init-from a compacted transformers student's folder rebuilds its compact model; a cache with ids
+    outside its map is refused in one line (--compact-vocab compacts it again from the new cache)."""
+    train_student(tiny(caches["sparse"], tmp_path / "a", compact_vocab=True, steps=2))
+    folder = dict(student="fnet", heads=None, init_from=tmp_path / "a" / FINAL)
+    with pytest.raises(UserError, match="compacted vocabulary lacks .* add --compact-vocab"):
+        setup(tiny(caches["full"], tmp_path / "b", **folder))
+    run = setup(tiny(caches["full"], tmp_path / "c", compact_vocab=True, **folder))
+    try:
+        assert run.model.unused == 0 and len(run.model.vocab_map) == V
+    finally:
+        run.close()
+    run = setup(tiny(caches["sparse"], tmp_path / "d", **folder))
+    try:
+        assert run.model.unused > 0  # the folder's own map, rebuilt
+    finally:
+        run.close()
