@@ -11,8 +11,9 @@ per token id the caches use plus ONE shared row that stands for every other id. 
 it is expanded back to a plain full-vocabulary model of the same architecture (the shared row copied to every
 unused id), so ``AutoModelForCausalLM.from_pretrained`` loads it without remote code and returns logits over
 tokenizer ids. Training computes exactly that expanded model's softmax: the shared row's logit enters the
-normaliser once per unused id (``+ log(unused)``, a constant column appended to the head), so its loss is the
-saved model's loss, and the shared row learns to keep the unused ids' logits low. ``compact_vocab.json``
+normaliser once per unused id (``+ log(unused)``, a constant column appended to the head; ``T * log(unused)``
+for the KD softmax at temperature T, ``tempered_head``), so its loss is the saved model's loss, and the shared
+row learns to keep the unused ids' logits low. ``compact_vocab.json``
 beside the weights records the map, so ``--resume`` rebuilds the same compact model bit for bit.
 """
 
@@ -125,6 +126,18 @@ class CausalLMStudent(nn.Module):
         col = self._head_column()
         if col is None:
             return head
+        return _HeadView(torch.cat([head.weight, col[:, None].to(head.weight.dtype)], 1))
+
+    def tempered_head(self, temperature: float) -> _HeadView | None:
+        """The head for the KD softmax at ``temperature`` when it differs from ``get_output_embeddings()``:
+        the unused ids count ``unused * exp(s / T)``, so their constant column is ``T * log(unused)``. None
+        when the plain head is exact (no shared row, or T = 1)."""
+        if not self.unused or temperature == 1.0:
+            return None
+        head = self.lm.get_output_embeddings()
+        col = self._offset * temperature
+        bias = getattr(head, "bias", None)
+        col = col if bias is None else col + bias
         return _HeadView(torch.cat([head.weight, col[:, None].to(head.weight.dtype)], 1))
 
     def shared_kernels(self, max_len: int | None = None):

@@ -110,7 +110,6 @@ def init_from_folder(cfg: TrainConfig, data: TrainData) -> nn.Module:
         model = any_student.load_causal_lm(folder, "--init-from", recompact=not cfg.compact_vocab)
         check_any_vocabulary(model, data, "--init-from")
         if cfg.compact_vocab:
-            _check_compact_temperature(cfg)
             model = any_student.check_head(any_student.compact(model.lm, cache_token_ids(data).tolist()))
         _check_positions(model, data, f"--init-from {folder}")
         return model
@@ -194,20 +193,8 @@ def build_student(cfg: TrainConfig, data: TrainData) -> nn.Module:
         raise UserError(f"{where}: vocab_size {config.vocab_size} does not cover the cache's "
                         f"{reader.vocab_size} ids (the teacher's logits width); use vocab_size >= "
                         f"{reader.vocab_size} or drop it from the config")
-    if cfg.compact_vocab:
-        _check_compact_temperature(cfg)
     vocab_map = cache_token_ids(data).tolist() if cfg.compact_vocab else None
     torch.manual_seed(cfg.seed)
     model = any_student.new_student(config, vocab_map, config.vocab_size)
     _check_positions(model, data, where)
     return model
-
-
-def _check_compact_temperature(cfg: TrainConfig) -> None:
-    """A compacted transformers student counts its unused ids' shared row once per id through a constant
-    logit column, exact in a softmax at T = 1 only (at T the count would need T * log(count))."""
-    if cfg.alpha < 1.0 and cfg.temperature != 1.0 and cfg.kd != "topk_renorm":
-        raise UserError(f"--compact-vocab with a transformers student trains at --temperature 1 (its unused "
-                        f"ids share one row, counted exactly only at T = 1); got --temperature "
-                        f"{cfg.temperature:g} with --kd {cfg.kd}: use --temperature 1, --kd topk_renorm, or "
-                        "drop --compact-vocab")

@@ -122,10 +122,21 @@ class DistillForward(nn.Module):
         hidden = self.model.hidden_states(input_ids, attention_mask)  # (B, Lmax, d)
         rows = gather_rows(hidden, pred_pos)  # (N, d)
         head = self.model.get_output_embeddings().weight  # (V, d)
-        s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
-                                 chunk_size=self.chunk_size, with_kd=self.with_kd,
-                                 grad_weights=self.grad_weights)
-        return s.ce, s.kd, s.top1_agree, s.label_correct
+        tempered = getattr(self.model, "tempered_head", None)
+        kd_head = (tempered(self.temperature) if tempered and self.with_kd and self.kind != "topk_renorm"
+                   else None)
+        if kd_head is None:
+            s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
+                                     chunk_size=self.chunk_size, with_kd=self.with_kd,
+                                     grad_weights=self.grad_weights)
+            return s.ce, s.kd, s.top1_agree, s.label_correct
+        # a compacted transformers student at T != 1: its KD softmax needs another head (any_student.py)
+        w_ce, w_kd = self.grad_weights or (0.0, 0.0)
+        ce = chunked_distill_loss(rows, head, targets, kind=self.kind, chunk_size=self.chunk_size,
+                                  with_kd=False, grad_weights=(w_ce, 0.0) if w_ce else None)
+        kd = chunked_distill_loss(rows, kd_head.weight, targets, kind=self.kind, temperature=self.temperature,
+                                  chunk_size=self.chunk_size, grad_weights=(0.0, w_kd) if w_kd else None)
+        return ce.ce, kd.kd, ce.top1_agree, ce.label_correct
 
 
 # ---------------------------------------------------------------------------------------------- the run
