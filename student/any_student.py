@@ -128,6 +128,11 @@ class CausalLMStudent(nn.Module):
             return head
         return _HeadView(torch.cat([head.weight, col[:, None].to(head.weight.dtype)], 1))
 
+    @property
+    def argmax_shift(self) -> Tensor | None:
+        """(rows,) to subtract from the head's logits before an argmax: the shared row's ``log(unused)``."""
+        return self._offset
+
     def tempered_head(self, temperature: float) -> _HeadView | None:
         """The head for the KD softmax at ``temperature`` when it differs from ``get_output_embeddings()``:
         the unused ids count ``unused * exp(s / T)``, so their constant column is ``T * log(unused)``. None

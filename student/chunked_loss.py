@@ -91,16 +91,20 @@ class _Numerators:
 
 def _chunk_forward(h: Tensor, w: Tensor, t: DistillTargets, kind: str, temperature: float, with_kd: bool,
                    buf: Tensor, buf2: Tensor | None,
-                   keep_q: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, _RowStats, _Numerators]:
+                   keep_q: bool = False, pred_shift: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, _RowStats, _Numerators]:
     """CE and KD sums of one chunk, the two metric counts, the per-row gradient coefficients and the
     softmax numerators.
 
     One fp32 (c, V) logits buffer (plus a second one when T is neither 1 nor 2, or with ``keep_q`` at
     T = 2): max and argmax in one pass, exp in place, the T = 2 softmax numerators squared into the T = 1
-    ones (in place unless ``keep_q``)."""
+    ones (in place unless ``keep_q``). ``pred_shift`` (V,) is subtracted from the logits for the argmax
+    only."""
     T = temperature
     z = _logits(h, w, buf)  # (c, V)
     m, pred = torch.max(z, dim=-1)
+    if pred_shift is not None:
+        pred = torch.argmax(z - pred_shift, dim=-1)
     z_label = z.gather(1, t.labels[:, None])[:, 0]
     need_kd = with_kd and kind != "topk_renorm"
     cols = None
@@ -270,7 +274,8 @@ def _proportional_scale(g_ce: Tensor, g_kd: Tensor, weights: tuple[float, float]
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: DistillTargets, kind: str, temperature: float,
-                chunk_size: int, with_kd: bool, grad_weights: tuple[float, float] | None):
+                chunk_size: int, with_kd: bool, grad_weights: tuple[float, float] | None,
+                pred_shift: Tensor | None):
         n, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ahead = grad_weights is not None and (need_h or need_w)
@@ -295,7 +300,8 @@ class _ChunkedDistill(torch.autograd.Function):
                 h = hidden[a:b].detach()
                 rows = targets.rows(a, b)
                 ce, kd, ag, co, st, num = _chunk_forward(h, w, rows, kind, temperature, with_kd, buf[: b - a],
-                                                         None if buf2 is None else buf2[: b - a], keep_q)
+                                                         None if buf2 is None else buf2[: b - a], keep_q,
+                                                         pred_shift)
                 ce_total += ce
                 kd_total += kd
                 agree += ag
@@ -322,7 +328,7 @@ class _ChunkedDistill(torch.autograd.Function):
             if scale is not None:
                 grad_h = grad_h.mul_(scale) if need_h else None
                 grad_w = grad_w.mul_(scale).to(weight.dtype) if need_w else None
-                return grad_h, grad_w, None, None, None, None, None, None
+                return grad_h, grad_w, None, None, None, None, None, None, None
             del grad_h, grad_w
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -342,7 +348,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 _head_grads(g, h, w, grad_h, grad_w, a, b)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _head_grads(g: Tensor, h: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None, a: int,
@@ -360,7 +366,8 @@ def _head_grads(g: Tensor, h: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: 
 
 def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTargets, *,
                          kind: str = "topk_tail", temperature: float = 2.0, chunk_size: int = 1024,
-                         with_kd: bool = True, grad_weights: tuple[float, float] | None = None) -> LossSums:
+                         with_kd: bool = True, grad_weights: tuple[float, float] | None = None,
+                         pred_shift: Tensor | None = None) -> LossSums:
     """CE and KD sums for hidden states (N, d) under the head ``head_weight`` (V, d), chunk by chunk.
 
     Peak extra memory is one or two (chunk_size, V) fp32 buffers in forward and in backward (each chunk's
@@ -373,6 +380,10 @@ def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTa
     scale). Forward then also computes both gradients from the chunk it already holds, and backward only
     scales them: one head matmul per chunk fewer, the (N, d) and fp32 (V, d) gradients held from forward to
     backward. A backward whose weights are not in that ratio recomputes as without it (same result).
+
+    ``pred_shift`` (V,): subtracted from the logits before the argmax of the two metric counts only (a head
+    row standing for several ids carries their count in its logit, not in its argmax; see
+    ``student.any_student``).
     """
     if hidden.ndim != 2 or head_weight.ndim != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(f"expected hidden (N, d) and head_weight (V, d); got {tuple(hidden.shape)} and "
@@ -385,7 +396,7 @@ def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTa
         raise ValueError(f"grad_weights must be (w_ce, w_kd), not both 0 (got {grad_weights})")
     weights = None if grad_weights is None else (float(grad_weights[0]), float(grad_weights[1]))
     ce, kd, agree, correct = _ChunkedDistill.apply(hidden, head_weight, targets, kind, float(temperature),
-                                                   int(chunk_size), bool(with_kd), weights)
+                                                   int(chunk_size), bool(with_kd), weights, pred_shift)
     return LossSums(ce=ce, kd=kd, num_rows=hidden.shape[0], top1_agree=agree, label_correct=correct)
 
 

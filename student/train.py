@@ -125,15 +125,17 @@ class DistillForward(nn.Module):
         tempered = getattr(self.model, "tempered_head", None)
         kd_head = (tempered(self.temperature) if tempered and self.with_kd and self.kind != "topk_renorm"
                    else None)
+        shift = getattr(self.model, "argmax_shift", None)
         if kd_head is None:
             s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
                                      chunk_size=self.chunk_size, with_kd=self.with_kd,
-                                     grad_weights=self.grad_weights)
+                                     grad_weights=self.grad_weights, pred_shift=shift)
             return s.ce, s.kd, s.top1_agree, s.label_correct
         # a compacted transformers student at T != 1: its KD softmax needs another head (any_student.py)
         w_ce, w_kd = self.grad_weights or (0.0, 0.0)
         ce = chunked_distill_loss(rows, head, targets, kind=self.kind, chunk_size=self.chunk_size,
-                                  with_kd=False, grad_weights=(w_ce, 0.0) if w_ce else None)
+                                  with_kd=False, grad_weights=(w_ce, 0.0) if w_ce else None,
+                                  pred_shift=shift)
         kd = chunked_distill_loss(rows, kd_head.weight, targets, kind=self.kind, temperature=self.temperature,
                                   chunk_size=self.chunk_size, grad_weights=(0.0, w_kd) if w_kd else None)
         return ce.ce, kd.kd, ce.top1_agree, ce.label_correct
@@ -441,7 +443,8 @@ def evaluate(run: Run) -> dict[str, float]:
                 hidden = run.model.hidden_states(batch.input_ids, batch.attention_mask)  # (B, Lmax, d)
                 s = chunked_distill_loss(gather_rows(hidden, batch.pred_pos),
                                          run.model.get_output_embeddings().weight, targets, kind="topk_tail",
-                                         temperature=1.0, chunk_size=run.cfg.chunk_size, with_kd=with_kl)
+                                         temperature=1.0, chunk_size=run.cfg.chunk_size, with_kd=with_kl,
+                                         pred_shift=getattr(run.model, "argmax_shift", None))
             rows = torch.tensor(float(s.num_rows), dtype=torch.float64, device=run.device)
             sums += torch.stack([s.ce.double(), s.kd.double(), s.top1_agree.double(),
                                  s.label_correct.double(), rows])

@@ -86,8 +86,7 @@ def test_chunked_loss_equals_the_full_logits_reference(tmp_path, caches, compact
             want = torch.autograd.grad(0.3 * ref.ce + 0.7 * ref.kd, params)
             torch.testing.assert_close(ce, ref.ce, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(kd, ref.kd, rtol=1e-5, atol=1e-4)
-            if not compact:  # compacted, the argmax sees the unused ids' row with their total mass
-                assert int(agree) == int(ref.top1_agree)
+            assert int(agree) == int(ref.top1_agree)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     finally:
