@@ -97,11 +97,13 @@ class TrainHooks:
 
     ``loss(step, micro_loss) -> loss`` replaces a micro-batch loss before backward; ``micro_batch(step,
     batch)`` sees every loaded micro-batch; ``after_step(step)`` runs after step ``step`` (1-based count) and
-    its evaluation and checkpoint."""
+    its evaluation and checkpoint; ``ready()`` runs once setup has accepted the output folder, before the first
+    step (the command writes ``config.yaml`` there)."""
 
     loss: Callable[[int, Tensor], Tensor] | None = None
     micro_batch: Callable[[int, Any], None] | None = None
     after_step: Callable[[int], None] | None = None
+    ready: Callable[[], None] | None = None
 
 
 class DistillForward(nn.Module):
@@ -764,6 +766,8 @@ def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainRes
     try:
         with stop:
             run = setup(cfg, dist)
+            if hooks is not None and hooks.ready is not None:
+                hooks.ready()
             stop.defer()
             return fit(run, hooks, stop)
     except Interrupted as e:
