@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter
+from cache.schema import CacheRecord, CacheSettings
+from cache.writer import CacheWriter
 
 V = 40  # teacher and tokenizer vocabulary of the synthetic caches
 EOS, PAD = 38, 39
@@ -146,7 +147,10 @@ def torchrun_two_nodes(args: list[str], *, env: dict[str, str], timeout: float =
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-               "--rdzv-id", job, *args]
+               "--rdzv-id", job,
+               # node 0 hosts the rendezvous store, as the machine named in the endpoint would; left to guess,
+               # both agents see 127.0.0.1 as their own address and race to host it
+               "--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}", *args]
         err = tempfile.TemporaryFile()
         procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
     results = []
