@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 from study_cache_size import derive  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from cache.codec import row_kl  # noqa: E402
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache  # noqa: E402
+from cache.reader import open_cache  # noqa: E402
+from cache.schema import CacheRecord, CacheSettings  # noqa: E402
+from cache.writer import CacheWriter  # noqa: E402
 from pipeline.data import DataConfig, load_tokenized, load_tokenizer  # noqa: E402
 from pipeline.teacher import TargetSettings, load_teacher, teacher_targets  # noqa: E402
 

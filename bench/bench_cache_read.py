@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache
+from cache.reader import open_cache
+from cache.schema import CacheRecord, CacheSettings
+from cache.writer import CacheWriter
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 151_936

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from pipeline.demo.assets import build_demo_assets
-    from pipeline.demo.run import machine_info
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
+    from student.device import machine_info
     from student.train import TrainConfig, TrainHooks, train_student
 
     torch.set_num_threads(1)

@@ -36,7 +36,6 @@ from student.modeling import (  # noqa: E402
     stft_kernel,
     stft_kernel_grad,
 )
-from tests.test_modeling import reference_stft_mix  # noqa: E402  (the one reference formulation)
 
 VOCAB = 8192  # a compacted-vocabulary-sized head (same for both formulations), so the mixing layers dominate
 THREADS = 2
@@ -48,6 +47,16 @@ def available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: line.split()[1] for line in f}
     return int(info["MemAvailable"]) * 1024
+
+
+def reference_stft_mix(x: torch.Tensor, projection: torch.nn.Linear, window: int) -> torch.Tensor:
+    """The research formulation, the baseline timed here: zero-pad, strided (B, T, W, d) windows, Re fftn,
+    flatten, linear (tests/test_modeling.py holds the same formula as its reference and checks this one)."""
+    B, T, d = x.shape
+    xp = torch.nn.functional.pad(x, (0, 0, window - 1, 0))  # (B, T + W - 1, d)
+    s = xp.stride()
+    windows = xp.as_strided((B, T, window, d), (s[0], s[1], s[1], s[2]))  # (B, T, W, d)
+    return projection(torch.fft.fftn(windows, dim=(-2, -1)).real.reshape(B, T, window * d))
 
 
 _TARGETS: dict[tuple, DistillTargets] = {}

@@ -31,7 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cache.format import CacheSettings, CacheWriter  # noqa: E402
+from cache.schema import CacheSettings  # noqa: E402
+from cache.writer import CacheWriter  # noqa: E402
 from pipeline.data import load_examples, load_tokenizer, tokenize_examples  # noqa: E402
 from pipeline.teacher import TargetSettings, Teacher, token_budget_batches  # noqa: E402
 from pipeline.teacher_cache import unit_records  # noqa: E402

@@ -48,7 +48,8 @@ def peak_rss_mib() -> float:
 def write_cache(path: Path, n: int, seed: int = 0, id_pool: int | None = None) -> None:
     """GSM8K-shaped synthetic cache: ~100 prompt + ~150 answer tokens, k=64, T=(1, 2), fp16 log-probs.
     ``id_pool``: draw every id from a fixed random subset of that many ids (what --compact-vocab keeps)."""
-    from cache.format import CacheRecord, CacheSettings, CacheWriter
+    from cache.schema import CacheRecord, CacheSettings
+    from cache.writer import CacheWriter
 
     rng = np.random.default_rng(seed)
     pool = np.sort(rng.choice(151_643, id_pool, replace=False)) if id_pool else None
@@ -144,7 +145,7 @@ def loader_throughput(cache: Path, batch_tokens: int, workers: int, threads: int
     import torch
 
     torch.set_num_threads(threads)
-    from cache.format import open_cache
+    from cache.reader import open_cache
     from student.data import CacheDataset, Collator, TokenBudgetBatchSampler, make_dataloader
 
     reader = open_cache(cache)

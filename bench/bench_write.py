@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from peak_rss import reset_peak_rss, status_mib  # noqa: E402
 
 from cache.util import UserError  # noqa: E402
-from pipeline.demo.run import machine_info  # noqa: E402
+from student.device import machine_info  # noqa: E402
 
 
 def load(kind: str, n: int):

@@ -45,14 +45,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.format import (  # noqa: E402
-    CacheRecord,
-    CacheSettings,
-    CacheWriter,
-    FingerprintMismatch,
-    open_cache,
-)
+from cache.reader import open_cache  # noqa: E402
+from cache.schema import CacheRecord, CacheSettings, FingerprintMismatch  # noqa: E402
 from cache.util import UserError, atomic_write_bytes, lock_run_folder  # noqa: E402
+from cache.writer import CacheWriter  # noqa: E402
 
 TEMPS = (1.0, 2.0)
 # name -> (train cache, kd kind, alpha); alpha 1.0 is CE only, None the study's --alpha
@@ -132,7 +128,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def machine() -> dict[str, Any]:
-    from pipeline.demo.run import machine_info
+    from student.device import machine_info
 
     m = machine_info()
     return {"cpu": m["cpu_model"] or platform.machine(), "usable_cores": m["usable_cores"],
@@ -143,7 +139,7 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and score one student (in a worker process: its own torch thread count)."""
     import torch
 
-    from pipeline.demo.run import StudentBudget
+    from pipeline.demo.budget import StudentBudget
     from pipeline.evaluate import evaluate_model
     from student.train import train_student
 
@@ -173,7 +169,7 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.demo.run import StudentBudget
+    from pipeline.demo.budget import StudentBudget
 
     demo = StudentBudget()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

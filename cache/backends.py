@@ -1,5 +1,5 @@
-"""The shard backends by format name: the one place that knows every backend (``cache.format`` looks a
-backend up here and never imports one itself)."""
+"""The shard backends by format name: the one place that knows every backend (``cache.writer`` and
+``cache.reader`` look a backend up here and never import one themselves)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ the format version, and the small interface every shard backend implements (``Sh
 
 Layering inside ``cache/``: this module and ``cache.util`` at the bottom; the backends
 (``cache.arrow_backend``, ``cache.zarr_backend``) import only these; ``cache.backends`` maps a format name
-to its backend; ``cache.format`` (writer, reader, journal, manifest, verify) sits on top and imports the
-backends only through that registry.
+to its backend; ``cache.manifest`` (folder names, journals, manifest checks) uses only this module and
+``cache.util``; ``cache.writer`` and ``cache.reader`` sit on top of it and reach the backends only through
+that registry; ``cache.verify`` reads through ``cache.reader``.
 """
 
 from __future__ import annotations

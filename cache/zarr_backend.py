@@ -1,5 +1,5 @@
 """Zarr v3 shards for the teacher cache (``settings.format = "zarr"``); the record and settings types are in
-cache.schema, the writer and reader that call this backend in cache.format.
+cache.schema, the writer and reader that call this backend in cache.writer and cache.reader.
 
 One unit is one Zarr group ``unit-000000.zarr/`` of flat arrays: per sequence ``seq_id``, ``assistant_start``,
 ``tok_offsets`` and ``row_offsets`` ([S+1] into the token and teacher-row arrays); per token ``input_ids`` and

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter
+from cache.schema import CacheRecord, CacheSettings
 from cache.util import UserError
+from cache.writer import CacheWriter
 from pipeline.data import (
     DataConfig,
     Example,

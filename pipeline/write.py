@@ -327,7 +327,7 @@ def unit_file(folder: Path, unit: int) -> Path:
 
 def open_generation_dir(out: Path, fingerprint: dict[str, Any]) -> Path:
     """``<out>/generation``, created with the fingerprint, or checked against it when it exists."""
-    from cache.format import FingerprintMismatch
+    from cache.schema import FingerprintMismatch
 
     folder = out / GENERATION_DIR
     path = folder / SETTINGS_FILE

@@ -95,7 +95,7 @@ class DecodedRecords:
 
 
 class CacheDataset(Dataset):
-    """Random access by sequence over an open cache (``cache.format.open_cache``); records stay memory-mapped.
+    """Random access by sequence over an open cache (``cache.reader.open_cache``); records stay memory-mapped.
 
     Items are ``CacheRecord`` objects (numpy views). The reader is picklable, so DataLoader workers reopen
     shards lazily in their own process.

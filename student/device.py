@@ -1,9 +1,12 @@
-"""Process-group and device helpers shared by both stages (plain ``torchrun`` environment variables)."""
+"""Process-group and device helpers shared by both stages (plain ``torchrun`` environment variables), and
+the description of the machine a measurement ran on (``machine_info``)."""
 
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,3 +74,24 @@ def resolve_device(device: str = "auto", dist: Dist | None = None) -> torch.devi
     elif dev.type != "cpu":
         raise UserError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement ran on (CPU model, cores usable, torch threads and versions), as the demo's
+    report and the benchmarks record it."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from cache.util import UserError
 from student.data import CacheDataset, DecodedRecords
 from student.modeling import CausalFNetConfig, ModelInputError, compact_ids_from_cache

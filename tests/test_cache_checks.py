@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import CacheError, _manifest_hash, open_cache, verify_cache
+from cache.manifest import manifest_hash
+from cache.reader import open_cache
+from cache.schema import CacheError
 from cache.util import UserError, atomic_write_json, file_hash
+from cache.verify import verify_cache
 from student.train import TrainConfig, setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +32,7 @@ def rewrite_manifest(cache: Path, edit) -> None:
     """Edit the manifest and recompute its own content hash, as a careful forger (or a buggy tool) would."""
     m = json.loads((cache / "manifest.json").read_text())
     edit(m)
-    m["manifest_hash"] = _manifest_hash(m)
+    m["manifest_hash"] = manifest_hash(m)
     atomic_write_json(cache / "manifest.json", m)
 
 

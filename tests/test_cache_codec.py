@@ -19,8 +19,10 @@ import torch
 from helpers import teacher_rows, teacher_samples  # tests/ is on sys.path under pytest
 
 from cache import codec
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache, verify_cache
-from cache.schema import normalize_record
+from cache.reader import open_cache
+from cache.schema import CacheRecord, CacheSettings, normalize_record
+from cache.verify import verify_cache
+from cache.writer import CacheWriter
 
 TEMPS = (1.0, 2.0)
 STEP = 1.0 / 16
@@ -331,7 +333,8 @@ WRITER = textwrap.dedent("""
     import numpy as np
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_cache_codec import exact_record, TEMPS
-    from cache.format import CacheSettings, CacheWriter
+    from cache.schema import CacheSettings
+    from cache.writer import CacheWriter
     s = CacheSettings(topk=8, vocab_size=300, temperatures=TEMPS, encoding="compact", top_p=0.9, samples=6)
     with CacheWriter(sys.argv[1], {{"t": 1}}, s) as w:
         done = w.done_units()

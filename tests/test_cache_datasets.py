@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import CacheWriter, open_cache
+from cache.reader import open_cache
+from cache.writer import CacheWriter
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cache-format.md"
 SECTION = "## Reading a cache outside this project"

@@ -1,4 +1,5 @@
-"""cache.format on real files: round trips, corruption, resume, locks, ranks, verify and the CLI."""
+"""cache.writer, cache.reader and cache.verify on real files: round trips, corruption, resume, locks,
+ranks, verify and the CLI."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import numpy as np
 import pytest
 from helpers import random_samples  # tests/ is on sys.path under pytest
 
-from cache.format import (
+from cache.reader import open_cache
+from cache.schema import (
     FORMAT_VERSION,
     CacheError,
     CacheRecord,
     CacheSettings,
-    CacheWriter,
     FingerprintMismatch,
     normalize_record,
-    open_cache,
-    verify_cache,
 )
 from cache.util import UserError
+from cache.verify import verify_cache
+from cache.writer import CacheWriter
 
 VOCAB = 1000
 FP = {"teacher": "tiny", "dataset_hash": "abc", "max_length": 64}

@@ -361,7 +361,8 @@ def test_messages_dataset_through_both_stages_matches_a_hand_computation(demo_to
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cache.format import FingerprintMismatch, open_cache
+    from cache.reader import open_cache
+    from cache.schema import FingerprintMismatch
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
     from student.modeling import CausalFNetForCausalLM
 
@@ -435,7 +436,7 @@ def test_write_answers_prompt_rows_like_questions(demo_tokenizer, tmp_path):
     """--write on prompt rows: a prompt string writes what the same question writes (same text, tokens and
     teacher rows; another fingerprint), a prompt of turns conditions the writer on them, and the cached
     sequence is the prompt turns then the written reply."""
-    from cache.format import open_cache
+    from cache.reader import open_cache
     from pipeline.demo.problems import iter_problems
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 

@@ -1,6 +1,8 @@
 """The packages import one way: ``cache`` <- ``student`` <- ``pipeline``, and no project module imports itself
 back through others. Every ``import`` is read from the source (AST), including imports inside functions.
-Command-line (Typer) code lives only in ``pipeline/commands/`` and ``pipeline/cli.py``."""
+Command-line (Typer) code lives only in ``pipeline/commands/`` and ``pipeline/cli.py``. The benchmarks
+(``bench/``) import library modules and each other, never a test module or the demo's runner; nothing of the
+project imports ``cache.format``, the old name kept for code written against 0.1.0."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cache", "student", "pipeline")
 # What each package may import of the project, besides itself.
 ALLOWED = {"cache": set(), "student": {"cache"}, "pipeline": {"cache", "student"}}
+# Imports a benchmark may not have, and those that remain for now (file, module); an entry must be removed
+# once its import is gone.
+BENCH_FORBIDDEN = ("tests", "pipeline.demo.run")
+BENCH_KNOWN = {("bench/compare_students.py", "pipeline.demo.run")}
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -49,6 +55,38 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
                 parts.pop()
             if parts:
                 found.append((".".join(parts), node.lineno))
+    return found
+
+
+def imported_names(path: Path) -> list[tuple[str, int]]:
+    """(dotted name, line) of every import statement anywhere in the file, unresolved: ``from a.b import c``
+    gives ``a.b.c`` (c may be a module or a name in it); relative imports keep their leading dots."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            found += [(f"{base}.{a.name}" if base.strip(".") else base + a.name, node.lineno)
+                      for a in node.names]
+    return found
+
+
+def bench_imports_of_tests_or_runner(root: Path) -> list[tuple[str, str, int]]:
+    """(bench file, forbidden module, line) for every import in ``bench/*.py`` of a test module (the
+    ``tests`` package, or a module of ``tests/`` reached through sys.path such as ``helpers``) or of
+    ``pipeline.demo.run``."""
+    bench = {p.stem for p in (root / "bench").glob("*.py")}
+    test_modules = {p.stem for p in (root / "tests").glob("*.py")} - bench
+    found = []
+    for path in sorted((root / "bench").glob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        for name, line in imported_names(path):
+            top = name.split(".")[0]
+            hit = ("tests" if top == "tests" or top in test_modules else
+                   next((f for f in BENCH_FORBIDDEN if name == f or name.startswith(f + ".")), None))
+            if hit is not None and (rel, hit, line) not in found:
+                found.append((rel, hit, line))
     return found
 
 
@@ -157,3 +195,39 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     assert graph["student.b"] == {"cache.a", "student.c"}
     assert graph["pipeline.d"] == {"student.c"}
     assert cycles(graph) == [["cache.a", "student.b", "student.c"]]
+
+
+def test_benchmarks_import_library_modules_not_tests_or_the_demo_runner():
+    found = bench_imports_of_tests_or_runner(ROOT)
+    new = [f"{f}:{line}: imports {m}" for f, m, line in found if (f, m) not in BENCH_KNOWN]
+    assert not new, ("benchmarks import library modules (cache, student, pipeline, bench), never tests or "
+                     "pipeline.demo.run; move what they need into a library module:\n" + "\n".join(new))
+    gone = BENCH_KNOWN - {(f, m) for f, m, _ in found}
+    assert not gone, f"remove these from BENCH_KNOWN, their imports are gone: {sorted(gone)}"
+
+
+def test_nothing_in_the_project_imports_the_cache_format_shim():
+    """``cache/format.py`` only re-exports the cache's names for older user code; the project imports them
+    from their homes (cache.writer, cache.reader, cache.verify, cache.manifest, cache.schema)."""
+    found = [f"{p.relative_to(ROOT)}:{line}: {name}"
+             for folder in (*PACKAGES, "tests", "bench") for p in sorted((ROOT / folder).rglob("*.py"))
+             if p != ROOT / "cache" / "format.py"
+             for name, line in imported_names(p) if name.split(".")[:2] == ["cache", "format"]]
+    assert not found, ("import these from cache.writer / reader / verify / manifest / schema:\n"
+                       + "\n".join(found))
+
+
+def test_the_bench_check_catches_a_test_import_and_the_demo_runner(tmp_path):
+    files = {
+        "bench/a.py": "from tests.test_modeling import ref\nfrom peak_rss import x\n",
+        "bench/b.py": "def f():\n    from pipeline.demo import run\n    from pipeline.demo.assets import y\n",
+        "bench/c.py": "import helpers\nfrom pipeline.demo.run import machine_info\n",
+        "bench/peak_rss.py": "",
+        "tests/helpers.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert bench_imports_of_tests_or_runner(tmp_path) == [
+        ("bench/a.py", "tests", 1), ("bench/b.py", "pipeline.demo.run", 2), ("bench/c.py", "tests", 1),
+        ("bench/c.py", "pipeline.demo.run", 2)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from cache.util import UserError
 from student.train import FINAL, TrainConfig, setup, train_student
 from student.train_data import MixedDataset, mixture_counts, open_training_data

@@ -80,6 +80,20 @@ def test_layer_is_the_convolution_with_that_kernel_written_out():
     torch.testing.assert_close(loop, reference_stft_mix(x, proj, W))
 
 
+def test_the_benchmarks_baseline_is_this_reference(monkeypatch):
+    """bench/bench_student.py times its own copy of the research formulation (benchmarks import no test);
+    it must be the formula these tests hold as the reference."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_student import reference_stft_mix as bench_reference
+
+    torch.manual_seed(3)
+    proj = nn.Linear(4 * 5, 5).double()
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    torch.testing.assert_close(bench_reference(x, proj, 4), reference_stft_mix(x, proj, 4), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["conv", "fft", "auto"])
 @pytest.mark.parametrize("B,T,W", [(1, 9, 4), (3, 8, 8), (2, 6, 11), (2, 1, 3), (2, 13, 1), (2, 23, 5)])
 def test_fast_mix_matches_reference_values_and_gradients(impl, B, T, W):

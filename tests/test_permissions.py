@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import CacheSettings, CacheWriter
+from cache.schema import CacheSettings
 from cache.util import apply_umask_tree, atomic_write_json, make_temp_dir
+from cache.writer import CacheWriter
 
 
 @pytest.fixture

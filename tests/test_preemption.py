@@ -19,7 +19,7 @@ import torch
 from helpers import write_bigram_cache  # tests/ is on sys.path under pytest
 from test_train_crash import metric_lines, params_of
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from student.checkpoint import MANIFEST, folder_problem
 from student.train import CHECKPOINT, FINAL, METRICS, TRAINER_STATE, TrainConfig, train_student
 

@@ -1,4 +1,4 @@
-"""student.data on a tiny cache written by the real cache.format.CacheWriter: collation against the
+"""student.data on a tiny cache written by the real cache.writer.CacheWriter: collation against the
 records (and the alignment convention through the loss), batch plans (coverage, budget, determinism, ranks,
 resume) and DataLoader worker independence."""
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 from helpers import random_samples  # tests/ is on sys.path under pytest
 
-from cache.format import CacheRecord, CacheSettings, CacheWriter, open_cache
+from cache.reader import open_cache
+from cache.schema import CacheRecord, CacheSettings
 from cache.util import UserError
+from cache.writer import CacheWriter
 from student.chunked_loss import chunked_distill_loss
 from student.data import (
     Batch,

@@ -10,7 +10,8 @@ import numpy as np
 from helpers import V, write_bigram_cache  # tests/ is on sys.path under pytest
 
 from cache.codec import row_kl
-from cache.format import open_cache, verify_cache
+from cache.reader import open_cache
+from cache.verify import verify_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import study_cache_size as study  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import kill_9_when, torchrun_two_nodes  # tests/ is on sys.path under pytest
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from cache.util import UserError
 from pipeline.data import load_examples, tokenize_examples
 from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
@@ -193,7 +193,7 @@ def test_zarr_format_holds_the_same_content(reference, tmp_path, tiny_qwen_dir, 
 def test_compact_encoding_from_the_real_teacher_matches_the_exact_cache(reference, tmp_path, tiny_qwen_dir,
                                                                         qwen_tokenizer_dir, gsm8k_slice):
     from cache.codec import row_kl
-    from cache.format import verify_cache
+    from cache.verify import verify_cache
 
     out = tmp_path / "compact"
     summary = run_teacher_cache(config(tiny_qwen_dir, qwen_tokenizer_dir, gsm8k_slice, out,

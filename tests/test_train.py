@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import EOS, PAD, V, write_bigram_cache  # tests/ is on sys.path under pytest
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from cache.util import UserError
 from student.train import (
     CHECKPOINT,

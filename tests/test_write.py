@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import kill_9_when  # tests/ is on sys.path under pytest
 
-from cache.format import open_cache
+from cache.reader import open_cache
 from cache.util import UserError
 from pipeline.demo.problems import iter_problems, write_jsonl
 from pipeline.teacher_cache import PROVENANCE_ROWS, TeacherCacheConfig, run_teacher_cache

@@ -23,7 +23,7 @@ def _bytes_on_disk(path: Path) -> int:
 
 def cache_summary(path: str | os.PathLike) -> dict[str, Any]:
     """The numbers ``cache info`` prints (reads the manifest and index only, no records)."""
-    from cache.format import open_cache
+    from cache.reader import open_cache
 
     r = open_cache(path, verify_hashes="none")
     m = r.manifest
@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
     def verify(
         path: Path = typer.Argument(..., help="Cache folder written by `fnet-distill teacher-cache --out`."),
     ) -> None:
-        from cache.format import verify_cache
+        from cache.verify import verify_cache
 
         defects = verify_cache(path)
         if defects:

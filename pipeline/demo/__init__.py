@@ -8,6 +8,8 @@
 - ``teacher``: a small ``Qwen2ForCausalLM`` trained for a minute or two on the assistant tokens.
 - ``assets``: ``build_demo_assets(out_dir, scale, seed, ...)`` builds all three into one folder and reuses
   it while the settings (generator version, seed, sizes, scale) are unchanged.
+- ``budget``: ``StudentBudget``, the demo's student and its training budget (the demo's runner,
+  ``run``, trains it; the cache-size study reuses it).
 
 The teacher directory loads like ``Qwen/Qwen2-0.5B-Instruct`` (``AutoModelForCausalLM`` and
 ``AutoTokenizer``), so stage one and stage two run the same code on the demo as on the real model.

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -49,6 +48,8 @@ from cache.util import (
     json_hash,
     lock_run_folder,
 )
+from pipeline.demo.budget import StudentBudget
+from student.device import machine_info
 
 Log = Callable[[str], None]
 
@@ -71,42 +72,6 @@ RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree
 TRAIN_PROBLEMS = 1000
 TEST_PROBLEMS = 600
 VAL_PROBLEMS = 300
-
-
-@dataclass
-class StudentBudget:
-    """The student and its training budget, shared by the KD and the CE-only runs (only ``alpha`` differs)."""
-
-    hidden_size: int = 32
-    layers: int = 3
-    ffn: int = 128
-    window: int = 32
-    max_positions: int = 256
-    dropout: float = 0.1
-    steps: int = 2400
-    batch_tokens: int = 2048
-    lr: float = 6e-3
-    min_lr: float = 6e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    kd: str = "topk_tail"
-    alpha: float = 0.2
-    temperature: float = 1.0
-    eval_points: int = 8
-    compact_vocab: bool = False
-
-    def train_config(self, **run: Any):
-        """The ``TrainConfig`` of this student and budget; ``run`` gives the rest (cache, out, alpha, seed,
-        evaluation and logging, ...) and may override any field."""
-        from student.train import TrainConfig
-
-        budget = dict(hidden_size=self.hidden_size, layers=self.layers, ffn=self.ffn, window=self.window,
-                      max_positions=self.max_positions, dropout=self.dropout, steps=self.steps,
-                      batch_tokens=self.batch_tokens, lr=self.lr, min_lr=self.min_lr,
-                      warmup=min(self.warmup, self.steps // 2), weight_decay=self.weight_decay,
-                      alpha=self.alpha, temperature=self.temperature, kd=self.kd,
-                      compact_vocab=self.compact_vocab)
-        return TrainConfig(**{**budget, **run})
 
 
 @dataclass
@@ -402,7 +367,7 @@ def gsm8k_assets(cfg: DemoConfig, log: Log) -> Assets:
 
 def cache_or_rebuild(tc: Any, log: Log) -> dict[str, Any]:
     """``run_teacher_cache(tc)``; a folder made with other settings (an earlier demo's) is rebuilt."""
-    from cache.format import FingerprintMismatch
+    from cache.schema import FingerprintMismatch
     from pipeline.teacher_cache import run_teacher_cache
 
     try:
@@ -583,27 +548,6 @@ def eval_stage(cfg: DemoConfig, assets: Assets, name: str, model_dir: Path) -> d
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _metrics_rows(student_dir: Path) -> list[dict[str, Any]]:
