@@ -9,33 +9,38 @@ CLI := $(VENV)/bin/fnet-distill
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-# Stage one
+# The real run's settings live in two config files; a setting variable below (TOPK, STEPS, ALPHA, ...) is passed
+# on only when you set it (make train-student STEPS=500, or in the environment), else the file's value holds.
+# given(VAR,--option): "--option $(VAR)" when VAR was set on the command line or in the environment.
+given = $(if $(filter-out undefined default file automatic,$(firstword $(origin $(1)))),$(2) $($(1)))
+
+# Stage one: configs/teacher-cache-qwen2-0.5b-gsm8k.yaml (teacher, dataset, top-k, temperatures, ...).
+CACHE_CONFIG ?= configs/teacher-cache-qwen2-0.5b-gsm8k.yaml
+# The paths and the teacher, which other targets use too (the config files hold the same values)
 TEACHER ?= Qwen/Qwen2-0.5B-Instruct
 DATASET ?= openai/gsm8k
-SPLIT ?= train
 CACHE_DIR ?= runs/cache/qwen2-0.5b-gsm8k-train
 VAL_CACHE_DIR ?= runs/cache/qwen2-0.5b-gsm8k-test
-TOPK ?= 64
-SAMPLES ?= 0
-TEMPERATURES ?= 1,2
-MAX_LENGTH ?= 512
-BATCH_TOKENS ?= 16384
-CACHE_FORMAT ?= arrow
+# Overrides, passed only when set: TEACHER DATASET SPLIT TOPK SAMPLES TEMPERATURES MAX_LENGTH BATCH_TOKENS
+# CACHE_FORMAT; CACHE_ARGS: any other teacher-cache options
 CACHE_ARGS ?=
+CACHE_FLAGS = $(call given,TEACHER,--teacher) $(call given,DATASET,--dataset) $(call given,SPLIT,--split) \
+  $(call given,TOPK,--topk) $(call given,SAMPLES,--samples) $(call given,TEMPERATURES,--temperatures) \
+  $(call given,MAX_LENGTH,--max-length) $(call given,BATCH_TOKENS,--batch-tokens) \
+  $(call given,CACHE_FORMAT,--format) $(CACHE_ARGS)
 # Teacher-written solutions (make written-cache): solutions per training question, kept by their reference
 WRITE ?= 4
 WRITTEN_DIR ?= runs/cache/qwen2-0.5b-gsm8k-train-written
 
-# Stage two
+# Stage two: configs/train-student-qwen2-0.5b-gsm8k.yaml (student shape, steps, KD kind, alpha, temperature; why
+# alpha 0.2 and temperature 1: the comment there).
+TRAIN_CONFIG ?= configs/train-student-qwen2-0.5b-gsm8k.yaml
 STUDENT_OUT ?= runs/student/fnet-d256-l4
-STEPS ?= 2000
-KD ?= topk_tail
-# The settings this project's measurements support (docs/demo-run.md, docs/study.md): alpha 0.5 lost most of KD's
-# gain on answers and T 2 did worse than labels only. Measured on the demo's 0.85 M-parameter teacher, not yet on
-# Qwen2-0.5B; the cache stores T 1 and 2 (TEMPERATURES), so TEMPERATURE=2 stays one flag away.
-ALPHA ?= 0.2
-TEMPERATURE ?= 1
+# Overrides, passed only when set: STEPS KD ALPHA TEMPERATURE; TRAIN_ARGS: any other train-student options
 TRAIN_ARGS ?=
+TRAIN_FLAGS = $(call given,STEPS,--steps) $(call given,KD,--kd) $(call given,ALPHA,--alpha) \
+  $(call given,TEMPERATURE,--temperature) $(TRAIN_ARGS)
+VAL_FLAG = $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02)
 EVAL_ARGS ?=
 # Extra caches train-student mixes in (e.g. MIX_CACHES=$(WRITTEN_DIR)); every sequence of each once per epoch
 MIX_CACHES ?=
@@ -68,31 +73,24 @@ lint: install ## ruff
 	$(VENV)/bin/ruff check pipeline student cache tests bench
 
 teacher-cache: install ## stage one: run the teacher once and write the sparse cache
-	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --split $(SPLIT) --out $(CACHE_DIR) \
-	  --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) --max-length $(MAX_LENGTH) \
-	  --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
+	$(CLI) teacher-cache --config $(CACHE_CONFIG) --out $(CACHE_DIR) $(CACHE_FLAGS)
 
 val-cache: install ## stage one on the test split (the validation cache for stage two)
 	$(MAKE) teacher-cache SPLIT=test CACHE_DIR=$(VAL_CACHE_DIR)
 
 written-cache: install ## stage one writing: the teacher writes WRITE solutions per question, keeps the correct ones
-	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(DATASET) --split $(SPLIT) --out $(WRITTEN_DIR) \
-	  --write $(WRITE) --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) \
-	  --max-length $(MAX_LENGTH) --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
+	$(CLI) teacher-cache --config $(CACHE_CONFIG) --out $(WRITTEN_DIR) --write $(WRITE) $(CACHE_FLAGS)
 
 onpolicy-round: install ## the teacher scores the student's own answers, the student continues on them
-	$(CLI) eval --model $(ROUND_FROM) --dataset $(DATASET) --split $(SPLIT) --answers-out $(ROUND_OUT).answers.jsonl $(EVAL_ARGS)
-	$(CLI) teacher-cache --teacher $(TEACHER) --dataset $(ROUND_OUT).answers.jsonl --out $(ROUND_CACHE) \
-	  --topk $(TOPK) --samples $(SAMPLES) --temperatures $(TEMPERATURES) --max-length $(MAX_LENGTH) \
-	  --batch-tokens $(BATCH_TOKENS) --format $(CACHE_FORMAT) $(CACHE_ARGS)
-	$(CLI) train-student --init-from $(ROUND_FROM) --cache $(CACHE_DIR) --cache $(ROUND_CACHE) \
-	  --out $(ROUND_OUT) --steps $(ROUND_STEPS) --kd $(KD) --alpha $(ALPHA) --temperature $(TEMPERATURE) \
-	  $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02) $(TRAIN_ARGS)
+	$(CLI) eval --model $(ROUND_FROM) --dataset $(DATASET) --split $(or $(SPLIT),train) --answers-out $(ROUND_OUT).answers.jsonl $(EVAL_ARGS)
+	$(CLI) teacher-cache --config $(CACHE_CONFIG) $(CACHE_FLAGS) --dataset $(ROUND_OUT).answers.jsonl \
+	  --out $(ROUND_CACHE)
+	$(CLI) train-student --config $(TRAIN_CONFIG) --init-from $(ROUND_FROM) --cache $(CACHE_DIR) \
+	  --cache $(ROUND_CACHE) --out $(ROUND_OUT) $(VAL_FLAG) $(TRAIN_FLAGS) --steps $(ROUND_STEPS)
 
 train-student: install ## stage two: train the student from the cache (teacher never loaded)
-	$(CLI) train-student --cache $(CACHE_DIR) $(foreach c,$(MIX_CACHES),--cache $(c)) --out $(STUDENT_OUT) --steps $(STEPS) --kd $(KD) \
-	  --alpha $(ALPHA) --temperature $(TEMPERATURE) \
-	  $(if $(wildcard $(VAL_CACHE_DIR)/manifest.json),--val-cache $(VAL_CACHE_DIR),--val-fraction 0.02) $(TRAIN_ARGS)
+	$(CLI) train-student --config $(TRAIN_CONFIG) --cache $(CACHE_DIR) $(foreach c,$(MIX_CACHES),--cache $(c)) \
+	  --out $(STUDENT_OUT) $(VAL_FLAG) $(TRAIN_FLAGS)
 
 eval-student: install ## GSM8K accuracy of the trained student (greedy, strict + flexible)
 	$(CLI) eval --model $(STUDENT_OUT)/final --dataset $(DATASET) --split test --out $(STUDENT_OUT)/eval-test.jsonl $(EVAL_ARGS)

@@ -46,7 +46,12 @@ class TrainConfig:
     the added steps run at ``min_lr``. ``keep_best``: also keep ``best/``, the model with the lowest
     validation CE so far. ``report_to``: ``none``, ``tensorboard``, ``wandb`` or ``tensorboard,wandb``: the
     trackers that also get the metrics (``student.reporting``); ``wandb_project`` and ``run_name`` name the
-    W&B run (defaults: ``$WANDB_PROJECT`` or ``fnet-distill``, and the name of ``out``)."""
+    W&B run (defaults: ``$WANDB_PROJECT`` or ``fnet-distill``, and the name of ``out``).
+
+    The loss, schedule and optimizer defaults are ``LossConfig``'s, ``ScheduleConfig``'s and
+    ``OptimizerConfig``'s (declared there once); each field is also a ``train-student`` option and a key of
+    a ``--config`` file (``tests/test_settings.py`` holds the option's type and default equal to the
+    field's)."""
 
     cache: Path
     out: Path
@@ -64,19 +69,19 @@ class TrainConfig:
     window: int = 32
     max_positions: int = 1024
     dropout: float = 0.1
-    steps: int = 2000
+    steps: int = ScheduleConfig.total_steps
     batch_tokens: int = 16384
     accum: int | None = None
     step_tokens: int | None = None
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = ScheduleConfig.lr
+    min_lr: float = ScheduleConfig.min_lr
     warmup: int | None = None
-    weight_decay: float = 0.1
+    weight_decay: float = OptimizerConfig.weight_decay
     clip: float = 1.0
-    alpha: float = 0.2
-    temperature: float = 1.0
-    kd: str = "topk_tail"
-    chunk_size: int = 1024
+    alpha: float = LossConfig.alpha
+    temperature: float = LossConfig.temperature
+    kd: str = LossConfig.kind
+    chunk_size: int = LossConfig.chunk_size
     compact_vocab: bool = False
     precision: str = "auto"
     compile: bool = False

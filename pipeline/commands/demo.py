@@ -8,8 +8,12 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config_file import CONFIG_HELP, merge_config, write_run_config
+
 
 def demo_command(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for every stage's output and the report "
                              "(assets/, cache-train/, cache-test/, student-{kd,ce}-s<seed>/, eval-*.jsonl, "
                              "report.md, report.json, curves.png)."),
@@ -63,6 +67,7 @@ def demo_command(
     validation CE, KL to the teacher, top-1 agreement: per seed, mean and spread, paired differences; gap
     closed; wall time per stage; cache bytes/token) and curves.png. Assets and finished caches are reused
     between runs; the students are always retrained."""
+    o = merge_config(ctx, demo_command, {k: v for k, v in locals().items() if k != "ctx"}, config)
     from dataclasses import replace
 
     from transformers.utils import logging as hf_logging
@@ -70,7 +75,7 @@ def demo_command(
     from pipeline.demo.run import DemoConfig, StudentBudget, run_demo
 
     hf_logging.disable_progress_bar()
-    if rebuild_teacher:
+    if o["rebuild_teacher"]:
         from pipeline.demo.assets import SHIPPED_DIR, ship_teacher
 
         stats = ship_teacher(SHIPPED_DIR, log=typer.echo)
@@ -78,14 +83,15 @@ def demo_command(
                    f"{stats['val']['ce']:.4f})")
         return
     budget = StudentBudget()
-    given = {"alpha": alpha, "temperature": temperature, "lr": lr}
-    overrides = {k: v for k, v in given.items() if v is not None}
-    cfg = DemoConfig(out=out, scale=scale, seed=seed, gsm8k=gsm8k, tiny=tiny, shared=shared, steps=steps,
-                     seeds=seeds, eval_limit=eval_limit, curve_problems=curve_problems,
-                     max_new_tokens=max_new_tokens, num_threads=threads or None, jobs=jobs,
-                     progress=progress, write_questions=write_questions, write_samples=write_samples,
-                     write_min_vote=write_min_vote, write_temperature=write_temperature,
+    overrides = {k: o[k] for k in ("alpha", "temperature", "lr") if o[k] is not None}
+    same = ("out", "scale", "seed", "gsm8k", "tiny", "shared", "steps", "seeds", "eval_limit",
+            "curve_problems", "max_new_tokens", "jobs", "progress", "write_questions", "write_samples",
+            "write_min_vote", "write_temperature")
+    cfg = DemoConfig(**{k: o[k] for k in same}, num_threads=o["threads"] or None,
                      student=replace(budget, **overrides))
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, "demo", o, leave_out=("rebuild_teacher",))
     report = run_demo(cfg)
     typer.echo("")
     typer.echo(report["markdown"])

@@ -17,6 +17,7 @@ from pipeline.commands.choices import (
     ShardFormat,
     value,
 )
+from pipeline.config_file import CONFIG_HELP, merge_config, write_run_config
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -30,7 +31,10 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
 
 
 def teacher_cache(
-    teacher: str = typer.Option(..., help="Teacher causal LM: a Hub id (e.g. Qwen/Qwen2-0.5B-Instruct) or a "
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    teacher: str = typer.Option(None, help="Required (here or in --config). Teacher causal LM: a Hub id "
+                                "(e.g. Qwen/Qwen2-0.5B-Instruct) or a "
                                 "local folder made by save_pretrained."),
     dataset: str = typer.Option("openai/gsm8k", help="Rows to cache: a Hub id, a local .jsonl/.parquet "
                                 "file, or a folder (its <split>.jsonl/.parquet, else its <split>-* shards, "
@@ -56,8 +60,9 @@ def teacher_cache(
                                     "the keys inside each turn). Recorded in the cache's fingerprint."),
     dataset_config: str = typer.Option(None, "--dataset-config", help="Hub dataset config (subset); default: "
                                        "'main' for openai/gsm8k, else the dataset's default."),
-    out: Path = typer.Option(..., help="Output cache folder. Rerunning the same command resumes it; a folder "
-                             "made with other settings is refused."),
+    out: Path = typer.Option(None, help="Required (here or in --config). Output cache folder. Rerunning the "
+                             "same command resumes it; a folder made with other settings is refused. A "
+                             "finished cache holds config.yaml, the settings of its latest run."),
     tokenizer: str = typer.Option(None, help="Tokenizer (Hub id or folder); default: the teacher's own."),
     topk: int = typer.Option(64, help="Teacher ids kept per supervised position (1..vocab size)."),
     samples: int = typer.Option(0, help="Also draw this many ids per position from the teacher at T=1 "
@@ -132,25 +137,21 @@ def teacher_cache(
     The cached answers are the dataset's (reference answers, or answers someone else wrote: rows with a
     'written_by' field, such as `fnet-distill eval --answers-out`), or with --write N solutions the teacher
     writes itself, kept by --keep."""
+    options = merge_config(ctx, teacher_cache, {k: v for k, v in locals().items() if k != "ctx"}, config,
+                           required=("teacher", "out"))
     from transformers.utils import logging as hf_logging
 
     from pipeline.teacher_cache import TeacherCacheConfig, format_summary, run_teacher_cache
 
     hf_logging.disable_progress_bar()
-
-    cfg = TeacherCacheConfig(
-        teacher=teacher, dataset=dataset, out=out, split=split, dataset_config=dataset_config,
-        data_format=value(data_format), fields=tuple(field or ()), tokenizer=tokenizer, topk=topk,
-        samples=samples,
-        temperatures=parse_temperatures(temperatures), max_length=max_length, overflow=value(overflow),
-        batch_tokens=batch_tokens, limit=limit, device=device, dtype=value(dtype),
-        logprob_dtype=value(logprob_dtype), format=value(format), unit_size=unit_size, seed=seed,
-        progress=progress, encoding=value(encoding), top_p=top_p,
-        lp_step=lp_step, write=write, write_temperature=write_temperature, write_top_p=write_top_p,
-        write_max_tokens=write_max_tokens, keep=value(keep), min_vote=min_vote, write_batch=write_batch,
-    )
+    # every other option is the TeacherCacheConfig field of its name (tests/test_settings.py holds them equal)
+    same = {k: value(v) for k, v in options.items() if k not in ("config", "field", "temperatures")}
+    cfg = TeacherCacheConfig(**same, fields=tuple(options["field"] or ()),
+                             temperatures=parse_temperatures(options["temperatures"]))
     summary = run_teacher_cache(cfg)
     if summary["rank"] == 0:
+        # beside the manifest, outside it: the fingerprint and `cache verify` never read it
+        write_run_config(cfg.out, "teacher-cache", options)
         typer.echo(format_summary(summary))
 
 

@@ -9,10 +9,17 @@ import typer
 
 from cache.util import UserError
 from pipeline.commands.choices import REPORT_TO_METAVAR, KdKind, Precision, Student, check_report_to, value
+from pipeline.config_file import CONFIG_HELP, merge_config, write_run_config
+
+# how a run was continued, not what it is: left out of OUT/config.yaml, so that it reruns from the start
+NOT_RECORDED = ("resume", "extend")
 
 
 def train_student_command(
-    cache: list[Path] = typer.Option(..., help="Teacher cache folder (from teacher-cache) to train from. "
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    cache: list[Path] = typer.Option(None, help="Required (here or in --config). "
+                                     "Teacher cache folder (from teacher-cache) to train from. "
                                      "Repeat it to mix caches of the same teacher and tokenizer (reference "
                                      "answers, teacher-written solutions, scored student answers) stored "
                                      "with the same --topk, --temperatures and --samples."),
@@ -21,7 +28,8 @@ def train_student_command(
                                       "the first). Default: every sequence of every cache once per epoch. A "
                                       "share below a cache's own size leaves a fixed seeded subset of it "
                                       "out; above it, its sequences repeat."),
-    out: Path = typer.Option(..., help="Output folder: checkpoint-last/, final/ (best/ with --keep-best), "
+    out: Path = typer.Option(None, help="Required (here or in --config). Output folder: config.yaml (the "
+                             "run's settings), checkpoint-last/, final/ (best/ with --keep-best), "
                              "metrics.jsonl, curves.png."),
     val_cache: Path = typer.Option(None, help="Validation cache from the same teacher and tokenizer (e.g. "
                                    "teacher-cache on the GSM8K test split)."),
@@ -120,11 +128,14 @@ def train_student_command(
 
     A NaN/inf loss stops the run (exit 2) and keeps the last good checkpoint.
     """
+    options = merge_config(ctx, train_student_command, {k: v for k, v in locals().items() if k != "ctx"},
+                           config, required=("cache", "out"))
     from transformers.utils import logging as hf_logging
 
-    from student.train import FINAL, TrainConfig, train_student
+    from student.train import FINAL, TrainConfig, TrainHooks, train_student
 
     hf_logging.disable_progress_bar()
+    caches, cache_weights, out = options["cache"], options["cache_weights"], options["out"]
     weights = None
     if cache_weights is not None:
         try:
@@ -132,21 +143,17 @@ def train_student_command(
         except ValueError:
             raise UserError(f"--cache-weights must be comma-separated numbers like 1,3; got "
                             f"{cache_weights!r}") from None
-    cfg = TrainConfig(
-        cache=cache[0], mix_caches=tuple(cache[1:]), cache_weights=weights, out=out, val_cache=val_cache,
-        val_fraction=val_fraction, student_config=student_config,
-        init_from=init_from, student=value(student), heads=heads, extend=extend, keep_best=keep_best,
-        report_to=report_to, wandb_project=wandb_project, run_name=run_name,
-        hidden_size=hidden_size, layers=layers, ffn=ffn, window=window, max_positions=max_positions,
-        dropout=dropout, steps=steps, batch_tokens=batch_tokens, accum=accum, step_tokens=step_tokens, lr=lr,
-        min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, alpha=alpha,
-        temperature=temperature, kd=value(kd), chunk_size=chunk_size, compact_vocab=compact_vocab,
-        precision=value(precision), compile=compile, grad_checkpointing=grad_checkpointing,
-        eval_every=eval_every, save_every=save_every, log_every=log_every, resume=resume, seed=seed,
-        device=device, num_workers=num_workers, record_cache_mb=record_cache_mb, progress=progress,
-    )
-    result = train_student(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    # every other option is the TrainConfig field of its name (tests/test_settings.py holds them equal)
+    same = {k: value(v) for k, v in options.items() if k not in ("config", "cache", "cache_weights")}
+    cfg = TrainConfig(cache=caches[0], mix_caches=tuple(caches[1:]), cache_weights=weights, **same)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # OUT/config.yaml once setup has accepted the folder (a refused run leaves an existing run's file alone)
+    def ready() -> None:
+        if rank0:
+            write_run_config(out, "train-student", options, leave_out=NOT_RECORDED)
+
+    result = train_student(cfg, TrainHooks(ready=ready))
+    if rank0:
         m = result.final_metrics
         shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss", "val_ce", "val_kl", "val_top1_agree")
                           if isinstance(m.get(k), float))
