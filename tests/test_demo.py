@@ -83,6 +83,10 @@ def test_report_files_and_fields(tiny_demo):
             run = report["runs"][f"{m}-s{sd}"]
             assert f"| {name} | {sd} | {run['strict_acc']:.1%} ({run['exact']['strict_correct']}/" in md
     assert report["student_parameters"] > 0 and report["assets"]["teacher_parameters"] > 0
+    # the demo's settings, for `fnet-distill demo --config OUT/config.yaml`
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["tiny"] is True
 
 
 def test_report_numbers_come_from_the_stages(tiny_demo):

@@ -16,7 +16,7 @@ def demo_command(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for every stage's output and the report "
                              "(assets/, cache-train/, cache-test/, student-{kd,ce}-s<seed>/, eval-*.jsonl, "
-                             "report.md, report.json, curves.png)."),
+                             "report.md, report.json, curves.png, config.yaml: the demo's settings)."),
     scale: float = typer.Option(1.0, help="DEMO_SCALE: multiplies training problems (1000), student steps "
                                 "(2400), held-out problems (600) and validation problems (300); 1 = the "
                                 "default budget: under 10 minutes on 2 CPU cores."),
@@ -90,9 +90,9 @@ def demo_command(
     cfg = DemoConfig(**{k: o[k] for k in same}, num_threads=o["threads"] or None,
                      student=replace(budget, **overrides))
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, "demo", o, leave_out=("rebuild_teacher",))
     report = run_demo(cfg)
+    # beside report.json, once the run (which holds the folder's lock) is done
+    write_run_config(out, "demo", o, leave_out=("rebuild_teacher",))
     typer.echo("")
     typer.echo(report["markdown"])
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.json'}; curves: {out / 'curves.png'}")
