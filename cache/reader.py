@@ -125,6 +125,10 @@ class CacheReader:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def shard_records(self, si: int) -> range:
+        """The indices of the records shard ``si`` holds (shards hold consecutive records, in unit order)."""
+        return range(int(self._starts[si]), int(self._starts[si + 1]))
+
     def _shard_error(self, si: int, what: str) -> CacheError:
         return CacheError(f"{self.path}: shard {self._shard_meta[si]['file']} is damaged: {what}; delete the "
                           f"folder and rerun teacher-cache (or rerun it to a new --out)")

@@ -100,7 +100,7 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
     for si, s in enumerate(m["shards"]):
         if si in bad_shards:
             continue
-        for i in range(int(reader._starts[si]), int(reader._starts[si + 1])):
+        for i in reader.shard_records(si):
             try:
                 r = reader[i]
             except CacheError as e:
