@@ -9,9 +9,10 @@ from pipeline.evaluate import not_a_model_folder
 
 
 def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
-    """(model, tokenizer) from a student folder written by train-student (tokenizer included); anything else
-    (a missing folder, another model type, a broken config, with ``verify`` a file that does not match the
-    folder's manifest.json) is refused with one line."""
+    """(model, tokenizer) from a student folder written by train-student (tokenizer included): the FNet or a
+    transformers student (any causal LM folder with a tokenizer loads the same way). A missing folder, a
+    broken config, a folder without a tokenizer and, with ``verify``, a file that does not match the folder's
+    manifest.json are refused with one line."""
     import json
 
     from transformers import AutoTokenizer
@@ -29,10 +30,9 @@ def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise UserError(f"{config} is not a valid model config ({e}); pass a folder written by "
                         "train-student (OUT/final)") from None
-    student_type = CausalFNetForCausalLM.config_class.model_type
-    if kind != student_type:
-        raise UserError(f"{model_dir} holds a {kind!r} model, not a student ({student_type!r}); generate "
-                        "runs students only (score other causal LMs with fnet-distill eval --model)")
+    if not isinstance(kind, str):
+        raise UserError(f"{config} names no model_type; pass a folder written by train-student (OUT/final) "
+                        "or any transformers causal LM folder")
     if verify:
         check_folder_manifest(model_dir, "--model")
     torch_device = resolve_device(device)
@@ -41,8 +41,16 @@ def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
     except (OSError, ValueError) as e:
         raise UserError(f"no usable tokenizer in {model_dir} ({str(e).splitlines()[0]}); save the teacher's "
                         "tokenizer into the model folder with tokenizer.save_pretrained") from None
+    if not tokenizer("0", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from
+        # config.json alone when the folder has no tokenizer files
+        raise UserError(f"no usable tokenizer in {model_dir} (its tokenizer encodes nothing); save the "
+                        "teacher's tokenizer into the model folder with tokenizer.save_pretrained")
+    if kind == CausalFNetForCausalLM.config_class.model_type:
+        cls = CausalFNetForCausalLM
+    else:  # a transformers student (train-student --student, cut-student) or any stock causal LM
+        from transformers import AutoModelForCausalLM as cls
     try:
-        model = CausalFNetForCausalLM.from_pretrained(model_dir).to(torch_device).eval()
+        model = cls.from_pretrained(model_dir).to(torch_device).eval()
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the student from {model_dir} ({str(e).splitlines()[0]}); pass a "
                         "complete folder written by train-student") from None
@@ -63,11 +71,22 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, t
     else:
         text = prompt
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model.device)
-    room = model.config.max_position_embeddings - ids.shape[1]
+    room = getattr(model.config, "max_position_embeddings", None)
+    room = (max_new_tokens + ids.shape[1] if room is None else room) - ids.shape[1]
     if room <= 0:
         raise UserError(f"the chat-formatted prompt has {ids.shape[1]} tokens but the model takes at most "
                         f"{model.config.max_position_embeddings}; shorten the prompt")
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = model.generate_fast(ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                              top_k=top_k, eos_token_id=tokenizer.eos_token_id, generator=gen)
+    new = min(max_new_tokens, room)
+    if hasattr(model, "generate_fast"):  # the FNet: its rolling-state decoder, seeded by its own generator
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        out = model.generate_fast(ids, max_new_tokens=new, temperature=temperature, top_k=top_k,
+                                  eos_token_id=tokenizer.eos_token_id, generator=gen)
+    else:  # any other causal LM: transformers' generate on its KV cache, seeded through torch
+        sampling = temperature > 0
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=sampling, temperature=temperature if sampling else None,
+                                 top_k=(top_k or 0) if sampling else None, top_p=None,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)

@@ -132,11 +132,11 @@ def test_disk_error_names_the_path_without_the_disk_hint(monkeypatch, capsys, tm
     assert code == 2 and "Not a directory" in line and "free disk space" not in line
 
 
-def test_generate_refuses_what_is_not_a_student(monkeypatch, capsys, tmp_path, tiny_qwen_dir):
+def test_generate_refuses_a_folder_it_cannot_run(monkeypatch, capsys, tmp_path, tiny_qwen_dir):
     code, out, err = in_process(monkeypatch, capsys, "generate", "--model", str(tiny_qwen_dir),
                                 "--prompt", "hi")
-    line = one_error_line(err)
-    assert code == 2 and out == "" and "'qwen2' model, not a student" in line and "eval --model" in line
+    line = one_error_line(err)  # a causal LM without a tokenizer
+    assert code == 2 and out == "" and "no usable tokenizer" in line and "save_pretrained" in line
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
@@ -319,3 +319,25 @@ def test_choices_reach_the_configs_as_the_same_plain_strings(monkeypatch, capsys
                    "dtype": "float32", "logprob_dtype": "float32", "eval dtype": "bfloat16"}
     assert all(type(v) is str for v in got.values())
     assert f"{train.kd}/{teacher.format}" == "reverse_kl/zarr"  # an Enum would format as KdKind.reverse_kl
+
+
+def test_generate_runs_a_transformers_student_like_transformers_does(monkeypatch, capsys):
+    """A transformers causal LM folder (here the demo's shipped Qwen2 teacher, which carries its tokenizer)
+    answers through fnet-distill generate with exactly the tokens transformers' own greedy generate gives
+    for the chat-formatted prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(__file__).resolve().parents[1] / "pipeline" / "demo" / "pretrained" / "teacher"
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    code, out, err = in_process(monkeypatch, capsys, "generate", "--model", str(folder), "--prompt", question,
+                                "--max-new-tokens", "40", "--device", "cpu")
+    assert code in (0, None), err
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected.strip() and out.strip() == expected.strip()

@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
         model: Path = typer.Option(..., "--model", help="Student folder written by train-student (final/ or "
-                                   "checkpoint-last/; weights, config and tokenizer)."),
+                                   "checkpoint-last/; weights, config and tokenizer): the FNet or a "
+                                   "transformers student; any causal LM folder with its tokenizer works "
+                                   "too."),
         prompt: str = typer.Option(..., "--prompt", help="User message; the tokenizer's chat template is "
                                    "applied."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation budget (cut to "
@@ -27,7 +29,8 @@ def register(app: typer.Typer) -> None:
                                     "manifest.json first (when it has one); --no-verify reads a folder "
                                     "edited on purpose."),
     ) -> None:
-        """Generate an answer with a trained student (fast rolling-state decoder)."""
+        """Generate an answer with a trained student: the FNet with its rolling-state decoder, a transformers
+        student (--student, cut-student) with transformers' generate on its KV cache."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in a log
