@@ -282,6 +282,9 @@ def test_train_student_reruns_from_its_config_yaml_bit_for_bit(monkeypatch, caps
     assert code == 0, err
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    # the file names the run's folder: --resume continues it (here: already finished)
+    code, err = run_cli(monkeypatch, capsys, "train-student", "--config", str(a / "config.yaml"), "--resume")
+    assert code == 0 and "already reached step 3" in err
     # a refused run leaves an existing run's config.yaml alone
     before = (a / "config.yaml").read_text()
     code, err = run_cli(monkeypatch, capsys, "train-student", "--config", str(a / "config.yaml"),
