@@ -97,8 +97,8 @@ class TrainHooks:
 
     ``loss(step, micro_loss) -> loss`` replaces a micro-batch loss before backward; ``micro_batch(step,
     batch)`` sees every loaded micro-batch; ``after_step(step)`` runs after step ``step`` (1-based count) and
-    its evaluation and checkpoint; ``ready()`` runs once setup has accepted the output folder, before the first
-    step (the command writes ``config.yaml`` there)."""
+    its evaluation and checkpoint; ``ready()`` runs once setup has accepted the output folder, before the
+    first step (the command writes ``config.yaml`` there)."""
 
     loss: Callable[[int, Tensor], Tensor] | None = None
     micro_batch: Callable[[int, Any], None] | None = None
