@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, _ = ap.parse_known_args(argv)  # make bench passes its extra arguments to every script
     import torch
 
+    from cache.device import machine_info
     from pipeline.demo.assets import build_demo_assets
     from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
-    from student.device import machine_info
     from student.train import TrainConfig, TrainHooks, train_student
 
     torch.set_num_threads(1)

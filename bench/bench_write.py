@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from peak_rss import reset_peak_rss, status_mib  # noqa: E402
 
+from cache.device import machine_info  # noqa: E402
 from cache.util import UserError  # noqa: E402
-from student.device import machine_info  # noqa: E402
 
 
 def load(kind: str, n: int):

@@ -128,7 +128,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def machine() -> dict[str, Any]:
-    from student.device import machine_info
+    from cache.device import machine_info
 
     m = machine_info()
     return {"cpu": m["cpu_model"] or platform.machine(), "usable_cores": m["usable_cores"],

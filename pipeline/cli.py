@@ -49,7 +49,7 @@ def quiet_library_bars(stream=None) -> None:
     underneath (transformers, huggingface_hub, datasets, any tqdm): their carriage-return redraws would pile
     up in the log between our own plain progress lines. Set in the environment, so worker processes and
     torchrun ranks inherit it (a value the user set is kept), and in the libraries already imported. Our own
-    ``student.progress`` lines are not affected."""
+    ``cache.progress`` lines are not affected."""
     stream = sys.stderr if stream is None else stream
     if getattr(stream, "isatty", lambda: False)():
         return
@@ -146,10 +146,10 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BaseException as e:
-        # SIGINT/SIGTERM in train-student or teacher-cache (student.interrupt.Interrupted, a BaseException so
+        # SIGINT/SIGTERM in train-student or teacher-cache (cache.interrupt.Interrupted, a BaseException so
         # that typer passes it through): one line saying what was kept and the command that goes on, exit
         # 130/143. The module is loaded whenever one was raised; importing it here would slow --help.
-        interrupt = sys.modules.get("student.interrupt")
+        interrupt = sys.modules.get("cache.interrupt")
         if interrupt is None or not isinstance(e, interrupt.Interrupted):
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 speaks

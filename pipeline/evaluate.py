@@ -165,8 +165,8 @@ def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto",
                     verify: bool = True) -> tuple[Any, str]:
     """(model in eval mode on ``device``, kind): kind is "student" for ``causal_stft_fnet``, else "hf". With
     ``verify``, a local student folder's files are checked against its manifest.json first."""
+    from cache.device import resolve_device
     from pipeline.teacher import looks_local, resolve_dtype
-    from student.device import resolve_device
 
     kind_name = model_type(model)
     dev = resolve_device(device)
@@ -329,8 +329,8 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     """Generate for every example (``pipeline.data.Example``) in length-sorted batches, score, write the
     records (dataset order) to ``out`` if given, and return the totals. ``max_prompt_tokens`` refuses a
     prompt that would run the model past its positions."""
+    from cache.progress import Progress  # importing student loads torch/transformers: not for --help
     from pipeline.answers import extract_reference
-    from student.progress import Progress  # importing student loads torch/transformers: not for --help
 
     if not examples:
         raise UserError("no examples to evaluate; check --dataset, --split and --limit")

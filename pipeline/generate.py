@@ -17,8 +17,8 @@ def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
 
     from transformers import AutoTokenizer
 
+    from cache.device import resolve_device
     from student.checkpoint import check_folder_manifest
-    from student.device import resolve_device
     from student.modeling import CausalFNetForCausalLM
 
     model_dir = Path(model_dir)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import xxhash
 
+from cache.device import resolve_device
 from cache.util import UserError, file_hash, json_hash
 from pipeline.data import TokenizedSeq
 from pipeline.hub import hub_local_only
-from student.device import resolve_device
 
 LOGPROB_DTYPES = {"float32": np.float32, "float16": np.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

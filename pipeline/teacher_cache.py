@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from cache.device import Dist, resolve_device
+from cache.interrupt import Interrupted, StopSignals, command_line, signal_name
+from cache.progress import Progress
 from cache.schema import CacheRecord, CacheSettings
 from cache.util import UserError
 from cache.writer import CacheWriter
@@ -47,9 +50,6 @@ from pipeline.teacher import (
     token_budget_batches,
 )
 from pipeline.write import WriteSettings
-from student.device import Dist, resolve_device
-from student.interrupt import Interrupted, StopSignals, command_line, signal_name
-from student.progress import Progress
 
 FORMATS = ("arrow", "zarr")
 PROVENANCE_ROWS = "rows.jsonl"  # in the cache's provenance/ attachment: one line per cached sequence

@@ -37,6 +37,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cache.device import Dist, resolve_device
+from cache.interrupt import (
+    Interrupted,
+    StopSignals,
+    command_line,
+    ignore_stop_signals_in_worker,
+    signal_name,
+)
+from cache.progress import Progress, format_duration
 from cache.util import FolderLock, Locked, UserError, lock_run_folder
 from student.any_student import CausalLMStudent
 from student.any_student import describe as describe_causal_lm
@@ -58,18 +67,9 @@ from student.checkpoint import (
 )
 from student.chunked_loss import chunked_distill_loss
 from student.data import Collator, TokenBudgetBatchSampler, gather_rows, make_dataloader
-from student.device import Dist, resolve_device
-from student.interrupt import (
-    Interrupted,
-    StopSignals,
-    command_line,
-    ignore_stop_signals_in_worker,
-    signal_name,
-)
 from student.losses import DistillTargets, LossSums, combine_loss, grad_weights_for
 from student.metrics import METRICS, MetricsLog
 from student.modeling import CausalSTFT, count_parameters
-from student.progress import Progress, format_duration
 from student.reporting import open_reporters
 from student.schedule import OptimizerConfig, build_optimizer, lr_at, set_lr
 from student.sources import build_student, check_any_vocabulary, init_from_folder, load_any_student

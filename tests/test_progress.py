@@ -1,4 +1,4 @@
-"""student.progress: plain interval lines (no carriage returns) when the stream is not a terminal, a tqdm bar
+"""cache.progress: plain interval lines (no carriage returns) when the stream is not a terminal, a tqdm bar
 on one, nothing with --no-progress; and teacher-cache's progress in a log file."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from student import progress as progress_mod
-from student.progress import Progress, format_duration
+from cache import progress as progress_mod
+from cache.progress import Progress, format_duration
 
 
 class Clock:

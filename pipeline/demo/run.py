@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cache.device import machine_info
 from cache.util import (
     UserError,
     atomic_replace_dir,
@@ -49,7 +50,6 @@ from cache.util import (
     lock_run_folder,
 )
 from pipeline.demo.budget import StudentBudget
-from student.device import machine_info
 
 Log = Callable[[str], None]
 
