@@ -10,8 +10,8 @@ file's size and xxh3-128 content hash, and the step) is written last, then the f
 into place (``write_folder_atomically``). Replacing a folder takes two renames (old aside to
 ``.NAME.old-PID``, new into place); a crash between them leaves no ``NAME/`` but two complete hidden folders,
 and ``recover_folders`` (run at every start) renames the newest complete one back into place and removes
-every hidden leftover. ``check_resume`` verifies the manifest (``verify_folder``: one line naming the
-damaged file) and accepts a checkpoint only for the same settings and caches.
+every hidden leftover. ``verify_folder`` checks a folder against its manifest (one line naming the damaged
+file); the checks of a checkpoint to resume are ``student.sources.resume_config`` and ``check_resume``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from cache.util import (
 from cache.version import __version__
 from student.metrics import METRICS
 from student.model_card import write_model_card
-from student.train_config import RESUME_FREE, TrainConfig
+from student.train_config import TrainConfig
 from student.train_data import TrainData
 
 CHECKPOINT = "checkpoint-last"
@@ -222,59 +221,3 @@ def recover_folders(out: Path, names: tuple[str, ...] = (CHECKPOINT, FINAL, BEST
         for p in _hidden_leftovers(out, name):
             shutil.rmtree(p, ignore_errors=True)
     return notes
-
-
-# ------------------------------------------------------------------------------------------------- resume
-
-
-def resume_config(cfg: TrainConfig, ckpt: Path) -> TrainConfig:
-    """The config to resume with, after checking the checkpoint's files against its manifest. With
-    ``--extend`` the schedule is the checkpoint's (``warmup``; the cosine over its ``schedule_steps``, else
-    its ``steps``) and ``--steps`` may only grow; the steps beyond the schedule run at ``min_lr``."""
-    verify_folder(ckpt, "--resume")
-    try:
-        saved = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
-        saved_steps = int(saved["steps"])
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"--resume: {ckpt / TRAIN_CONFIG} is unreadable ({e}); start a new --out") from None
-    if not cfg.extend:
-        if saved.get("schedule_steps") is not None:
-            raise UserError(f"--resume: the run in {cfg.out} was extended to {saved_steps} steps with "
-                            f"--extend; resume it with --extend --steps {saved_steps} (or more)")
-        return cfg
-    if cfg.steps < saved_steps:
-        raise UserError(f"--extend: --steps {cfg.steps} is below the checkpoint's {saved_steps}; pass a "
-                        "larger --steps")
-    return replace(cfg, warmup=int(saved["warmup"]),
-                   schedule_steps=int(saved.get("schedule_steps") or saved_steps))
-
-
-def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
-    """The checkpoint's trainer state, after checking that it was made by this config on these caches
-    (``resume_config`` has checked its files against its manifest)."""
-    try:
-        saved_cfg = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
-        prov = json.loads((ckpt / PROVENANCE).read_text())
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
-    now = cfg.to_json()
-    grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
-    # a setting added after the checkpoint was written reads as its default there
-    saved_cfg = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **saved_cfg}
-    diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
-            if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
-    if prov.get("cache_fingerprint_digest") != data.fingerprint_digest:
-        diff.append(f"cache fingerprint: {prov.get('cache_fingerprint_digest')} in the checkpoint, "
-                    f"{data.fingerprint_digest} for --cache {', '.join(map(str, cfg.caches))}")
-    val_digest = data.val_reader.fingerprint_digest if data.val_reader is not None else None
-    if cfg.val_cache is not None and prov.get("val_cache_fingerprint_digest") != val_digest:
-        diff.append(f"validation cache fingerprint: {prov.get('val_cache_fingerprint_digest')} in the "
-                    f"checkpoint, {val_digest} for --val-cache {cfg.val_cache}")
-    if diff:
-        raise UserError(f"--resume: {ckpt} was made with other settings ({'; '.join(diff)}); resume with the "
-                        "same options and cache, or start a new --out")
-    try:
-        return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, EOFError) as e:
-        raise UserError(f"--resume: {ckpt / TRAINER_STATE} cannot be read ({str(e).splitlines()[0]}); "
-                        "start a new --out") from None

@@ -376,10 +376,11 @@ def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTa
     gradients equal ``distill_loss_sums`` on the full logits ``hidden @ head_weight.T``.
 
     ``grad_weights=(w_ce, w_kd)``: the loss that will be backpropagated weighs CE and KD in this ratio, e.g.
-    ``(alpha, (1 - alpha) * tau**2)`` for ``combine_loss`` (any common factor: normaliser, world size, loss
-    scale). Forward then also computes both gradients from the chunk it already holds, and backward only
-    scales them: one head matmul per chunk fewer, the (N, d) and fp32 (V, d) gradients held from forward to
-    backward. A backward whose weights are not in that ratio recomputes as without it (same result).
+    ``grad_weights_for(alpha, tau)``, the weights ``combine_loss`` applies (any common factor: normaliser,
+    world size, loss scale). Forward then also computes both gradients from the chunk it already holds, and
+    backward only scales them: one head matmul per chunk fewer, the (N, d) and fp32 (V, d) gradients held
+    from forward to backward. A backward whose weights are not in that ratio recomputes as without it (same
+    result).
 
     ``pred_shift`` (V,): subtracted from the logits before the argmax of the two metric counts only (a head
     row standing for several ids carries their count in its logit, not in its argmax; see
@@ -402,7 +403,7 @@ def chunked_distill_loss(hidden: Tensor, head_weight: Tensor, targets: DistillTa
 
 def loss_fn_for(cfg: LossConfig) -> Callable[[Tensor, Tensor, DistillTargets], LossSums]:
     """The chunked loss with ``cfg`` bound (KD skipped when alpha == 1), gradients computed in forward for
-    ``combine_loss`` with the same alpha and temperature (``grad_weights_for(cfg)``)."""
+    ``combine_loss`` with the same alpha and temperature (``grad_weights_for``)."""
 
     def fn(hidden: Tensor, head_weight: Tensor, targets: DistillTargets) -> LossSums:
         return chunked_distill_loss(hidden, head_weight, targets, kind=cfg.kind, temperature=cfg.temperature,

@@ -181,15 +181,18 @@ def distill_loss_sums(logits: Tensor, targets: DistillTargets, kind: str = "topk
 
 
 def grad_weights_for(alpha: float, temperature: float) -> tuple[float, float]:
-    """The (CE, KD) weights of ``combine_loss``, for ``chunked_distill_loss(..., grad_weights=...)``."""
+    """The loss's (CE, KD) weights ``(alpha, (1 - alpha) * tau^2)``: ``combine_loss`` applies them, and
+    ``chunked_distill_loss(..., grad_weights=...)`` forms its head gradients in this ratio."""
     return alpha, (1.0 - alpha) * temperature**2
 
 
-def combine_loss(sums: LossSums, *, alpha: float, temperature: float,
-                 normalizer: float | int | Tensor) -> Tensor:
-    """``(alpha * CE + (1 - alpha) * tau^2 * KD) / normalizer``.
+def combine_loss(sums, *, alpha: float, temperature: float, normalizer: float | int | Tensor):
+    """``(alpha * CE + (1 - alpha) * tau^2 * KD) / normalizer``: the one loss formula, of any ``sums`` with
+    ``.ce`` and ``.kd`` (a micro-batch's ``LossSums`` tensors, or a step's ``student.step.StepSums``
+    floats, where training logs it).
 
     ``normalizer`` is the number of supervised tokens in the whole accumulation window (all micro-batches,
     all ranks), the same for every micro-batch of that window.
     """
-    return (alpha * sums.ce + (1.0 - alpha) * temperature**2 * sums.kd) / normalizer
+    w_ce, w_kd = grad_weights_for(alpha, temperature)
+    return (w_ce * sums.ce + w_kd * sums.kd) / normalizer

@@ -1,7 +1,8 @@
-"""Where a run's student comes from: the shape options (``build_student``: the FNet, or ``--student
-qwen2|llama``), a saved folder (``--init-from``, ``--resume``: a student, a cut-student folder or any
-pretrained transformers causal LM) or a ``--student-config`` file, each checked before any training.
-Transformer students are ``student.any_student.CausalLMStudent``.
+"""Where a run starts (``resolve_start``, the one place that chooses): a new student from the shape options
+(``build_student``: the FNet, or ``--student qwen2|llama``, or a ``--student-config`` file), a saved folder
+(``--init-from``: a student, a cut-student folder or any pretrained transformers causal LM) or the run's
+own ``checkpoint-last/`` (``--resume``: ``resume_config``, ``check_resume``), each checked before any
+training. Transformer students are ``student.any_student.CausalLMStudent``.
 
 A saved folder must hold a student (``model_type`` ``causal_stft_fnet``) whose weights fill its config
 exactly (no missing, unexpected or resized tensor): transformers would otherwise load a Qwen2 folder, say,
@@ -13,8 +14,9 @@ would silently replace another one.
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,18 +25,51 @@ from torch import nn
 from cache.util import UserError
 from student import any_student
 from student.any_student import CausalLMStudent
-from student.checkpoint import MANIFEST, verify_folder
+from student.checkpoint import CHECKPOINT, MANIFEST, PROVENANCE, TRAIN_CONFIG, TRAINER_STATE, verify_folder
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
-from student.train_config import TrainConfig
+from student.train_config import RESUME_FREE, TrainConfig
 from student.train_data import (
     TrainData,
     cache_token_ids,
     check_student_vocabulary,
+    open_training_data,
     student_model_config,
     tokenizer_info,
 )
 
 STUDENT_MODEL_TYPE = CausalFNetConfig.model_type
+
+
+class Start(NamedTuple):
+    """How a run starts: the config to run with (with ``--extend``, the checkpoint's schedule), the checked
+    caches, the student, and the trainer state to restore (``--resume`` only, else None)."""
+
+    cfg: TrainConfig
+    data: TrainData
+    model: nn.Module
+    trainer_state: dict[str, Any] | None
+
+
+def resolve_start(cfg: TrainConfig) -> Start:
+    """The fresh / resume / init-from decision: ``--resume`` continues ``checkpoint-last/`` (its files,
+    settings and caches checked); without it the output folder must hold no run, and the student comes from
+    ``--init-from`` or is built new (the FNet or a transformers model, ``build_student``)."""
+    ckpt = cfg.out / CHECKPOINT
+    if cfg.resume:
+        if not (ckpt / TRAINER_STATE).is_file():
+            raise UserError(f"--resume: there is no checkpoint in {ckpt}; run without --resume to start")
+        cfg = resume_config(cfg, ckpt)  # checks the files; with --extend, the checkpoint's schedule
+        data = open_training_data(cfg)
+        trainer_state = check_resume(cfg, ckpt, data)
+        model = load_any_student(ckpt, "--resume")
+        check_any_vocabulary(model, data)
+        return Start(cfg, data, model, trainer_state)
+    if ckpt.exists():
+        raise UserError(f"{cfg.out} already holds a training run ({CHECKPOINT}/); pass --resume to "
+                        "continue it or choose another --out")
+    data = open_training_data(cfg)
+    model = init_from_folder(cfg, data) if cfg.init_from is not None else build_student(cfg, data)
+    return Start(cfg, data, model, None)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -198,3 +233,59 @@ def build_student(cfg: TrainConfig, data: TrainData) -> nn.Module:
     model = any_student.new_student(config, vocab_map, config.vocab_size)
     _check_positions(model, data, where)
     return model
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def resume_config(cfg: TrainConfig, ckpt: Path) -> TrainConfig:
+    """The config to resume with, after checking the checkpoint's files against its manifest. With
+    ``--extend`` the schedule is the checkpoint's (``warmup``; the cosine over its ``schedule_steps``, else
+    its ``steps``) and ``--steps`` may only grow; the steps beyond the schedule run at ``min_lr``."""
+    verify_folder(ckpt, "--resume")
+    try:
+        saved = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
+        saved_steps = int(saved["steps"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--resume: {ckpt / TRAIN_CONFIG} is unreadable ({e}); start a new --out") from None
+    if not cfg.extend:
+        if saved.get("schedule_steps") is not None:
+            raise UserError(f"--resume: the run in {cfg.out} was extended to {saved_steps} steps with "
+                            f"--extend; resume it with --extend --steps {saved_steps} (or more)")
+        return cfg
+    if cfg.steps < saved_steps:
+        raise UserError(f"--extend: --steps {cfg.steps} is below the checkpoint's {saved_steps}; pass a "
+                        "larger --steps")
+    return replace(cfg, warmup=int(saved["warmup"]),
+                   schedule_steps=int(saved.get("schedule_steps") or saved_steps))
+
+
+def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any]:
+    """The checkpoint's trainer state, after checking that it was made by this config on these caches
+    (``resume_config`` has checked its files against its manifest)."""
+    try:
+        saved_cfg = json.loads((ckpt / TRAIN_CONFIG).read_text())["config"]
+        prov = json.loads((ckpt / PROVENANCE).read_text())
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
+    now = cfg.to_json()
+    grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
+    # a setting added after the checkpoint was written reads as its default there
+    saved_cfg = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **saved_cfg}
+    diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
+            if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
+    if prov.get("cache_fingerprint_digest") != data.fingerprint_digest:
+        diff.append(f"cache fingerprint: {prov.get('cache_fingerprint_digest')} in the checkpoint, "
+                    f"{data.fingerprint_digest} for --cache {', '.join(map(str, cfg.caches))}")
+    val_digest = data.val_reader.fingerprint_digest if data.val_reader is not None else None
+    if cfg.val_cache is not None and prov.get("val_cache_fingerprint_digest") != val_digest:
+        diff.append(f"validation cache fingerprint: {prov.get('val_cache_fingerprint_digest')} in the "
+                    f"checkpoint, {val_digest} for --val-cache {cfg.val_cache}")
+    if diff:
+        raise UserError(f"--resume: {ckpt} was made with other settings ({'; '.join(diff)}); resume with the "
+                        "same options and cache, or start a new --out")
+    try:
+        return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError, EOFError) as e:
+        raise UserError(f"--resume: {ckpt / TRAINER_STATE} cannot be read ({str(e).splitlines()[0]}); "
+                        "start a new --out") from None
