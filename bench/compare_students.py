@@ -112,7 +112,7 @@ def make_cut(teacher_dir: Path, out: Path, ffn: int | None) -> dict:
 
 
 def train_config(args, demo, name: str, overrides: dict, seed: int, out: Path, steps: int):
-    s = replace(demo.resolved_student(), steps=steps)
+    s = demo.resolved_student().replace(steps=steps)
     eval_every = max(1, steps // max(1, s.eval_points))
     return s.train_config(cache=demo.out / "cache-train", val_cache=demo.out / "cache-test", out=out,
                           eval_every=eval_every, save_every=steps, log_every=max(1, min(10, steps // 20)),
@@ -331,7 +331,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(STUDENTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from pipeline.demo.run import DemoConfig, embedded_assets, teacher_cache_stage
+    from pipeline.demo.config import DemoConfig
+    from pipeline.demo.stages import embedded_assets, teacher_cache_stage
 
     demo = DemoConfig(out=args.demo, progress=False)
     s = demo.resolved_student()
@@ -387,7 +388,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "budget": {**{k: v for k, v in replace(s, steps=args.steps).__dict__.items()}, "seeds": args.seeds,
+        "budget": {**s.replace(steps=args.steps).to_json(), "seeds": args.seeds,
                    "eval_problems": args.eval_limit, "cut_lr": args.cut_lr, "quick": args.quick},
         "cut": cut_info, "students": students, "quality": quality, "summary": summarise(quality),
         "paired_exact_vs_fnet": {n: paired(quality, n, "fnet", lambda r: r["exact"]["strict_acc"])

@@ -36,7 +36,6 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +148,7 @@ def student_job(job: dict[str, Any]) -> dict[str, Any]:
     s = job["student"]
     sd = Path(job["out"])
     shutil.rmtree(sd, ignore_errors=True)
-    cfg = StudentBudget(**{**s, "steps": job["steps"]}).train_config(
+    cfg = StudentBudget.from_json(s).replace(steps=job["steps"]).train_config(
         cache=Path(job["cache"]), val_cache=Path(job["val_cache"]), out=sd,
         warmup=min(s["warmup"], max(1, job["steps"] // 2)), alpha=job["alpha"], kd=job["kd"], eval_every=0,
         save_every=0, log_every=max(1, job["steps"] // 4), seed=job["seed"], device="cpu", num_workers=0,
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bytes_per[src] = write_variant(caches / "full", caches / "rs12-draws", caches / src, src, vocab)
     t_caches = time.time() - t0
     print(f"caches ready after {t_caches:.0f} s", flush=True)
-    s = {**asdict(StudentBudget()), "steps": steps}  # the demo's student at this study's budget
+    s = StudentBudget().replace(steps=steps).to_json()  # the demo's student at this study's budget
     todo = [{"variant": v, "seed": seed, "cache": str(caches / VARIANTS[v][0]),
              "val_cache": str(caches / "val"),
              "out": str(out / "students" / f"{v}-s{seed}"), "kd": VARIANTS[v][1],

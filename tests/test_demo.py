@@ -63,6 +63,9 @@ def test_report_files_and_fields(tiny_demo):
     assert md in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["markdown"] == md
+    from pipeline.demo.report import render_report
+
+    assert render_report(report) == md  # report.md is a function of report.json alone
     assert report["config"]["resolved"]["seeds"] == list(SEEDS)
     assert set(report["wall_s"]) == set(STAGES)
     assert all(v >= 0 for v in report["wall_s"].values())
@@ -194,7 +197,7 @@ def test_written_cache_and_verdict_come_from_the_stages(tiny_demo):
 
 
 def test_paired_bootstrap_interval_covers_a_known_difference():
-    from pipeline.demo.run import paired_bootstrap
+    from pipeline.demo.stats import paired_bootstrap
 
     rng = np.random.default_rng(0)
     n = 600

@@ -102,7 +102,8 @@ def test_teacher_cache_options_are_teacher_cache_config_fields():
 
 def test_demo_options_are_demo_config_fields():
     from pipeline.commands.demo import demo_command
-    from pipeline.demo.run import DemoConfig, StudentBudget
+    from pipeline.demo.budget import BUDGET_FIELDS
+    from pipeline.demo.config import DemoConfig
 
     opts, flds = options(demo_command), config_fields(DemoConfig)
     # alpha/temperature/lr (None: the tuned value) override the student budget; threads is num_threads
@@ -111,7 +112,7 @@ def test_demo_options_are_demo_config_fields():
     assert set(opts) - set(flds) == {"config", "threads", "rebuild_teacher"} | budget
     assert set(flds) - set(opts) == {"num_threads", "topk", "student"}
     assert opts["threads"][1] == flds["num_threads"][1]
-    assert all(opts[k][1] is None and hasattr(StudentBudget, k) for k in budget)
+    assert all(opts[k][1] is None and k in BUDGET_FIELDS for k in budget)
     assert check_same(opts, flds, set(opts) & set(flds), {}) == []
 
 
@@ -134,14 +135,19 @@ def test_loss_and_schedule_defaults_are_declared_once():
 
 
 def test_the_demo_student_is_an_override_of_train_config():
-    """StudentBudget's fields are TrainConfig's; configs/demo-student.yaml is that student, as a
-    train-student config."""
-    from pipeline.demo.run import StudentBudget
+    """StudentBudget's settings are TrainConfig's, and it writes only those it changes (every other one is
+    TrainConfig's default); configs/demo-student.yaml is that student, as a train-student config."""
+    from pipeline.demo.budget import DEMO_STUDENT, StudentBudget
     from student.train_config import TrainConfig
 
-    tc = {f.name for f in fields(TrainConfig)}
-    own = {f.name for f in fields(StudentBudget)} - tc
+    tc = {f.name: f.default for f in fields(TrainConfig)}
+    settings = StudentBudget().to_json()
+    own = set(settings) - set(tc)
     assert own == {"eval_points"}
+    assert set(StudentBudget().overrides) == set(DEMO_STUDENT)
+    assert [k for k, v in DEMO_STUDENT.items() if v == tc[k]] == []  # an override repeating a default
+    inherited = set(settings) - set(DEMO_STUDENT) - own
+    assert {k: settings[k] for k in inherited} == {k: tc[k] for k in inherited}
     got = yaml.safe_load((REPO / "configs" / "demo-student.yaml").read_text())
     b = StudentBudget()
     expect = b.train_config(cache=Path("c"), out=Path("o"))

@@ -68,11 +68,11 @@ def demo_command(
     closed; wall time per stage; cache bytes/token) and curves.png. Assets and finished caches are reused
     between runs; the students are always retrained."""
     o = merge_config(ctx, demo_command, {k: v for k, v in locals().items() if k != "ctx"}, config)
-    from dataclasses import replace
-
     from transformers.utils import logging as hf_logging
 
-    from pipeline.demo.run import DemoConfig, StudentBudget, run_demo
+    from pipeline.demo.budget import StudentBudget
+    from pipeline.demo.config import DemoConfig
+    from pipeline.demo.run import run_demo
 
     hf_logging.disable_progress_bar()
     if o["rebuild_teacher"]:
@@ -88,7 +88,7 @@ def demo_command(
             "curve_problems", "max_new_tokens", "jobs", "progress", "write_questions", "write_samples",
             "write_min_vote", "write_temperature")
     cfg = DemoConfig(**{k: o[k] for k in same}, num_threads=o["threads"] or None,
-                     student=replace(budget, **overrides))
+                     student=budget.replace(**overrides))
     out = cfg.out
     report = run_demo(cfg)
     # beside report.json, once the run (which holds the folder's lock) is done

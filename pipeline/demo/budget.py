@@ -1,43 +1,66 @@
 """The demo's student and its training budget (``StudentBudget``): what ``fnet-distill demo`` trains, and what
-the cache-size study (``bench/study_cache_size.py``) trains at its own budget."""
+the cache-size study (``bench/study_cache_size.py``) trains at its own budget.
+
+The student is a set of overrides of ``TrainConfig``, the config ``train-student`` runs: only what the demo
+sets otherwise is written here (``DEMO_STUDENT``); every other setting is ``TrainConfig``'s default, read from
+there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from student.train_config import TrainConfig
 
-@dataclass
+# What the demo's student and budget (at --scale 1) set otherwise than train-student's defaults: a small
+# FNet (d 32, 3 layers, FFN 128; ~148k parameters) trained 2400 steps of <= 2048 tokens at a higher rate.
+DEMO_STUDENT: dict[str, Any] = {"hidden_size": 32, "layers": 3, "ffn": 128, "max_positions": 256,
+                                "steps": 2400, "batch_tokens": 2048, "lr": 6e-3, "min_lr": 6e-4, "warmup": 30}
+# The TrainConfig settings that make a demo student and its budget, the same for the KD and the CE-only runs
+# (only alpha differs); report.json lists them (``StudentBudget.to_json``).
+BUDGET_FIELDS = ("hidden_size", "layers", "ffn", "window", "max_positions", "dropout", "steps",
+                 "batch_tokens", "lr", "min_lr", "warmup", "weight_decay", "kd", "alpha", "temperature",
+                 "compact_vocab")
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+@dataclass(frozen=True)
 class StudentBudget:
-    """The student and its training budget, shared by the KD and the CE-only runs (only ``alpha`` differs)."""
+    """The student and its training budget, shared by the KD and the CE-only runs (only ``alpha`` differs):
+    ``overrides`` of ``TrainConfig``'s defaults (names of ``BUDGET_FIELDS``), and the evaluations per run.
+    A field reads as an attribute (``budget.steps``): the override, else ``TrainConfig``'s default."""
 
-    hidden_size: int = 32
-    layers: int = 3
-    ffn: int = 128
-    window: int = 32
-    max_positions: int = 256
-    dropout: float = 0.1
-    steps: int = 2400
-    batch_tokens: int = 2048
-    lr: float = 6e-3
-    min_lr: float = 6e-4
-    warmup: int = 30
-    weight_decay: float = 0.1
-    kd: str = "topk_tail"
-    alpha: float = 0.2
-    temperature: float = 1.0
+    overrides: dict[str, Any] = field(default_factory=lambda: dict(DEMO_STUDENT))
     eval_points: int = 8
-    compact_vocab: bool = False
 
-    def train_config(self, **run: Any):
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.overrides) - set(BUDGET_FIELDS))
+        if unknown:
+            raise ValueError(f"StudentBudget overrides {unknown} are not student settings; use "
+                             f"{', '.join(BUDGET_FIELDS)}")
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for names that are not attributes: the budget's TrainConfig settings
+        if name not in BUDGET_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.overrides[name] if name in self.overrides else TRAIN_DEFAULTS[name]
+
+    def replace(self, *, eval_points: int | None = None, **settings: Any) -> StudentBudget:
+        """This budget with some settings changed (``TrainConfig`` names, or ``eval_points``)."""
+        return StudentBudget({**self.overrides, **settings},
+                             self.eval_points if eval_points is None else eval_points)
+
+    def train_config(self, **run: Any) -> TrainConfig:
         """The ``TrainConfig`` of this student and budget; ``run`` gives the rest (cache, out, alpha, seed,
-        evaluation and logging, ...) and may override any field."""
-        from student.train import TrainConfig
+        evaluation and logging, ...) and may override any field. Warmup is at most half the steps."""
+        warmup = None if self.warmup is None else min(self.warmup, self.steps // 2)
+        return TrainConfig(**{**self.overrides, "warmup": warmup, **run})
 
-        budget = dict(hidden_size=self.hidden_size, layers=self.layers, ffn=self.ffn, window=self.window,
-                      max_positions=self.max_positions, dropout=self.dropout, steps=self.steps,
-                      batch_tokens=self.batch_tokens, lr=self.lr, min_lr=self.min_lr,
-                      warmup=min(self.warmup, self.steps // 2), weight_decay=self.weight_decay,
-                      alpha=self.alpha, temperature=self.temperature, kd=self.kd,
-                      compact_vocab=self.compact_vocab)
-        return TrainConfig(**{**budget, **run})
+    def to_json(self) -> dict[str, Any]:
+        """Every setting's value (``BUDGET_FIELDS`` and ``eval_points``)."""
+        return {**{name: getattr(self, name) for name in BUDGET_FIELDS}, "eval_points": self.eval_points}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StudentBudget:
+        """The budget ``to_json`` wrote."""
+        return cls({k: v for k, v in d.items() if k != "eval_points"}, d["eval_points"])
