@@ -8,8 +8,10 @@
 - ``teacher``: a small ``Qwen2ForCausalLM`` trained for a minute or two on the assistant tokens.
 - ``assets``: ``build_demo_assets(out_dir, scale, seed, ...)`` builds all three into one folder and reuses
   it while the settings (generator version, seed, sizes, scale) are unchanged.
-- ``budget``: ``StudentBudget``, the demo's student and its training budget (the demo's runner,
-  ``run``, trains it; the cache-size study reuses it).
+- ``budget``: ``StudentBudget``, the demo's student and its training budget as overrides of ``TrainConfig``
+  (the demo trains it; the cache-size study reuses it).
+- ``config``, ``stages``, ``stats``, ``report``, ``run``: ``fnet-distill demo`` (its config, its stages, the
+  report's numbers, the report drawn from ``report.json``, and ``run_demo`` calling them in turn).
 
 The teacher directory loads like ``Qwen/Qwen2-0.5B-Instruct`` (``AutoModelForCausalLM`` and
 ``AutoTokenizer``), so stage one and stage two run the same code on the demo as on the real model.
