@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cache.device import Dist, resolve_device
 from cache.interrupt import ignore_stop_signals_in_worker
@@ -30,43 +31,6 @@ from student.schedule import OptimizerConfig, build_optimizer
 from student.sources import resolve_start
 from student.train_config import TrainConfig
 from student.train_data import TrainData
-
-
-class DistillForward(nn.Module):
-    """The student's hidden states and the chunked head + loss: the module DDP and ``torch.compile`` wrap.
-
-    Returns ``(ce_sum, kd_sum, top1_agree, label_correct)`` over the batch's supervised rows."""
-
-    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int, with_kd: bool,
-                 grad_weights: tuple[float, float] | None = None):
-        super().__init__()
-        self.model = model
-        self.kind, self.temperature, self.chunk_size, self.with_kd = kind, temperature, chunk_size, with_kd
-        # How the loss will weigh (CE, KD): lets the loss form its head gradients in the forward pass
-        # (one head matmul per chunk fewer); any other weighting falls back to recomputation.
-        self.grad_weights = grad_weights
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pred_pos: Tensor, targets) -> tuple:
-        hidden = self.model.hidden_states(input_ids, attention_mask)  # (B, Lmax, d)
-        rows = gather_rows(hidden, pred_pos)  # (N, d)
-        head = self.model.get_output_embeddings().weight  # (V, d)
-        tempered = getattr(self.model, "tempered_head", None)
-        kd_head = (tempered(self.temperature) if tempered and self.with_kd and self.kind != "topk_renorm"
-                   else None)
-        shift = getattr(self.model, "argmax_shift", None)
-        if kd_head is None:
-            s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
-                                     chunk_size=self.chunk_size, with_kd=self.with_kd,
-                                     grad_weights=self.grad_weights, pred_shift=shift)
-            return s.ce, s.kd, s.top1_agree, s.label_correct
-        # a compacted transformers student at T != 1: its KD softmax needs another head (any_student.py)
-        w_ce, w_kd = self.grad_weights or (0.0, 0.0)
-        ce = chunked_distill_loss(rows, head, targets, kind=self.kind, chunk_size=self.chunk_size,
-                                  with_kd=False, grad_weights=(w_ce, 0.0) if w_ce else None,
-                                  pred_shift=shift)
-        kd = chunked_distill_loss(rows, kd_head.weight, targets, kind=self.kind, temperature=self.temperature,
-                                  chunk_size=self.chunk_size, grad_weights=(0.0, w_kd) if w_kd else None)
-        return ce.ce, kd.kd, ce.top1_agree, ce.label_correct
 
 
 @dataclass
@@ -240,6 +204,43 @@ def _prepare_model(model: nn.Module, device: torch.device, grad_checkpointing: b
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+class DistillForward(nn.Module):
+    """The student's hidden states and the chunked head + loss: the module DDP and ``torch.compile`` wrap.
+
+    Returns ``(ce_sum, kd_sum, top1_agree, label_correct)`` over the batch's supervised rows."""
+
+    def __init__(self, model: nn.Module, kind: str, temperature: float, chunk_size: int, with_kd: bool,
+                 grad_weights: tuple[float, float] | None = None):
+        super().__init__()
+        self.model = model
+        self.kind, self.temperature, self.chunk_size, self.with_kd = kind, temperature, chunk_size, with_kd
+        # How the loss will weigh (CE, KD): lets the loss form its head gradients in the forward pass
+        # (one head matmul per chunk fewer); any other weighting falls back to recomputation.
+        self.grad_weights = grad_weights
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pred_pos: Tensor, targets) -> tuple:
+        hidden = self.model.hidden_states(input_ids, attention_mask)  # (B, Lmax, d)
+        rows = gather_rows(hidden, pred_pos)  # (N, d)
+        head = self.model.get_output_embeddings().weight  # (V, d)
+        tempered = getattr(self.model, "tempered_head", None)
+        kd_head = (tempered(self.temperature) if tempered and self.with_kd and self.kind != "topk_renorm"
+                   else None)
+        shift = getattr(self.model, "argmax_shift", None)
+        if kd_head is None:
+            s = chunked_distill_loss(rows, head, targets, kind=self.kind, temperature=self.temperature,
+                                     chunk_size=self.chunk_size, with_kd=self.with_kd,
+                                     grad_weights=self.grad_weights, pred_shift=shift)
+            return s.ce, s.kd, s.top1_agree, s.label_correct
+        # a compacted transformers student at T != 1: its KD softmax needs another head (any_student.py)
+        w_ce, w_kd = self.grad_weights or (0.0, 0.0)
+        ce = chunked_distill_loss(rows, head, targets, kind=self.kind, chunk_size=self.chunk_size,
+                                  with_kd=False, grad_weights=(w_ce, 0.0) if w_ce else None,
+                                  pred_shift=shift)
+        kd = chunked_distill_loss(rows, kd_head.weight, targets, kind=self.kind, temperature=self.temperature,
+                                  chunk_size=self.chunk_size, grad_weights=(0.0, w_kd) if w_kd else None)
+        return ce.ce, kd.kd, ce.top1_agree, ce.label_correct
+
+
 def _wrap_forward(model: nn.Module, cfg: TrainConfig, dist: Dist,
                   device: torch.device) -> tuple[nn.Module, list[nn.Parameter]]:
     """``DistillForward`` under DDP and ``torch.compile`` as configured, and the STFT projection weights
@@ -253,8 +254,6 @@ def _wrap_forward(model: nn.Module, cfg: TrainConfig, dist: Dist,
     share = not cfg.compile
     shared = [m.projection.weight for m in model.modules() if isinstance(m, CausalSTFT)] if share else []
     if dist.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = {id(p) for p in shared}
         ignore = [n for n, p in fwd.named_parameters() if id(p) in ids]
         DDP._set_params_and_buffers_to_ignore_for_model(fwd, ignore)
