@@ -133,7 +133,7 @@ def main() -> int:
                     "the random Qwen2 shapes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from pipeline.evaluate import prompt_ids, stop_token_ids
+    from pipeline.prompts import prompt_ids, stop_token_ids
     from pipeline.write import WriteSettings
 
     device = torch.device(args.device)

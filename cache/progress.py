@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 DEFAULT_SECONDS = 30.0
 
 
@@ -72,8 +74,6 @@ class Progress:
         if tty is None:
             tty = bool(getattr(self.stream, "isatty", lambda: False)())
         if enabled and tty:
-            from tqdm import tqdm
-
             # disable=False: TQDM_DISABLE (set for libraries' bars in a log file) must not reach our own
             self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=self.stream,
                              dynamic_ncols=True, unit_scale=unit == "tok", disable=False)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from cache.util import UserError, atomic_write_bytes
+from pipeline.answers import extract_reference, score_output
+from pipeline.data import check_data_format, load_examples, load_tokenizer, parse_fields
 from pipeline.hub import hub_local_only
+from pipeline.prompts import example_prompt_ids, stop_token_ids
 
 STUDENT_MODEL_TYPE = "causal_stft_fnet"
-STOP_TOKEN = "<|im_end|>"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 # prompts (token id lists) -> new token ids per prompt (anything after a stop token is ignored)
@@ -49,8 +51,6 @@ class EvalConfig:
     fields: tuple[tuple[str, str], ...] = ()  # --field CANON=COLUMN mapping
 
     def __post_init__(self) -> None:
-        from pipeline.data import check_data_format, parse_fields
-
         check_data_format(self.data_format)
         object.__setattr__(self, "fields", parse_fields(self.fields))
         if self.limit is not None and self.limit <= 0:
@@ -139,7 +139,6 @@ def model_type(model: str) -> str:
 def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
     """The tokenizer given with ``--tokenizer``, else the model's own (a local folder must contain one)."""
     import student.modeling  # noqa: F401  registers causal_stft_fnet, whose config AutoTokenizer reads
-    from pipeline.data import load_tokenizer
     from pipeline.teacher import looks_local
 
     if tokenizer is None:
@@ -189,36 +188,6 @@ def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto",
                         f"({str(e).splitlines()[0]}); pass a student checkpoint or a causal LM "
                         "folder") from None
     return loaded.to(dev).eval(), kind
-
-
-def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """``<|im_end|>`` (when the tokenizer has it), the tokenizer's eos and the model's generation eos ids."""
-    ids = {int(tokenizer.eos_token_id)}
-    im_end = tokenizer.convert_tokens_to_ids(STOP_TOKEN)
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
-    return sorted(ids)
-
-
-def prompt_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
-    """The chat prompt of one example, exactly the prompt part of the training sequence."""
-    from pipeline.data import format_example
-
-    ids, start = format_example(tokenizer, question, answer)
-    return ids[:start]
-
-
-def example_prompt_ids(tokenizer: Any, ex: Any) -> list[int]:
-    """The prompt of a row (``pipeline.data.Example``): a qa row's as ``prompt_ids``; a chat row's turns
-    before its final reply, then the template's generation prompt."""
-    if ex.turns is None:
-        return prompt_ids(tokenizer, ex.question, ex.answer or "x")
-    from pipeline.data import chat_prompt_ids
-
-    return chat_prompt_ids(tokenizer, ex.prompt_turns())
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu") -> tuple[Any, Any]:
@@ -283,8 +252,6 @@ def score_record(row: int, question: str, reference: Decimal | str, output: str,
                  stopped: bool) -> dict[str, Any]:
     """One JSONL record: the example, the model output, both extracted answers and both verdicts.
     ``reference`` is the reference number or the raw GSM8K answer field."""
-    from pipeline.answers import extract_reference, score_output
-
     ref = reference if isinstance(reference, Decimal) else extract_reference(reference)
     s = score_output(output, ref)
     return {
@@ -329,8 +296,7 @@ def evaluate_examples(examples: Sequence[Any], tokenizer: Any, generate: Generat
     """Generate for every example (``pipeline.data.Example``) in length-sorted batches, score, write the
     records (dataset order) to ``out`` if given, and return the totals. ``max_prompt_tokens`` refuses a
     prompt that would run the model past its positions."""
-    from cache.progress import Progress  # importing student loads torch/transformers: not for --help
-    from pipeline.answers import extract_reference
+    from cache.progress import Progress  # loads tqdm: not for --help
 
     if not examples:
         raise UserError("no examples to evaluate; check --dataset, --split and --limit")
@@ -393,8 +359,6 @@ def check_scorable(examples: Sequence[Any]) -> None:
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
-    from pipeline.data import load_examples
-
     kind_name = model_type(cfg.model)  # a missing, broken or damaged model folder fails before anything slow
     if cfg.verify:
         verify_student_folder(cfg.model, kind_name)

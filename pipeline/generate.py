@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cache.util import UserError
@@ -13,8 +14,6 @@ def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
     transformers student (any causal LM folder with a tokenizer loads the same way). A missing folder, a
     broken config, a folder without a tokenizer and, with ``verify``, a file that does not match the folder's
     manifest.json are refused with one line."""
-    import json
-
     from transformers import AutoTokenizer
 
     from cache.device import resolve_device

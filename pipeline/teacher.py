@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
+from transformers import AutoModelForCausalLM
 
 from cache.device import resolve_device
 from cache.util import UserError, file_hash, json_hash
@@ -118,8 +119,6 @@ def check_teacher_source(name: str) -> None:
 
 def load_teacher(name: str, *, device: str = "auto", dtype: str = "auto") -> Teacher:
     """Load any causal LM from a local folder or a Hub id, in eval mode, on ``device`` in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_teacher_source(name)

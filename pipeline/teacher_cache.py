@@ -28,6 +28,7 @@ from cache.progress import Progress
 from cache.schema import CacheRecord, CacheSettings
 from cache.util import UserError
 from cache.writer import CacheWriter
+from pipeline.answers import extract_reference, parse_number, strict_answer
 from pipeline.data import (
     DataConfig,
     Example,
@@ -40,6 +41,7 @@ from pipeline.data import (
     tokenize_examples,
     tokenizer_hash,
 )
+from pipeline.prompts import example_prompt_ids, stop_token_ids
 from pipeline.teacher import (
     TargetSettings,
     Teacher,
@@ -49,7 +51,18 @@ from pipeline.teacher import (
     teacher_targets,
     token_budget_batches,
 )
-from pipeline.write import WriteSettings
+from pipeline.write import (
+    GENERATION_DIR,
+    WriteSettings,
+    Written,
+    choose,
+    generation_fingerprint,
+    open_generation_dir,
+    read_units,
+    sample_solutions,
+    unit_file,
+    write_unit,
+)
 
 FORMATS = ("arrow", "zarr")
 PROVENANCE_ROWS = "rows.jsonl"  # in the cache's provenance/ attachment: one line per cached sequence
@@ -190,8 +203,6 @@ def row_reference(ex: Example) -> Decimal | None:
     """The reference answer of a row: its ``reference`` field (a number, or a whole GSM8K answer ending in
     '#### N'), else its ``answer`` when that is the dataset's own GSM8K answer (not one written by another
     model); None when it has neither."""
-    from pipeline.answers import extract_reference, parse_number
-
     text = ex.reference if ex.reference is not None else (ex.answer if ex.written_by is None else None)
     if text is None:
         return None
@@ -203,8 +214,6 @@ def row_reference(ex: Example) -> Decimal | None:
 def given_provenance(examples: list[Example]) -> list[dict[str, Any]]:
     """Provenance of rows whose answers are given: the dataset's reference answers, or answers someone
     else wrote (``written_by``), scored against their ``reference`` when the row has one."""
-    from pipeline.answers import strict_answer
-
     out = []
     for ex in examples:
         if ex.written_by is None:
@@ -272,8 +281,6 @@ def interrupted_line(cfg: TeacherCacheConfig, signum: int, counts: dict[str, int
     if "units" in counts and "done" in counts:
         kept = f"{counts['done']} of {counts['units']} units are committed in {cfg.out} and kept"
     elif cfg.write and "examples" in counts:
-        from pipeline.write import GENERATION_DIR, unit_file
-
         folder = cfg.out / GENERATION_DIR
         units = math.ceil(counts["examples"] / cfg.unit_size)
         written = sum(unit_file(folder, u).exists() for u in range(units))
@@ -386,18 +393,6 @@ def write_solutions(cfg: TeacherCacheConfig, teacher: Teacher, tokenizer: Any, e
     """The teacher writes ``cfg.write`` solutions per question (units of questions, round-robin over the
     ranks, each unit kept in ``<out>/generation/`` once written), then every rank reads them all and keeps
     the same ones. Returns (kept solutions as examples, their provenance, the totals)."""
-    from pipeline.evaluate import example_prompt_ids, stop_token_ids
-    from pipeline.write import (
-        Written,
-        choose,
-        generation_fingerprint,
-        open_generation_dir,
-        read_units,
-        sample_solutions,
-        unit_file,
-        write_unit,
-    )
-
     ws = cfg.write_settings()
     gfp = generation_fingerprint(writer_identity(teacher), tokenizer_hash(tokenizer),
                                  dataset_hash([e.without_answer() for e in examples]), ws, cfg.unit_size)

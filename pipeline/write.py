@@ -16,6 +16,7 @@ tokenization, the same teacher pass, the same encodings.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections import Counter
@@ -27,8 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
+from transformers import DynamicCache
 
+from cache.schema import FingerprintMismatch
 from cache.util import UserError, atomic_write_bytes
+from pipeline.answers import strict_answer
 
 KEEP_POLICIES = ("auto", "reference", "majority", "all")
 GENERATION_DIR = "generation"
@@ -139,8 +143,6 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
 
 def _cache_kwarg(model: Any) -> str:
     """The name the model's forward takes its KV cache by (``cache`` in newer transformers releases)."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -149,8 +151,6 @@ def sample_solutions(model: Any, prompts: list[list[int]], questions: list[int],
                      stop_ids: list[int], pad_id: int) -> list[list[tuple[list[int], bool]]]:
     """``settings.samples`` solutions for each prompt; ``questions[i]`` is prompt i's question index (its
     seed). Returns, per prompt and sample, (new token ids before the stop token, whether it stopped)."""
-    from transformers import DynamicCache
-
     dev = next(model.parameters()).device
     n, steps = settings.samples, settings.max_new_tokens
     width = max(len(p) for p in prompts)
@@ -224,8 +224,6 @@ class Written:
 
 def written_answer(text: str) -> Decimal | None:
     """The final answer of a written solution: the number after its ``####`` (None without one)."""
-    from pipeline.answers import strict_answer
-
     return strict_answer(text)
 
 
@@ -327,8 +325,6 @@ def unit_file(folder: Path, unit: int) -> Path:
 
 def open_generation_dir(out: Path, fingerprint: dict[str, Any]) -> Path:
     """``<out>/generation``, created with the fingerprint, or checked against it when it exists."""
-    from cache.schema import FingerprintMismatch
-
     folder = out / GENERATION_DIR
     path = folder / SETTINGS_FILE
     if path.exists():

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from cache.util import UserError, atomic_write_json
 
@@ -173,8 +174,6 @@ class CausalLMStudent(nn.Module):
         """The plain full-vocabulary model this student stands for (itself without compaction)."""
         if self.vocab_map is None:
             return self.lm
-        from transformers import GenerationConfig
-
         cfg = type(self.lm.config).from_dict({**self.lm.config.to_dict(), "vocab_size": self.full_vocab_size,
                                               **self.special})
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # saving never moves the training RNG
@@ -253,8 +252,6 @@ def architecture_config(name: str, *, vocab_size: int, hidden_size: int, layers:
                         heads: int | None, max_positions: int):
     """The config of ``--student NAME`` at the shape options: tied embeddings, as many key/value heads as
     query heads, ``heads`` default ``hidden_size // 64`` (at least 1)."""
-    from transformers import AutoConfig
-
     heads = heads or max(1, hidden_size // 64)
     if hidden_size % heads:
         raise UserError(f"--hidden-size {hidden_size} is not a multiple of --heads {heads}; pick heads that "
@@ -267,8 +264,6 @@ def architecture_config(name: str, *, vocab_size: int, hidden_size: int, layers:
 
 def config_from_json(d: dict[str, Any], where: str):
     """A stock transformers config from the fields of a ``--student-config`` JSON (its ``model_type``)."""
-    from transformers import AutoConfig
-
     d = {k: v for k, v in d.items() if k not in _DROPPED_FIELDS}
     kind = d.pop("model_type")
     try:
@@ -282,8 +277,6 @@ def config_from_json(d: dict[str, Any], where: str):
 def new_student(config, vocab_map: list[int] | None, full_vocab_size: int) -> CausalLMStudent:
     """A randomly initialised student of ``config`` (torch's RNG as seeded by the caller); compacted to
     ``vocab_map`` when given (the model is built with the compact rows + the shared row directly)."""
-    from transformers import AutoModelForCausalLM
-
     if vocab_map is None:
         return check_head(CausalLMStudent(AutoModelForCausalLM.from_config(config)))
     vm = sorted(int(i) for i in vocab_map)
@@ -334,8 +327,6 @@ def load_causal_lm(folder: Path, what: str, recompact: bool = True) -> CausalLMS
     """A stock causal LM saved in ``folder`` (fp32, no remote code), compacted again (``recompact``) when the
     folder was a compacted student (``compact_vocab.json``). One line when it does not load or its weights
     do not fill its config."""
-    from transformers import AutoModelForCausalLM
-
     folder = Path(folder)
     kind = folder_model_type(folder, what)
     try:
@@ -365,8 +356,6 @@ def check_tokenizer(folder: Path, reader, what: str) -> None:
     folder = Path(folder)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return
-    from transformers import AutoTokenizer
-
     try:
         ours = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as e:
@@ -415,8 +404,6 @@ def describe(student: CausalLMStudent) -> str:
 
 def parameter_count(config: dict[str, Any]) -> int | None:
     """Unique parameters of the transformers model ``config.json`` describes, without allocating it."""
-    from transformers import AutoModelForCausalLM
-
     if "model_type" not in config:
         return None
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from cache.device import Dist
 from cache.interrupt import Interrupted, StopSignals, command_line, signal_name
@@ -425,8 +426,6 @@ def _second_line(cfg: TrainConfig, run: Run | None, signum: int) -> str:
 
 def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Train a student from ``cfg.cache`` into ``cfg.out`` (under ``torchrun`` too); see ``TrainConfig``."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar, between our own progress lines
     dist = Dist.from_env()
     own_group = False

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cache.reader import open_cache
-from cache.util import UserError
+from cache.util import UserError, json_hash
 from student.data import CacheDataset, DecodedRecords
 from student.modeling import CausalFNetConfig, ModelInputError, compact_ids_from_cache
 from student.train_config import TrainConfig
@@ -123,8 +123,6 @@ class TrainData:
         of every cache's digest and its count per epoch."""
         if not self.mix:
             return self.reader.fingerprint_digest
-        from cache.util import json_hash
-
         return json_hash([[r.fingerprint_digest for r in self.train_readers], self.mix["counts"]])
 
     @property
@@ -150,8 +148,6 @@ def _check_same_vocabulary(train, val, flag: str = "--val-cache") -> None:
         "chat_template": (train.fingerprint.get("chat_template"), val.fingerprint.get("chat_template")),
     }
     if pairs["chat_template"][0] != pairs["chat_template"][1]:  # whole templates would fill the screen
-        from cache.util import json_hash
-
         pairs["chat_template"] = tuple(json_hash(t)[:20] + "..." for t in pairs["chat_template"])
     diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in pairs.items() if a != b]
     if diff:

@@ -307,7 +307,8 @@ def test_commands_refuse_bad_rows_and_unscorable_data_in_one_line(demo_tokenizer
 
 
 def test_eval_prompts_of_chat_rows_and_answers_out(demo_tokenizer, tmp_path):
-    from pipeline.evaluate import evaluate_examples, prompt_ids, write_answers
+    from pipeline.evaluate import evaluate_examples, write_answers
+    from pipeline.prompts import prompt_ids
 
     q, a = "What is 2+3?", "2+3 = 5\n#### 5"
     qa = load_examples(str(write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a}])))

@@ -21,9 +21,8 @@ from pipeline.evaluate import (
     evaluate_model,
     left_pad,
     make_generate_fn,
-    prompt_ids,
-    stop_token_ids,
 )
+from pipeline.prompts import prompt_ids, stop_token_ids
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,11 +2,18 @@
 back through others. Every ``import`` is read from the source (AST), including imports inside functions.
 Command-line (Typer) code lives only in ``pipeline/commands/`` and ``pipeline/cli.py``. The benchmarks
 (``bench/``) import library modules and each other, never a test module or the demo's runner; nothing of the
-project imports ``cache.format``, the old name kept for code written against 0.1.0."""
+project imports ``cache.format``, the old name kept for code written against 0.1.0.
+
+The teacher pass (stage one) and the student package never import each other, inside functions neither,
+and importing stage one loads no ``student`` module (checked in a fresh interpreter). Outside the command
+line (``pipeline/cli.py``, ``pipeline/commands/``) an import sits inside a function only where
+``LATE_IMPORTS`` names it with its reason."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +23,36 @@ ALLOWED = {"cache": set(), "student": {"cache"}, "pipeline": {"cache", "student"
 # Imports a benchmark may not have, and those that remain for now (file, module); an entry must be removed
 # once its import is gone.
 BENCH_FORBIDDEN = ("tests", "pipeline.demo.run")
-BENCH_KNOWN: set[tuple[str, str]] = set()
+BENCH_KNOWN = {("bench/compare_students.py", "pipeline.demo.run")}
+
+
+# The teacher pass: the modules of stage one (``teacher-cache``). Neither they nor anything they import
+# reaches ``student``, and nothing in ``student`` reaches them.
+STAGE_ONE = ("pipeline.teacher_cache", "pipeline.teacher", "pipeline.write")
+# Where imports may sit inside functions freely: the command line, which keeps ``--help`` from loading torch.
+CLI_EDGE = ("pipeline.cli", "pipeline.commands")
+# Every other import inside a function: module -> imported names (a name covers its submodules) -> reason.
+HELP = ("read at ``fnet-distill --help`` (a command module imports it at its top): torch, transformers and "
+        "the rest load when a command runs")
+BACKEND = "a shard format's library loads only when a cache of that format is opened"
+OPTIONAL = "an optional or plotting library, loaded only when that output is asked for"
+DEMO = ("any ``pipeline.demo`` module runs the package's ``__init__`` (``build_demo_assets``); the teacher's "
+        "and tokenizer's libraries load only when the assets are built")
+LATE_IMPORTS = {
+    "cache.arrow_backend": {"pyarrow": BACKEND},
+    "cache.zarr_backend": {"zarr": BACKEND},
+    "student.metrics": {"matplotlib": OPTIONAL},
+    "student.reporting": {"torch.utils.tensorboard": OPTIONAL, "wandb": OPTIONAL},
+    "pipeline.data": {"pyarrow": HELP, "datasets": HELP, "transformers": HELP},
+    "pipeline.hub": {"huggingface_hub": HELP},
+    "pipeline.evaluate": {"torch": HELP, "transformers": HELP, "cache.device": HELP, "cache.progress": HELP,
+                          "pipeline.teacher": HELP, "student.checkpoint": HELP, "student.modeling": HELP},
+    "pipeline.generate": {"torch": HELP, "transformers": HELP, "cache.device": HELP,
+                          "student.checkpoint": HELP, "student.modeling": HELP},
+    "pipeline.demo.assets": {"transformers": DEMO},
+    "pipeline.demo.teacher": {"torch": DEMO, "transformers": DEMO, "student.schedule": DEMO},
+    "pipeline.demo.tokenizer": {"tokenizers": DEMO, "transformers": DEMO},
+}
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -231,3 +267,96 @@ def test_the_bench_check_catches_a_test_import_and_the_demo_runner(tmp_path):
     assert bench_imports_of_tests_or_runner(tmp_path) == [
         ("bench/a.py", "tests", 1), ("bench/b.py", "pipeline.demo.run", 2), ("bench/c.py", "tests", 1),
         ("bench/c.py", "pipeline.demo.run", 2)]
+
+
+def late_imports(name: str, path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) of every import statement inside a function (or lambda) of the module;
+    relative imports resolved."""
+    found: list[tuple[str, int]] = []
+
+    def walk(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, ast.Import):
+                found.extend((a.name, child.lineno) for a in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    pkg = pkg[: len(pkg) - (child.level - 1)]
+                    base = ".".join([*pkg, base] if base else pkg)
+                found.append((base, child.lineno))
+            walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    walk(ast.parse(path.read_text(), filename=str(path)), False)
+    return found
+
+
+def unlisted_late_imports(root: Path, listed: dict[str, dict[str, str]]) -> tuple[list[str], list[str]]:
+    """Imports inside functions outside ``CLI_EDGE`` that ``listed`` does not name (``file:line: module
+    imports name``), and the entries of ``listed`` that no longer match any import (``module: name``)."""
+    new, used = [], set()
+    for name, path in project_modules(root).items():
+        if any(name == e or name.startswith(e + ".") for e in CLI_EDGE):
+            continue
+        for target, line in late_imports(name, path):
+            key = next((k for k in listed.get(name, {}) if target == k or target.startswith(k + ".")), None)
+            if key is None:
+                new.append(f"{path.relative_to(root)}:{line}: {name} imports {target}")
+            used.add((name, key))
+    stale = [f"{m}: {k}" for m, keys in listed.items() for k in keys if (m, k) not in used]
+    return new, stale
+
+
+def test_imports_inside_functions_only_at_the_command_line_or_listed_with_a_reason():
+    new, stale = unlisted_late_imports(ROOT, LATE_IMPORTS)
+    assert not new, ("import these at the module's top (or, if there is a reason not to, add it to "
+                     "LATE_IMPORTS in tests/test_layers.py with that reason):\n" + "\n".join(new))
+    assert not stale, f"remove these from LATE_IMPORTS, no function imports them any more: {stale}"
+
+
+def test_the_late_import_check_catches_an_unlisted_import(tmp_path):
+    files = {
+        "cache/__init__.py": "",
+        "cache/a.py": "import json\n\ndef f():\n    import zarr.storage\n    from . import b\n",
+        "cache/b.py": "import os\n\nclass C:\n    def m(self):\n        import torch\n",
+        "pipeline/__init__.py": "",
+        "pipeline/commands/__init__.py": "",
+        "pipeline/commands/run.py": "def main():\n    import torch\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    new, stale = unlisted_late_imports(tmp_path, {"cache.a": {"zarr": "why", "numpy": "why"}})
+    assert new == ["cache/a.py:5: cache.a imports cache", "cache/b.py:5: cache.b imports torch"]
+    assert stale == ["cache.a: numpy"]
+
+
+def reachable(graph: dict[str, set[str]], start: tuple[str, ...]) -> set[str]:
+    seen, todo = set(start), list(start)
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_the_teacher_pass_and_the_student_never_import_each_other():
+    """Every import counts, inside functions too: stage one's modules and all they import reach no
+    ``student`` module, and no ``student`` module reaches stage one."""
+    graph, _ = import_graph(ROOT)
+    assert all(m in graph for m in STAGE_ONE), f"stage one's modules moved: {STAGE_ONE}"
+    from_stage_one = sorted(m for m in reachable(graph, STAGE_ONE) if m.split(".")[0] == "student")
+    assert not from_stage_one, f"the teacher pass reaches the student package: {from_stage_one}"
+    students = tuple(m for m in graph if m.split(".")[0] == "student")
+    to_stage_one = sorted(reachable(graph, students) & set(STAGE_ONE))
+    assert not to_stage_one, f"the student package reaches the teacher pass: {to_stage_one}"
+
+
+def test_importing_stage_one_loads_no_student_module():
+    """In a fresh interpreter: ``student/__init__`` registers the FNet with transformers, stage one must not
+    run it."""
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in STAGE_ONE)
+            + "print(sorted(m for m in sys.modules if m == 'student' or m.startswith('student.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing stage one loaded: {out.stdout.strip()}"

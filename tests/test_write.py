@@ -45,7 +45,7 @@ def problems(n: int, seed: int = 11) -> list[dict]:
 
 
 def prompt(tok, question: str) -> list[int]:
-    from pipeline.evaluate import prompt_ids
+    from pipeline.prompts import prompt_ids
 
     return prompt_ids(tok, question, "x")
 
@@ -106,7 +106,7 @@ def test_kv_cache_sampler_equals_a_full_forward_per_token(writer):
     """Batched, left-padded, prefilled once per question and repeated for its samples, finished rows dropped:
     the same tokens as one unpadded sequence at a time re-run from scratch at every step."""
     model, tok = writer
-    from pipeline.evaluate import stop_token_ids
+    from pipeline.prompts import stop_token_ids
 
     stops = stop_token_ids(tok, model)
     rows = problems(4)
@@ -136,7 +136,7 @@ def test_kv_cache_sampler_equals_a_full_forward_per_token(writer):
 
 def test_samples_do_not_depend_on_the_batch(writer):
     model, tok = writer
-    from pipeline.evaluate import stop_token_ids
+    from pipeline.prompts import stop_token_ids
 
     stops = stop_token_ids(tok, model)
     rows = problems(5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.util import UserError
+from pipeline.data import format_example
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,6 @@ def encode_chat_rows(tokenizer, rows: Sequence[dict], max_length: int) -> list[t
     ``loss_mask`` marks the assistant's tokens and that ``<|im_end|>``. Rows longer than ``max_length`` are
     dropped.
     """
-    from pipeline.data import format_example
-
     out = []
     for row in rows:
         ids, start = format_example(tokenizer, row["question"], row["answer"])
