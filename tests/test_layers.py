@@ -360,3 +360,16 @@ def test_importing_stage_one_loads_no_student_module():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"importing stage one loaded: {out.stdout.strip()}"
+
+
+def test_the_cache_format_needs_neither_torch_nor_the_run_helpers():
+    """``cache/`` also holds what both stages need while they run (device and rank, progress, stop signals);
+    the format's own modules (schema, codecs, backends, manifest, writer, reader, verify) import none of them
+    and no torch, so reading or checking a cache needs neither."""
+    run_helpers = ("cache.device", "cache.progress", "cache.interrupt")
+    found = [f"{p.relative_to(ROOT)}:{line}: {name}"
+             for m, p in project_modules(ROOT).items() if m.split(".")[0] == "cache" and m not in run_helpers
+             for name, line in imported_names(p)
+             if name.split(".")[0] == "torch"
+             or any(name == h or name.startswith(h + ".") for h in run_helpers)]
+    assert not found, "the cache format imports torch or a run helper:\n" + "\n".join(found)
