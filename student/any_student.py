@@ -323,6 +323,16 @@ def folder_model_type(folder: Path, what: str) -> str | None:
     return d.get("model_type") if isinstance(d, dict) else None
 
 
+def refuse_partial_load(info: dict, what: str, folder: Path, hint: str) -> None:
+    """One line when ``from_pretrained(..., output_loading_info=True)`` left tensors missing, unexpected or
+    of another shape (transformers only warns and initialises them at random)."""
+    bad = sorted({str(k) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                  for k in info.get(key) or ()})
+    if bad:
+        raise UserError(f"{what}: the weights in {folder} do not fit its config.json ({len(bad)} tensors "
+                        f"missing, unexpected or of another shape, e.g. {bad[0]}); pass {hint}")
+
+
 def load_causal_lm(folder: Path, what: str, recompact: bool = True) -> CausalLMStudent:
     """A stock causal LM saved in ``folder`` (fp32, no remote code), compacted again (``recompact``) when the
     folder was a compacted student (``compact_vocab.json``). One line when it does not load or its weights
@@ -336,12 +346,7 @@ def load_causal_lm(folder: Path, what: str, recompact: bool = True) -> CausalLMS
         raise UserError(f"{what}: the {kind!r} model in {folder} does not load with transformers' own "
                         f"classes ({str(e).splitlines()[0][:300]}); pass a folder of a causal LM that "
                         "transformers includes (no remote code) or a train-student folder") from None
-    bad = sorted({str(k) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                  for k in info.get(key) or ()})
-    if bad:
-        raise UserError(f"{what}: the weights in {folder} do not fit its config.json ({len(bad)} tensors "
-                        f"missing, unexpected or of another shape, e.g. {bad[0]}); pass a complete model "
-                        "folder")
+    refuse_partial_load(info, what, folder, "a complete model folder")
     lm.train()
     side = folder / COMPACT_VOCAB
     if recompact and side.is_file():

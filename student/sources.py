@@ -96,12 +96,7 @@ def load_student_folder(folder: Path, what: str) -> CausalFNetForCausalLM:
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise UserError(f"{what}: the student in {folder} does not load ({str(e).splitlines()[0][:300]}); "
                         "pass a folder written by train-student") from None
-    bad = sorted({str(k) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                  for k in info.get(key) or ()})
-    if bad:
-        raise UserError(f"{what}: the weights in {folder} do not fit its config.json ({len(bad)} tensors "
-                        f"missing, unexpected or of another shape, e.g. {bad[0]}); pass a folder written by "
-                        "train-student")
+    any_student.refuse_partial_load(info, what, folder, "a folder written by train-student")
     return model
 
 
