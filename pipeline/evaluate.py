@@ -21,9 +21,10 @@ from typing import Any
 
 from cache.util import UserError, atomic_write_bytes
 from pipeline.answers import extract_reference, score_output
-from pipeline.data import check_data_format, load_examples, load_tokenizer, parse_fields
+from pipeline.data import load_tokenizer
 from pipeline.hub import hub_local_only
 from pipeline.prompts import example_prompt_ids, stop_token_ids
+from pipeline.rows import check_data_format, load_examples, parse_fields
 
 STUDENT_MODEL_TYPE = "causal_stft_fnet"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.data import Example, chat_prompt_ids, format_example
+from pipeline.data import chat_prompt_ids, format_example
+from pipeline.rows import Example
 
 STOP_TOKEN = "<|im_end|>"
 

@@ -31,17 +31,15 @@ from cache.writer import CacheWriter
 from pipeline.answers import extract_reference, parse_number, strict_answer
 from pipeline.data import (
     DataConfig,
-    Example,
     TokenizedDataset,
     TokenizedSeq,
-    dataset_hash,
-    load_examples,
     load_tokenizer,
     special_ids,
     tokenize_examples,
     tokenizer_hash,
 )
 from pipeline.prompts import example_prompt_ids, stop_token_ids
+from pipeline.rows import Example, dataset_hash, load_examples
 from pipeline.teacher import (
     TargetSettings,
     Teacher,

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from cache.schema import ENCODINGS, FORMATS
-from pipeline.data import DATA_FORMATS, OVERFLOW_POLICIES
+from pipeline.rows import DATA_FORMATS, OVERFLOW_POLICIES
 
 
 def choice(name: str, values: tuple[str, ...]) -> type[Enum]:

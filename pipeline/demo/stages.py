@@ -31,13 +31,14 @@ from cache.util import (
     file_hash,
     json_hash,
 )
-from pipeline.data import load_examples, load_tokenizer
+from pipeline.data import load_tokenizer
 from pipeline.demo.assets import build_demo_assets
 from pipeline.demo.config import DemoConfig
 from pipeline.demo.problems import written_questions
 from pipeline.demo.stats import WRITTEN, run_name
 from pipeline.demo.teacher import encode_chat_rows, evaluate_teacher
 from pipeline.evaluate import evaluate_model
+from pipeline.rows import load_examples
 from pipeline.teacher_cache import TeacherCacheConfig, run_teacher_cache
 from student.checkpoint import CHECKPOINT
 from student.step import TrainHooks
