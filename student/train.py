@@ -15,6 +15,7 @@ position comes from the deterministic sampler, the learning rate from ``lr_at(st
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import shlex
 import sys
@@ -458,5 +459,12 @@ def train_student(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainRes
     finally:
         if run is not None:
             run.close()
+        # The DDP wrapper goes before the process group: its reducer holds a reference to the group and, as
+        # the last holder, destroys it with the GIL held while gloo's thread may need the GIL to free a
+        # finished barrier's tensors (a deadlock at exit). Dropped first, the group is freed by
+        # destroy_process_group, which releases the GIL.
+        run = None
+        if dist.distributed:
+            gc.collect()
         if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
