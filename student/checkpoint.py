@@ -43,7 +43,7 @@ from cache.util import (
 from cache.version import __version__
 from student.metrics import METRICS
 from student.model_card import write_model_card
-from student.train_config import TrainConfig
+from student.train_config import TrainConfig, recorded_config
 from student.train_data import TrainData
 
 CHECKPOINT = "checkpoint-last"
@@ -108,7 +108,7 @@ def write_model_folder(folder: Path, model: nn.Module, tokenizer_dir: Path | Non
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         copy_tree_plain(tokenizer_dir, folder)  # the output's modes, not a read-only cache's
     model.save_pretrained(folder)
-    atomic_write_json(folder / TRAIN_CONFIG, {"config": cfg.to_json(),
+    atomic_write_json(folder / TRAIN_CONFIG, {"config": recorded_config(cfg),
                                               "student": model.config.to_diff_dict()})
     atomic_write_json(folder / PROVENANCE, prov)
     write_model_card(folder, cache_dir=cfg.cache, metrics_file=cfg.out / METRICS)

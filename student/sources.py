@@ -27,7 +27,7 @@ from student import any_student
 from student.any_student import CausalLMStudent
 from student.checkpoint import CHECKPOINT, MANIFEST, PROVENANCE, TRAIN_CONFIG, TRAINER_STATE, verify_folder
 from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
-from student.train_config import RESUME_FREE, TrainConfig
+from student.train_config import RESUME_FREE, SHAPE_FIELDS, TrainConfig, recorded_config
 from student.train_data import (
     TrainData,
     cache_token_ids,
@@ -263,10 +263,12 @@ def check_resume(cfg: TrainConfig, ckpt: Path, data: TrainData) -> dict[str, Any
         prov = json.loads((ckpt / PROVENANCE).read_text())
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"--resume: {ckpt} is not a complete checkpoint ({e}); start a new --out") from None
-    now = cfg.to_json()
+    now = recorded_config(cfg)
     grows = {"steps", "schedule_steps"} if cfg.extend else set()  # set by resume_config
     # a setting added after the checkpoint was written reads as its default there
     saved_cfg = {**{f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}, **saved_cfg}
+    if now["hidden_size"] is None:  # the shape came from --student-config / --init-from (older checkpoints
+        saved_cfg.update(dict.fromkeys(SHAPE_FIELDS))  # recorded the unused options' values)
     diff = [f"{k}: {saved_cfg.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
             if k not in RESUME_FREE | grows and saved_cfg.get(k) != now[k]]
     if prov.get("cache_fingerprint_digest") != data.fingerprint_digest:

@@ -54,7 +54,7 @@ from student.reporting import open_reporters
 from student.schedule import lr_at
 from student.setup import Run, make_loader, micro_batches_per_step, setup
 from student.step import StepSums, TrainHooks, accumulate, optimizer_step, targets_for
-from student.train_config import TrainConfig
+from student.train_config import TrainConfig, recorded_config
 
 # ``fit`` calls ``accumulate`` and ``optimizer_step`` through this module: a test may replace them here.
 __all__ = ["CHECKPOINT", "FINAL", "METRICS", "TRAINER_STATE", "StepSums", "TrainConfig", "TrainHooks",
@@ -173,7 +173,7 @@ def fit(run: Run, hooks: TrainHooks | None = None, stop: StopSignals | None = No
     cfg, st = run.cfg, run.state
     keep_until = st.step if cfg.resume else None
     # --report-to: rank 0 opens the trackers (a finished run resumed has nothing to report)
-    reporters = (open_reporters(cfg.report_to, cfg.out, keep_until, cfg.to_json(),
+    reporters = (open_reporters(cfg.report_to, cfg.out, keep_until, recorded_config(cfg),
                                 wandb_project=cfg.wandb_project, run_name=cfg.run_name)
                  if run.is_main and st.step < cfg.steps else [])
     metrics = MetricsLog(cfg.out, run.is_main, keep_until, reporters)

@@ -19,6 +19,10 @@ STUDENTS = ("fnet", "qwen2", "llama")
 
 # Settings that may change between an interrupted run and its resumption: they do not change the result
 # (cache paths are checked by fingerprint digest instead).
+# The student's shape options: --student-config or --init-from replace them (the model's own config, saved
+# beside as train_config.json's "student", holds the shape), so a run records them as null then.
+SHAPE_FIELDS = ("hidden_size", "layers", "ffn", "window", "max_positions", "dropout", "heads")
+
 RESUME_FREE = frozenset({"cache", "mix_caches", "val_cache", "out", "resume", "num_workers", "device",
                          "compile",
                          "eval_every", "save_every", "log_every", "progress", "extend", "keep_best",
@@ -207,3 +211,13 @@ def _model_type(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return d.get("model_type") if isinstance(d, dict) else None
+
+
+def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.to_json()`` as a run records it in ``train_config.json``: the shape options null when
+    ``--student-config`` or ``--init-from`` replaced them, so the file never shows a shape the model does
+    not have."""
+    out = cfg.to_json()
+    if cfg.student_config is not None or cfg.init_from is not None:
+        out.update(dict.fromkeys(SHAPE_FIELDS))
+    return out

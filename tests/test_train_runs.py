@@ -17,6 +17,7 @@ from cache.util import UserError
 from student.checkpoint import BEST, MANIFEST, PROVENANCE, folder_problem
 from student.schedule import lr_at
 from student.train import CHECKPOINT, FINAL, METRICS, TrainConfig, setup, train_student
+from student.train_config import SHAPE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,8 +55,17 @@ def test_init_from_starts_at_the_trained_weights_and_checks_the_folder(tmp_path,
     got = {k: v.detach() for k, v in run.model.state_dict().items()}
     assert want.keys() <= got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert run.model.config.hidden_size == 16
-    result = train_student(TrainConfig(cache=cache, out=tmp_path / "b", init_from=trained / FINAL, **TINY))
+    wide = {**TINY, "hidden_size": 64}  # an option the folder's shape replaces
+    result = train_student(TrainConfig(cache=cache, out=tmp_path / "b", init_from=trained / FINAL, **wide))
     assert result.final_metrics["val_ce"] < metric_lines(trained)[0]["val_ce"]  # below a random init's
+    # the record shows the model's shape, never the unused --hidden-size .. --dropout options
+    record = json.loads((tmp_path / "b" / FINAL / "train_config.json").read_text())
+    assert all(record["config"][k] is None for k in SHAPE_FIELDS)
+    assert record["student"]["hidden_size"] == 16
+    # ... and the same command resumes it (the null options are not a difference)
+    resumed = train_student(TrainConfig(cache=cache, out=tmp_path / "b", init_from=trained / FINAL,
+                                        resume=True, extend=True, **{**wide, "steps": TINY["steps"] + 1}))
+    assert resumed.final_metrics["step"] == TINY["steps"] + 1
 
     with pytest.raises(UserError, match="is not a model folder"):
         TrainConfig(cache=cache, out=tmp_path / "c", init_from=tmp_path, **TINY)
