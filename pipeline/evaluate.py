@@ -121,7 +121,8 @@ def model_type(model: str) -> str:
         try:
             cfg = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
+            raise UserError(f"{cfg_path} is not valid JSON, so not a valid model config ({e}); re-save the "
+                            "model") from None
         kind = cfg.get("model_type") if isinstance(cfg, dict) else None
         if not isinstance(kind, str):
             raise UserError(f"{cfg_path} has no model_type; re-save the model with save_pretrained")
@@ -137,25 +138,29 @@ def model_type(model: str) -> str:
                         "with --model") from None
 
 
-def load_eval_tokenizer(model: str, tokenizer: str | None = None) -> Any:
-    """The tokenizer given with ``--tokenizer``, else the model's own (a local folder must contain one)."""
+def load_eval_tokenizer(model: str, tokenizer: str | None = None, *,
+                        instead: str = "pass the tokenizer the model was trained with, e.g. --tokenizer "
+                                       "path/to/tokenizer") -> Any:
+    """The tokenizer given with ``--tokenizer``, else the model's own (a local folder must contain one;
+    ``instead`` says what to do when it does not)."""
     import student.modeling  # noqa: F401  registers causal_stft_fnet, whose config AutoTokenizer reads
     from pipeline.teacher import looks_local
 
     if tokenizer is None:
         if looks_local(model) and not any((Path(model).expanduser() / f).is_file() for f in TOKENIZER_FILES):
-            raise UserError(f"model folder {model} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); pass "
-                            "the tokenizer the model was trained with, e.g. --tokenizer path/to/tokenizer")
+            raise UserError(f"no usable tokenizer in model folder {model} (no "
+                            f"{' or '.join(TOKENIZER_FILES)}); {instead}")
         return load_tokenizer(str(model), "--model")
     return load_tokenizer(str(tokenizer))
 
 
 def verify_student_folder(model: str, kind_name: str) -> None:
-    """A local student folder's files against its manifest.json, when it has one (``--no-verify`` skips
-    this); other models and Hub ids are loaded as they are."""
+    """A local model folder's files against its manifest.json, when it has one (train-student writes one for
+    the FNet and for transformers students; ``--no-verify`` skips this); other folders and Hub ids are
+    loaded as they are."""
     from pipeline.teacher import looks_local
 
-    if kind_name == STUDENT_MODEL_TYPE and looks_local(model):
+    if looks_local(model):
         from student.checkpoint import check_folder_manifest
 
         check_folder_manifest(Path(model).expanduser(), "--model")
@@ -184,7 +189,7 @@ def load_eval_model(model: str, *, device: str = "auto", dtype: str = "auto",
     local_only = not looks_local(model) and hub_local_only(model, flag="--model", what="model")
     try:
         loaded = cls.from_pretrained(str(model), dtype=torch_dtype, local_files_only=local_only)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"could not load a causal LM (model_type {kind_name!r}) from {model} "
                         f"({str(e).splitlines()[0]}); pass a student checkpoint or a causal LM "
                         "folder") from None

@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cache.util import UserError
-from pipeline.evaluate import not_a_model_folder
+from pipeline.evaluate import load_eval_model, load_eval_tokenizer
 
 
 def load_student(model_dir: Path, device: str = "auto", verify: bool = True):
     """(model, tokenizer) from a student folder written by train-student (tokenizer included): the FNet or a
-    transformers student (any causal LM folder with a tokenizer loads the same way). A missing folder, a
-    broken config, a folder without a tokenizer and, with ``verify``, a file that does not match the folder's
-    manifest.json are refused with one line."""
-    from transformers import AutoTokenizer
-
-    from cache.device import resolve_device
-    from student.checkpoint import check_folder_manifest
-    from student.modeling import CausalFNetForCausalLM
-
-    model_dir = Path(model_dir)
-    config = model_dir / "config.json"
-    if not config.is_file():
-        raise UserError(not_a_model_folder(model_dir))
-    try:
-        kind = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"{config} is not a valid model config ({e}); pass a folder written by "
-                        "train-student (OUT/final)") from None
-    if not isinstance(kind, str):
-        raise UserError(f"{config} names no model_type; pass a folder written by train-student (OUT/final) "
-                        "or any transformers causal LM folder")
-    if verify:
-        check_folder_manifest(model_dir, "--model")
-    torch_device = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"no usable tokenizer in {model_dir} ({str(e).splitlines()[0]}); save the teacher's "
-                        "tokenizer into the model folder with tokenizer.save_pretrained") from None
-    if not tokenizer("0", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from
-        # config.json alone when the folder has no tokenizer files
-        raise UserError(f"no usable tokenizer in {model_dir} (its tokenizer encodes nothing); save the "
-                        "teacher's tokenizer into the model folder with tokenizer.save_pretrained")
-    if kind == CausalFNetForCausalLM.config_class.model_type:
-        cls = CausalFNetForCausalLM
-    else:  # a transformers student (train-student --student, cut-student) or any stock causal LM
-        from transformers import AutoModelForCausalLM as cls
-    try:
-        model = cls.from_pretrained(model_dir).to(torch_device).eval()
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the student from {model_dir} ({str(e).splitlines()[0]}); pass a "
-                        "complete folder written by train-student") from None
+    transformers student (any causal LM folder with its tokenizer loads the same way), through the loaders
+    of ``fnet-distill eval``. A missing folder, a broken config, a folder without a tokenizer and, with
+    ``verify``, a file that does not match the folder's manifest.json are refused with one line."""
+    model, _ = load_eval_model(str(model_dir), device=device, dtype="float32", verify=verify)
+    tokenizer = load_eval_tokenizer(str(model_dir), instead="save the teacher's tokenizer into the model "
+                                                            "folder with tokenizer.save_pretrained")
     return model, tokenizer
 
 
@@ -70,8 +33,8 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 256, t
     else:
         text = prompt
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=model.device)
-    room = getattr(model.config, "max_position_embeddings", None)
-    room = (max_new_tokens + ids.shape[1] if room is None else room) - ids.shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    room = max_new_tokens if limit is None else limit - ids.shape[1]
     if room <= 0:
         raise UserError(f"the chat-formatted prompt has {ids.shape[1]} tokens but the model takes at most "
                         f"{model.config.max_position_embeddings}; shorten the prompt")

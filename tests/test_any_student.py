@@ -348,3 +348,18 @@ def test_a_compacted_student_continues_only_on_caches_its_map_covers(tmp_path, c
         assert run.model.unused > 0  # the folder's own map, rebuilt
     finally:
         run.close()
+
+
+def test_eval_and_generate_refuse_a_damaged_transformers_student_folder(tmp_path, caches):
+    """A transformers student's folder has a manifest.json like the FNet's; eval and generate check it (a
+    flipped byte in the weights is one line), and --no-verify reads the folder as it is."""
+    from pipeline.evaluate import load_eval_model
+
+    folder = train_student(tiny(caches["full"], tmp_path / "run", steps=2)).out_dir / FINAL
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-10] ^= 0x01
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"^--model .*: model\.safetensors does not match its content"):
+        load_eval_model(str(folder), device="cpu")
+    model, kind = load_eval_model(str(folder), device="cpu", verify=False)
+    assert kind == "hf" and model.config.model_type == "qwen2"
