@@ -43,10 +43,17 @@ class CausalSTFT(nn.Module):
         self._decode: torch.Tensor | None = None
         self._decode_key: tuple | None = None
 
+    def clear_cache(self) -> None:
+        """Forget the cached kernels. The cache key includes the weight's version counter, but torch's fused
+        optimizers (AdamW(fused=True), the default on CUDA and CPU here) update weights in place without
+        bumping it, so ``model.train()``/``model.eval()`` and every optimizer step of the training loop clear
+        the cache explicitly."""
+        self._cached = self._cached_key = self._decode = self._decode_key = None
+
     def kernel(self, length: int | None = None) -> torch.Tensor:
         """(d_out, taps, d) fp32, the last taps of the window. Shared within ``model.shared_kernels()``;
-        cached (all W taps) per weight version when no gradient is needed; otherwise recomputed with
-        autograd, only the min(W, length) taps a length-``length`` sequence can reach."""
+        cached (all W taps) per weight version when no gradient is needed (see ``clear_cache``); otherwise
+        recomputed with autograd, only the min(W, length) taps a length-``length`` sequence can reach."""
         if self._shared is not None:
             return self._shared
         w = self.projection.weight
@@ -198,6 +205,19 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
                 with open(os.path.join(save_directory, name), "wb") as f:
                     f.write(data)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+    def clear_kernel_caches(self) -> None:
+        """Drop every layer's cached no-grad kernels (``CausalSTFT.clear_cache``): call after changing the
+        weights in place by a route that does not bump their version counter (a fused optimizer step)."""
+        for m in self.modules():
+            if isinstance(m, CausalSTFT):
+                m.clear_cache()
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``/``eval``, clearing the cached kernels: an evaluation after training steps never
+        reads kernels of older weights, whatever updated them."""
+        self.clear_kernel_caches()
+        return super().train(mode)
 
     @contextlib.contextmanager
     def shared_kernels(self, max_len: int | None = None) -> Iterator[None]:
