@@ -33,7 +33,7 @@ class ScheduleConfig:
             raise UserError(f"total_steps must be >= 1 (got {self.total_steps})")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise UserError(f"warmup_steps must be in [0, total_steps={self.total_steps}] "
-                            f"(got {self.warmup_steps})")
+                            f"(got {self.warmup_steps}); pass --warmup at most --steps")
 
 
 def lr_at(step: int, cfg: ScheduleConfig) -> float:

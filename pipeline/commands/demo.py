@@ -19,7 +19,7 @@ def demo_command(
                              "report.md, report.json, curves.png, config.yaml: the demo's settings)."),
     scale: float = typer.Option(1.0, help="DEMO_SCALE: multiplies training problems (1000), student steps "
                                 "(9600), held-out problems (600) and validation problems (300); 1 = the "
-                                "default budget: under 10 minutes on 2 CPU cores."),
+                                "default budget: about 11 minutes on 2 CPU cores."),
     gsm8k: bool = typer.Option(False, "--gsm8k", help="Run on a GSM8K slice with the real Qwen2 tokenizer "
                                "and a small random-init Qwen2 teacher (a smoke test of the real path; needs "
                                "--shared)."),
