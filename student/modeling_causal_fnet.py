@@ -44,20 +44,20 @@ class CausalSTFT(nn.Module):
         self._decode_key: tuple | None = None
 
     def clear_cache(self) -> None:
-        """Forget the cached kernels. The cache key includes the weight's version counter, but torch's fused
-        optimizers (AdamW(fused=True), the default on CUDA and CPU here) update weights in place without
-        bumping it, so ``model.train()``/``model.eval()`` and every optimizer step of the training loop clear
-        the cache explicitly."""
+        """Forget the cached kernels. Kernels are cached in eval mode only, keyed by the weight's version
+        counter; torch's fused optimizers (AdamW(fused=True), the default on CUDA and CPU here) update weights
+        in place without bumping it, so ``model.train()``/``model.eval()`` clear the cache: an evaluation
+        after training steps never reads kernels of older weights, whatever updated them."""
         self._cached = self._cached_key = self._decode = self._decode_key = None
 
     def kernel(self, length: int | None = None) -> torch.Tensor:
         """(d_out, taps, d) fp32, the last taps of the window. Shared within ``model.shared_kernels()``;
-        cached (all W taps) per weight version when no gradient is needed (see ``clear_cache``); otherwise
-        recomputed with autograd, only the min(W, length) taps a length-``length`` sequence can reach."""
+        cached (all W taps) per weight version in eval mode when no gradient is needed (see ``clear_cache``);
+        otherwise recomputed, only the min(W, length) taps a length-``length`` sequence can reach."""
         if self._shared is not None:
             return self._shared
         w = self.projection.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        if self.training or (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             return stft_kernel(w, self.window, None if length is None else min(self.window, length))
         key = (w._version, w.data_ptr(), w.device, w.dtype)
         if self._cached_key != key:
@@ -77,15 +77,16 @@ class CausalSTFT(nn.Module):
     def decode_kernel(self) -> torch.Tensor:
         """(d_out, W*d) fp32 kernel for one new position, with the block's residual folded into the newest
         tap (K[:, W-1, :] + I): ``window @ kernel.T + bias`` is ``x + mixed`` in one matmul. Cached per weight
-        version like ``kernel()``."""
+        version in eval mode, like ``kernel()``."""
         w = self.projection.weight
         key = (w._version, w.data_ptr(), w.device, w.dtype)
-        if self._decode_key != key:
+        if self.training or self._decode_key != key:
             with torch.no_grad():
                 k = stft_kernel(w.detach(), self.window).clone()  # (d_out, W, d)
                 k[:, -1].diagonal().add_(1.0)
-                self._decode = k.flatten(1)
-            self._decode_key = key
+            if self.training:
+                return k.flatten(1)
+            self._decode, self._decode_key = k.flatten(1), key
         return self._decode
 
     def step(self, window: torch.Tensor) -> torch.Tensor:
@@ -207,8 +208,9 @@ class CausalFNetPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
 
     def clear_kernel_caches(self) -> None:
-        """Drop every layer's cached no-grad kernels (``CausalSTFT.clear_cache``): call after changing the
-        weights in place by a route that does not bump their version counter (a fused optimizer step)."""
+        """Drop every layer's cached eval-mode kernels (``CausalSTFT.clear_cache``): call after changing the
+        weights in place, in eval mode, by a route that does not bump their version counter (a fused
+        optimizer step); ``train()``/``eval()`` call it."""
         for m in self.modules():
             if isinstance(m, CausalSTFT):
                 m.clear_cache()

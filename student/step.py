@@ -118,8 +118,5 @@ def optimizer_step(run: Run) -> float:
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    clear = getattr(run.model, "clear_kernel_caches", None)
-    if clear is not None:  # a fused step changes the weights without bumping their version counter
-        clear()
     run.optimizer.zero_grad(set_to_none=True)
     return float(norm)

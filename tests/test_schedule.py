@@ -136,8 +136,8 @@ def test_decay_groups_of_the_real_student():
 def test_fused_cpu_adamw_equals_the_reference_loop_and_clears_the_students_kernel_cache():
     """build_optimizer fuses on the CPU too: its steps equal torch's per-tensor AdamW (the independent
     reference) within float rounding. A fused step does not bump the weights' version counter, so the
-    student's no-grad kernel cache must be cleared by train()/eval() and by the training loop's step: an
-    evaluation after a fused step equals a fresh copy of the same weights."""
+    student's eval-mode kernel cache must be cleared by train()/eval(): an evaluation after a fused step
+    equals a fresh copy of the same weights."""
     from student.modeling import CausalFNetConfig, CausalFNetForCausalLM
 
     cfg = CausalFNetConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2, intermediate_size=16,
