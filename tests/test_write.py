@@ -80,25 +80,31 @@ def test_pick_tokens_equals_nucleus_sampling_by_the_book():
     assert greedy.tolist() == logits.argmax(1).tolist()
 
 
-def test_candidate_shortcut_equals_the_sorted_vocabulary_row_by_row():
-    """Peaked rows take the shortcut through their most likely ids, flat ones sort the whole vocabulary;
-    both draw what the sorted vocabulary gives, and a row draws the same alone as in any batch."""
+def test_candidate_tiers_equal_the_sorted_vocabulary_row_by_row():
+    """Peaked rows are drawn among their first tier of most likely ids, rows with a wider nucleus among the
+    second, flat ones sort the whole vocabulary; all draw what the sorted vocabulary gives, and a row draws
+    the same alone as in any batch."""
     import pipeline.write as write
 
     rng = np.random.default_rng(1)
     V = 5000
-    logits = np.concatenate([rng.normal(size=(5, V)) * 8, rng.normal(size=(5, V)) * 0.5]).astype(np.float32)
+    wide = rng.normal(size=(4, V)) * 0.5
+    wide[:, rng.choice(V, 100, replace=False)] += 12.0  # a nucleus of ~100 ids: past tier 1, inside tier 2
+    logits = np.concatenate([rng.normal(size=(4, V)) * 8, wide, rng.normal(size=(4, V)) * 0.5]).astype(np.float32)
     z = torch.log_softmax(torch.from_numpy(logits).double(), -1)
-    top = torch.topk(z, write.CANDIDATES, -1)[0].exp()
-    inside = (top.sum(-1) - top[:, -1]) >= 0.95
-    assert inside[:5].all() and not inside[5:].any()  # both paths are exercised
+    first, second = write.CANDIDATES
+    inside = {k: (lambda top: (top.sum(-1) - top[:, -1]) >= 0.95)(torch.topk(z, k, -1)[0].exp())
+              for k in (first, second)}
+    assert inside[first][:4].all() and not inside[first][4:].any()  # every path is exercised
+    assert inside[second][4:8].all() and not inside[second][8:].any()
+    n = len(logits)
     for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.5), (1.0, 1.0)):
         for _ in range(10):
-            u = rng.random(10)
+            u = rng.random(n)
             got = pick_tokens(torch.from_numpy(logits), torch.from_numpy(u), temperature, top_p)
-            assert got.tolist() == [reference_pick(logits[i], u[i], temperature, top_p) for i in range(10)]
+            assert got.tolist() == [reference_pick(logits[i], u[i], temperature, top_p) for i in range(n)]
             alone = [pick_tokens(torch.from_numpy(logits[i:i + 1]), torch.from_numpy(u[i:i + 1]), temperature,
-                                 top_p).item() for i in range(10)]
+                                 top_p).item() for i in range(n)]
             assert got.tolist() == alone
 
 
@@ -132,6 +138,29 @@ def test_kv_cache_sampler_equals_a_full_forward_per_token(writer):
             assert got[i][s] == (new, stopped), (i, s)
             n_stopped += stopped
     assert n_stopped >= 6  # the trained teacher ends most of its answers
+
+
+def test_preallocated_kv_cache_equals_transformers_dynamic_cache(writer, monkeypatch):
+    """The writer's in-place KV cache (``_PreallocatedLayer``) draws the same tokens as transformers' own
+    concatenating ``DynamicCache``, through prefill, the repeat for the samples and rows leaving the batch."""
+    import pipeline.write as write
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    model, tok = writer
+    from pipeline.prompts import stop_token_ids
+
+    assert all(isinstance(layer, write._PreallocatedLayer) for layer in write._generation_cache(model, 8).layers)
+    stops = stop_token_ids(tok, model)
+    prompts = [prompt(tok, r["question"]) for r in problems(6, seed=4)]
+    ws = WriteSettings(samples=3, temperature=1.0, top_p=0.95, max_new_tokens=48, seed=2)
+    ours = sample_solutions(model, prompts, list(range(6)), ws, stop_ids=stops, pad_id=tok.pad_token_id)
+    lengths = {len(ids) for per_q in ours for ids, _ in per_q}
+    assert len(lengths) > 3  # rows finished at different steps and left the batch
+    monkeypatch.setattr(write, "_generation_cache", lambda m, capacity: DynamicCache(config=m.config))
+    theirs = sample_solutions(model, prompts, list(range(6)), ws, stop_ids=stops, pad_id=tok.pad_token_id)
+    assert type(DynamicCache(config=model.config).layers[0]) is DynamicLayer
+    assert ours == theirs
 
 
 def test_samples_do_not_depend_on_the_batch(writer):
