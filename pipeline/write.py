@@ -152,7 +152,7 @@ class _PreallocatedLayer(DynamicLayer):
     plus the new tokens), written in place. ``DynamicLayer`` concatenates the whole cache at every token, a
     copy that grows with the sequence and was a third of the writer's time on a small teacher. The keys and
     values attention reads are views of the first ``length`` positions, the same numbers as the concatenated
-    tensors; rows leaving the batch are dropped by copying only those positions."""
+    tensors; rows leaving the batch move to the front of the same buffers."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -185,20 +185,24 @@ class _PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def _rebuild(self, pick) -> None:
+    def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:
             return
-        k, v = pick(self.keys), pick(self.values)  # (B', H, length, D), only the filled positions
+        k, v = (t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values))  # filled positions only
         self._k = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[-1])
         self._v = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[-1])
         self._k[:, :, : self.length], self._v[:, :, : self.length] = k, v
         self._views()
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rebuild(lambda t: t.repeat_interleave(repeats, dim=0))
-
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rebuild(lambda t: t[indices])
+        """Keep rows ``indices``: they move to the front of the same buffers (through a copy of their filled
+        positions), so dropping rows never allocates a second full-size cache."""
+        if not self.is_initialized:
+            return
+        k, v = self.keys[indices], self.values[indices]  # (B', H, length, D)
+        self._k, self._v = self._k[: len(indices)], self._v[: len(indices)]
+        self._k[:, :, : self.length], self._v[:, :, : self.length] = k, v
+        self._views()
 
 
 def _generation_cache(model: Any, capacity: int) -> DynamicCache:
