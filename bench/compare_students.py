@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_decode import kv_bytes  # noqa: E402  (one KV-cache byte count)
 
-from cache.util import atomic_write_json  # noqa: E402
+from cache.util import atomic_write_json, file_hash  # noqa: E402
 
 STUDENTS = ("fnet", "qwen2-shape", "qwen2-params", "cut")
 CUT_LAYERS = [0, 3]
@@ -98,17 +98,39 @@ def make_cut(teacher_dir: Path, out: Path, ffn: int | None) -> dict:
 
     from student.cut import cut_model, parameter_count, write_cut
 
-    if (out / "cut.json").is_file():
-        return json.loads((out / "cut.json").read_text())
+    source = {"teacher_weights": file_hash(teacher_dir / "model.safetensors"), "layers": list(CUT_LAYERS),
+              "ffn": ffn}
+    if (out / "cut.json").is_file() and (out / "source.json").is_file():
+        if json.loads((out / "source.json").read_text()) == source:
+            return json.loads((out / "cut.json").read_text())
+        log(f"{out} was cut from another teacher or with other settings: cut again")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     student, kept = cut_model(teacher, CUT_LAYERS, ffn)
     write_cut(student, kept, out, teacher_name=str(teacher_dir),
               teacher_layers=teacher.config.num_hidden_layers, teacher_parameters=parameter_count(teacher),
               tokenizer=AutoTokenizer.from_pretrained(teacher_dir))
+    atomic_write_json(out / "source.json", source)
     return json.loads((out / "cut.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ quality
+
+
+def run_key(tc, demo, init_dir: Path | None) -> dict:
+    """What a finished quality run depends on: its train config (less the fields that do not change
+    training), the caches' fingerprints and, for a cut student, the cut it starts from. A ``result.json``
+    with another key is stale (an earlier teacher, cache or budget) and is trained again."""
+    from student.train_config import RESUME_FREE
+
+    caches = {name: json.loads((demo.out / name / "manifest.json").read_text())["fingerprint_digest"]
+              for name in ("cache-train", "cache-test")}
+    config = {k: v for k, v in tc.to_json().items() if k not in RESUME_FREE}
+    cut = json.loads((init_dir / "source.json").read_text()) if init_dir is not None else None
+    return json.loads(json.dumps({"config": config, "caches": caches, "cut": cut}, default=str))
 
 
 def train_config(args, demo, name: str, overrides: dict, seed: int, out: Path, steps: int):
@@ -155,8 +177,13 @@ def quality_run(args, demo, assets, name: str, overrides: dict, seed: int) -> di
             log(f"{name} seed {seed}: reusing the demo's run {reused['reused']}")
             return reused
     done = out / "result.json"
+    init = overrides.get("init_from")
+    key = run_key(tc, demo, Path(init) if init is not None else None)
     if done.is_file():
-        return json.loads(done.read_text())
+        previous = json.loads(done.read_text())
+        if previous.get("key") == key:
+            return previous
+        log(f"{name} seed {seed}: {done} was trained with another teacher, cache or settings: trained again")
     if out.exists():
         import shutil
 
@@ -167,7 +194,8 @@ def quality_run(args, demo, assets, name: str, overrides: dict, seed: int) -> di
     r = evaluate_model(out / FINAL, str(assets.data_dir), "test", args.eval_limit,
                        max_new_tokens=demo.resolved_max_new_tokens(), batch_size=50, device="cpu",
                        dtype="float32", out=out / "eval.jsonl", progress=False)
-    result = {"out": str(out), "final": res.final_metrics, "exact": r.to_json(), "train_wall_s": train_s}
+    result = {"out": str(out), "final": res.final_metrics, "exact": r.to_json(), "train_wall_s": train_s,
+              "key": key}
     atomic_write_json(done, result)
     log(f"{name} seed {seed}: val CE {res.final_metrics.get('val_ce'):.4f}, KL "
         f"{res.final_metrics.get('val_kl'):.4f}, exact {r.strict_acc:.1%} ({train_s:.0f} s)")
