@@ -121,7 +121,8 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     Sorting a 151,936-id vocabulary for every row and token would cost more than the teacher's step, so each
     row first tries its most likely ids, ``CANDIDATES`` tier by tier: when a tier's mass reaches ``top_p`` the
     nucleus lies inside it and the draw is the same as over the sorted vocabulary; other rows (flat
-    distributions, ``top_p`` 1) are sorted whole. The choice is per row, so a row's token never depends on its batch."""
+    distributions, ``top_p`` 1) are sorted whole. The choice is per row, so a row's token never depends on its
+    batch."""
     if temperature == 0:
         return logits.argmax(-1)
     z = logits.double() / temperature  # (B, V)
@@ -150,49 +151,46 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
 class _PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values live in buffers sized for the whole generation (prompt width
     plus the new tokens), written in place. ``DynamicLayer`` concatenates the whole cache at every token, a
-    copy that grows with the sequence and was a third of the writer's time on a small teacher. The keys and
-    values attention reads are views of the first ``length`` positions, the same numbers as the concatenated
-    tensors; rows leaving the batch move to the front of the same buffers."""
+    copy that grows with the sequence and was a third of the writer's time on a small teacher. ``keys`` and
+    ``values`` (what attention reads, and ``DynamicLayer``'s length) are views of the filled positions, the
+    same numbers as the concatenated tensors; rows leaving the batch move to the front of the same buffers."""
 
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
-        self.length = 0
+
+    def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Empty buffers for the rows and heads of ``k``/``v`` (B, H, T, D), ``capacity`` positions."""
+        self._k = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[-1])
+        self._v = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[-1])
+
+    def _fill(self, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Write ``k``/``v`` at positions ``start``.. of the buffers; the views end after them."""
+        end = start + k.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions cannot take position {end}")
+        self._k[:, :, start: end], self._v[:, :, start: end] = k, v
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        b, h, _, _ = key_states.shape
-        self._k = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
-        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self._allocate(key_states, value_states)
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
         self.is_initialized = True
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} positions cannot take position {end}")
-        self._k[:, :, self.length: end] = key_states
-        self._v[:, :, self.length: end] = value_states
-        self.length = end
-        self._views()
+        self._fill(key_states, value_states, self.keys.shape[-2])
         return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if not self.is_initialized:
             return
-        k, v = (t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values))  # filled positions only
-        self._k = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[-1])
-        self._v = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[-1])
-        self._k[:, :, : self.length], self._v[:, :, : self.length] = k, v
-        self._views()
+        # only the filled positions are copied
+        k, v = (t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values))
+        self._allocate(k, v)
+        self._fill(k, v)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices``: they move to the front of the same buffers (through a copy of their filled
@@ -201,8 +199,7 @@ class _PreallocatedLayer(DynamicLayer):
             return
         k, v = self.keys[indices], self.values[indices]  # (B', H, length, D)
         self._k, self._v = self._k[: len(indices)], self._v[: len(indices)]
-        self._k[:, :, : self.length], self._v[:, :, : self.length] = k, v
-        self._views()
+        self._fill(k, v)
 
 
 def _generation_cache(model: Any, capacity: int) -> DynamicCache:

@@ -90,7 +90,8 @@ def test_candidate_tiers_equal_the_sorted_vocabulary_row_by_row():
     V = 5000
     wide = rng.normal(size=(4, V)) * 0.5
     wide[:, rng.choice(V, 100, replace=False)] += 12.0  # a nucleus of ~100 ids: past tier 1, inside tier 2
-    logits = np.concatenate([rng.normal(size=(4, V)) * 8, wide, rng.normal(size=(4, V)) * 0.5]).astype(np.float32)
+    peaked, flat = rng.normal(size=(4, V)) * 8, rng.normal(size=(4, V)) * 0.5
+    logits = np.concatenate([peaked, wide, flat]).astype(np.float32)
     z = torch.log_softmax(torch.from_numpy(logits).double(), -1)
     first, second = write.CANDIDATES
     inside = {k: (lambda top: (top.sum(-1) - top[:, -1]) >= 0.95)(torch.topk(z, k, -1)[0].exp())
@@ -143,14 +144,15 @@ def test_kv_cache_sampler_equals_a_full_forward_per_token(writer):
 def test_preallocated_kv_cache_equals_transformers_dynamic_cache(writer, monkeypatch):
     """The writer's in-place KV cache (``_PreallocatedLayer``) draws the same tokens as transformers' own
     concatenating ``DynamicCache``, through prefill, the repeat for the samples and rows leaving the batch."""
-    import pipeline.write as write
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    model, tok = writer
+    import pipeline.write as write
     from pipeline.prompts import stop_token_ids
 
-    assert all(isinstance(layer, write._PreallocatedLayer) for layer in write._generation_cache(model, 8).layers)
+    model, tok = writer
+    layers = write._generation_cache(model, 8).layers
+    assert all(isinstance(layer, write._PreallocatedLayer) for layer in layers)
     stops = stop_token_ids(tok, model)
     prompts = [prompt(tok, r["question"]) for r in problems(6, seed=4)]
     ws = WriteSettings(samples=3, temperature=1.0, top_p=0.95, max_new_tokens=48, seed=2)
