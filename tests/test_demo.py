@@ -18,15 +18,18 @@ from pipeline.cli import app
 
 SEEDS = (0, 1)
 RUNS = tuple(f"{m}-s{sd}" for sd in SEEDS for m in ("kd", "ce", "kdw"))
+# two student processes (--jobs 2): the teacher writes in one of them, beside the runs on reference answers
 STAGES = ("assets", "teacher-cache train", "teacher-cache test",
-          "teacher-cache written (the teacher writes, then scores)",
-          "students: train + eval (6 runs, 2 at a time; teacher val CE and eval alongside)", "total")
-JOBS = ("teacher val CE", "eval teacher", *(f"{what} {r}" for r in RUNS for what in ("train", "eval")))
+          "students: train + eval (6 runs, 2 at a time; the teacher writes first, in one of them; "
+          "teacher val CE and eval alongside)", "total")
+JOBS = ("teacher writes, then scores (cache-written, 1 thread)", "teacher val CE", "eval teacher",
+        *(f"{what} {r}" for r in RUNS for what in ("train", "eval")))
 FAIRNESS_FREE = {"out", "alpha"}
 
 
 def _demo(out: Path, *extra: str):
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--tiny", "--no-progress", *extra])
+    args = ["demo", "--out", str(out), "--tiny", "--no-progress", "--jobs", "2", *extra]
+    result = CliRunner().invoke(app, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert result.exit_code == 0, result.output
@@ -159,6 +162,52 @@ def test_means_spreads_and_gap_closed_recompute(tiny_demo):
     assert v["val_ce"]["pass"] == (summary["methods"]["kd"]["val_ce"]["mean"]
                                   < summary["methods"]["ce"]["val_ce"]["mean"])
     assert v["pass"] == (v["exact_answer"]["pass"] and v["val_ce"]["pass"] and v["val_kl"]["pass"])
+
+
+def test_the_teacher_writes_beside_the_reference_runs_and_before_the_written_ones(tiny_demo):
+    """With two processes the teacher writes in one of them, first: a run on reference answers starts with
+    it, every written-data run after it is done (the scheduler's timeline in report.json), and the writer's
+    wall time is a job row, not a stage of its own."""
+    from pipeline.demo.stages import WRITER
+
+    out, _ = tiny_demo
+    report = json.loads((out / "report.json").read_text())
+    timeline = report["jobs_timeline_s"]
+    assert set(timeline) == {WRITER, *RUNS} and all(len(t) == 2 and t[0] <= t[1] for t in timeline.values())
+    writer_end = timeline[WRITER][1]
+    assert timeline[WRITER][0] < 1.0 and timeline["kd-s0"][0] < 1.0
+    assert all(timeline[f"kdw-s{sd}"][0] >= writer_end for sd in SEEDS)
+    assert report["jobs_wall_s"]["teacher writes, then scores (cache-written, 1 thread)"] > 0
+    assert not any(k.startswith("teacher-cache written") for k in report["wall_s"])
+
+
+def test_job_order_writer_first_then_written_runs_as_soon_as_it_is_done():
+    """``_next_job``: the writer first; runs on reference answers while it works (never a written-data run);
+    once it is done the written-data runs (the longest) before the remaining reference runs; None while only
+    written-data runs wait. Played out with two slots and made-up lengths."""
+    from pipeline.demo.stages import WRITER, _next_job, run_order
+
+    jobs = [(m, sd) for sd in (0, 1, 2) for m in ("kd", "ce", "kdw")]
+    pending = run_order(jobs, writer=True)
+    assert pending[0] == WRITER and pending[-3:] == ["kdw-s0", "kdw-s1", "kdw-s2"]
+    written = {WRITER, "kdw-s0", "kdw-s1", "kdw-s2"}
+    assert _next_job(["kdw-s0", "ce-s2"], set(), written) == "ce-s2"
+    assert _next_job(["kdw-s0", "ce-s2"], {WRITER}, written) == "kdw-s0"
+    assert _next_job(["kdw-s0"], set(), written) is None
+    assert _next_job(["kd-s0", "kdw-s0"], set(), {"kdw-s0"}) == "kdw-s0"  # no writer job: any order
+    length = {WRITER: 250, **{f"{m}-s{sd}": {"kd": 97, "ce": 94, "kdw": 112}[m] for m, sd in jobs}}
+    clock, running, done, started = 0.0, {}, set(), {}
+    while pending or running:
+        while len(running) < 2 and (name := _next_job(pending, done, written)) is not None:
+            pending.remove(name)
+            running[name], started[name] = clock + length[name], clock
+        clock = min(running.values())
+        done |= {n for n, t in running.items() if t == clock}
+        running = {n: t for n, t in running.items() if t != clock}
+    assert all(started[f"kdw-s{sd}"] >= length[WRITER] for sd in (0, 1, 2))
+    assert started["kd-s0"] == 0 and started["kdw-s0"] == length[WRITER]
+    total = sum(length.values())
+    assert clock <= total / 2 + max(length.values())  # no core idles for longer than one job
 
 
 def test_written_cache_and_verdict_come_from_the_stages(tiny_demo):

@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from cache.util import atomic_write_bytes
-from pipeline.demo.stats import BOOTSTRAP, METHODS, WRITTEN, run_name
+from pipeline.demo.stats import BOOTSTRAP, METHODS, WRITER_JOB, WRITTEN, run_name
 
 METHOD_NAMES = {"teacher": "teacher", "kd": "KD", "ce": "CE only", WRITTEN: "KD + teacher-written"}
 # report.json stores its keys sorted; the rows keep the order the run wrote them in: stages as they ran (a
@@ -172,12 +172,14 @@ def render_report(report: dict[str, Any]) -> str:
     for stage in _ordered(report["wall_s"], STAGE_ORDER, prefix=True):
         lines.append(f"| {stage} | {report['wall_s'][stage]:.1f} |")
     jobs_wall = report.get("jobs_wall_s", {})
-    job_order = ["teacher val CE", "eval teacher", *(f"{what} {run_name(m, sd)}" for sd in seeds
+    job_order = [WRITER_JOB, "teacher val CE", "eval teacher", *(f"{what} {run_name(m, sd)}" for sd in seeds
                                                      for m in methods for what in ("train", "eval"))]
     for job in _ordered(jobs_wall, job_order):
         lines.append(f"| &nbsp;&nbsp;{job} | {jobs_wall[job]:.1f} |")
     if report.get("jobs_wall_s"):
-        lines += ["", "Indented rows ran inside the students stage, in parallel (the teacher's in the main "
+        teacher = ("the teacher's writing in one of the student processes, first, beside the runs on "
+                   "reference answers; its measurements" if WRITER_JOB in jobs_wall else "the teacher's")
+        lines += ["", f"Indented rows ran inside the students stage, in parallel ({teacher} in the main "
                   "process while the students trained), so they add up to more than it."]
     c = report["caches"]
     lines += ["", "| cache | sequences | tokens | bytes | bytes/token | bytes/supervised token |",

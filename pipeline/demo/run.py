@@ -7,7 +7,10 @@ Stages, each with its own folder under ``out``:
    real Qwen2 tokenizer from ``shared`` + a small random-init Qwen2 teacher (a smoke test of the real path).
    Reused while their settings are unchanged.
 2. ``cache-train/``, ``cache-test/``: ``run_teacher_cache`` on both splits (fingerprinted; a finished cache of
-   the same fingerprint is reused, one of another fingerprint is rebuilt).
+   the same fingerprint is reused, one of another fingerprint is rebuilt). ``cache-written/``: the teacher
+   writes solutions to new questions and scores the kept ones; with two or more student processes it does
+   so in one of them, first, while the runs on reference answers train in the others (one thread: the same
+   bytes as on more).
 3. ``student-kd-s<seed>/``, ``student-ce-s<seed>/`` for each student seed: ``train_student`` with the same
    student, steps, data order, initialisation (the seed) and learning rate; only ``alpha`` differs (CE-only is
    ``alpha = 1``). At every evaluation point the checkpoint also answers the first ``curve_problems`` test
@@ -56,6 +59,7 @@ from pipeline.demo.stages import (
     written_stage,
 )
 from pipeline.demo.stats import (
+    WRITER_JOB,
     WRITTEN,
     build_summary,
     curve_points,
@@ -148,7 +152,12 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
                            lambda sp=split: teacher_cache_stage(cfg, assets, sp, temps, log))
               for split in ("train", "test")}
     methods = cfg.methods()
-    if WRITTEN in methods:
+    jobs = [(m, sd) for sd in seeds for m in methods]
+    n_jobs = min(cfg.resolved_jobs(), len(jobs))
+    # With one job at a time the teacher writes alone first, on every usable core; with more, it writes in
+    # one of the student processes (one thread, the same bytes) while the runs on reference answers train.
+    beside = WRITTEN in methods and n_jobs > 1
+    if WRITTEN in methods and not beside:
         if cfg.num_threads is not None:  # nothing else runs now: the writer may use every usable core
             torch.set_num_threads(max(cfg.num_threads, cfg.resolved_jobs()))
         caches["written"] = timed("teacher-cache written (the teacher writes, then scores)",
@@ -157,8 +166,6 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
             torch.set_num_threads(cfg.num_threads)
     for old in [*cfg.out.glob("student-*"), *cfg.out.glob("eval-*.jsonl")]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()     # runs of an earlier, other seed set
-    jobs = [(m, sd) for sd in seeds for m in methods]
-    n_jobs = min(cfg.resolved_jobs(), len(jobs))
     jobs_wall: dict[str, float] = {}
 
     def teacher_measurements() -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -172,9 +179,15 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
                                                    f", exact answer {ex['strict_correct']}/{ex['n']}"))
         return val, ex
 
-    trained, (teacher_val, teacher_exact) = timed(
-        f"students: train + eval ({len(jobs)} runs, {n_jobs} at a time; teacher val CE and eval alongside)",
-        lambda: train_students(cfg, assets, jobs, log, alongside=teacher_measurements))
+    stage = (f"students: train + eval ({len(jobs)} runs, {n_jobs} at a time"
+             + ("; the teacher writes first, in one of them" if beside else "")
+             + "; teacher val CE and eval alongside)")
+    trained, (teacher_val, teacher_exact), wrote, timeline = timed(
+        stage, lambda: train_students(cfg, assets, jobs, log, alongside=teacher_measurements,
+                                      temperatures=temps if beside else None))
+    if wrote is not None:
+        caches["written"] = wrote["summary"]
+        jobs_wall[WRITER_JOB] = wrote["wall_s"]
     for name, r in trained.items():
         jobs_wall[f"train {name}"] = r["final"].get("wall_s", float("nan"))
         jobs_wall[f"eval {name}"] = r["eval_wall_s"]
@@ -199,7 +212,7 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
         "caches": {split: {k: c[k] for k in CACHE_FIELDS if k in c} for split, c in caches.items()},
         "methods": list(methods),
         "train": {name: {k: v for k, v in r.items() if k != "exact"} for name, r in trained.items()},
-        "wall_s": wall, "jobs_wall_s": jobs_wall,
+        "wall_s": wall, "jobs_wall_s": jobs_wall, "jobs_timeline_s": timeline,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",
                   "assets": "assets", "caches": [f"cache-{c}" for c in caches],
                   "students": [f"student-{n}" for n in runs],

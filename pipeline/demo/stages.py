@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -241,33 +241,123 @@ def student_and_eval(cfg: DemoConfig, assets: Assets, method: str, seed: int, lo
     return {**trained, "exact": exact, "eval_wall_s": time.perf_counter() - t0}
 
 
-def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dict[str, Any]:
-    """One student run and its eval in a worker process (its own torch thread count; log lines to stderr)."""
-    hf_logging.disable_progress_bar()  # a spawned worker does not inherit the command's setting
+def _worker_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _in_worker(cfg: DemoConfig) -> None:
+    """A spawned worker's settings: its own torch thread count, no library progress bars (it does not inherit
+    the command's), log lines to stderr."""
+    hf_logging.disable_progress_bar()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
-    return student_and_eval(cfg, assets, method, seed, lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dict[str, Any]:
+    """One student run and its eval in a worker process."""
+    _in_worker(cfg)
+    return student_and_eval(cfg, assets, method, seed, _worker_log)
+
+
+def _written_job(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...]) -> dict[str, Any]:
+    """The teacher's writing and scoring (``written_stage``) in a worker process, beside the students that
+    train on the reference answers; on one thread, its cache is byte-identical to the one more threads
+    write (the same draws, the same sums)."""
+    _in_worker(cfg)
+    t0 = time.perf_counter()
+    summary = written_stage(cfg, assets, temperatures, _worker_log)
+    return {"summary": summary, "wall_s": time.perf_counter() - t0}
+
+
+WRITER = "writer"  # the job name of the teacher's writing in ``train_students``
+
+
+def run_order(jobs: list[tuple[str, int]], writer: bool) -> list[str]:
+    """The order in which ``train_students`` starts its jobs when every slot frees in turn: the writer first
+    (three runs wait for it), then the runs on reference answers until it is done, then the written-data runs
+    (the longest: they decode the larger cache), then the rest. ``_next_job`` applies the same rule to the
+    jobs that are ready."""
+    names = [run_name(m, sd) for m, sd in jobs]
+    if not writer:
+        return names
+    written = [run_name(m, sd) for m, sd in jobs if m == WRITTEN]
+    return [WRITER, *[n for n in names if n not in written], *written]
+
+
+def _next_job(pending: list[str], done: set[str], written: set[str]) -> str | None:
+    """The job to start now: the writer, else a written-data run once the writer is done, else the first
+    run on reference answers; None while only written-data runs remain and the writer is still working."""
+    if WRITER in pending:
+        return WRITER
+    if WRITER in done or WRITER not in written:
+        for name in pending:
+            if name in written:
+                return name
+    for name in pending:
+        if name not in written:
+            return name
+    return None
 
 
 def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]], log: Log,
-                   alongside: Callable[[], Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any]:
+                   alongside: Callable[[], Any] | None = None,
+                   temperatures: tuple[float, ...] | None = None
+                   ) -> tuple[dict[str, dict[str, Any]], Any, dict[str, Any] | None, dict[str, list[float]]]:
     """Train and evaluate every (method, seed) run, ``cfg.resolved_jobs()`` processes at a time (1: in this
     process, one after the other). ``alongside`` (the teacher's measurements) runs in this process while
-    the workers train, so no core waits for it; returns (runs by name, what ``alongside`` returned).
+    the workers train, so no core waits for it. With ``temperatures`` the teacher's writing
+    (``written_stage``) is one more job, the first: the runs on reference answers train beside it and the
+    written-data runs start when it is done. Returns (runs by name, what ``alongside`` returned, the
+    writer's ``{"summary", "wall_s"}`` or None, each job's [start, end] in seconds from the call, as the
+    scheduler saw them; empty with one process).
 
     The runs are independent (each its own seed, folder and data order), so running them side by side only
     changes wall time; progress bars are off in the workers so that their log lines stay readable."""
-    n = min(cfg.resolved_jobs(), len(jobs))
+    n = min(cfg.resolved_jobs(), len(jobs) + (temperatures is not None))
     if n <= 1:
+        wrote = None
+        if temperatures is not None:
+            t0 = time.perf_counter()
+            wrote = {"summary": written_stage(cfg, assets, temperatures, log), "wall_s": 0.0}
+            wrote["wall_s"] = time.perf_counter() - t0
         done = {run_name(m, sd): student_and_eval(cfg, assets, m, sd, log) for m, sd in jobs}
-        return done, (alongside() if alongside is not None else None)
+        return done, (alongside() if alongside is not None else None), wrote, {}
     quiet = replace(cfg, progress=False)
-    log(f"training {len(jobs)} students, {n} at a time (one process each); each answers the test problems "
-        "when it is done")
+    by_name = {run_name(m, sd): (m, sd) for m, sd in jobs}
+    written = {name for name, (m, _) in by_name.items() if m == WRITTEN}
+    if temperatures is not None:
+        written.add(WRITER)
+    log(f"training {len(jobs)} students, {n} at a time (one process each)"
+        + ("; the teacher writes in one of them first, beside the runs on reference answers"
+           if temperatures is not None else "") + "; each student answers the test problems when it is done")
+    pending = run_order(jobs, temperatures is not None)
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    timeline: dict[str, list[float]] = {}
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {run_name(m, sd): pool.submit(_student_job, quiet, assets, m, sd) for m, sd in jobs}
+        running: dict[Future, str] = {}
+
+        def fill() -> None:
+            while len(running) < n and (name := _next_job(pending, set(results), written)) is not None:
+                pending.remove(name)
+                timeline[name] = [time.perf_counter() - t0]
+                if name == WRITER:
+                    running[pool.submit(_written_job, quiet, assets, temperatures)] = name
+                else:
+                    running[pool.submit(_student_job, quiet, assets, *by_name[name])] = name
+
+        fill()
         extra = alongside() if alongside is not None else None
-        return {name: f.result() for name, f in futures.items()}, extra
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                name = running.pop(f)
+                timeline[name].append(time.perf_counter() - t0)
+                # a failed job raises here: no new job starts, the pool waits for the running ones
+                results[name] = f.result()
+            fill()
+    wrote = results.pop(WRITER, None)
+    return {name: results[name] for name in by_name}, extra, wrote, timeline
 
 
 def student_stage(cfg: DemoConfig, assets: Assets, method: str, seed: int, log: Log) -> dict[str, Any]:
