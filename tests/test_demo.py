@@ -27,8 +27,8 @@ JOBS = ("teacher writes, then scores (cache-written, 1 thread)", "teacher val CE
 FAIRNESS_FREE = {"out", "alpha"}
 
 
-def _demo(out: Path, *extra: str):
-    args = ["demo", "--out", str(out), "--tiny", "--no-progress", "--jobs", "2", *extra]
+def _demo(out: Path, *extra: str, jobs: int = 2):
+    args = ["demo", "--out", str(out), "--tiny", "--no-progress", "--jobs", str(jobs), *extra]
     result = CliRunner().invoke(app, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -276,10 +276,13 @@ def test_kd_and_ce_runs_differ_only_in_alpha(tiny_demo):
 def test_rerun_reuses_assets_and_caches_and_retrains(tiny_demo):
     out, _ = tiny_demo
     before = (out / "student-kd-s0" / "metrics.jsonl").stat().st_mtime_ns
-    _demo(out, "--steps", "3", "--eval-limit", "0", "--seeds", "1")
+    _demo(out, "--steps", "3", "--eval-limit", "0", "--seeds", "1", jobs=1)
     report = json.loads((out / "report.json").read_text())
     assert report["assets"]["reused"] is True
-    for split in ("train", "test"):
+    # one process: the teacher's writing is a stage of its own, before the students, and no job timeline
+    assert "teacher-cache written (the teacher writes, then scores)" in report["wall_s"]
+    assert report["jobs_timeline_s"] == {}
+    for split in ("train", "test", "written"):
         c = report["caches"][split]
         assert c["units_skipped"] == c["units_total"] >= 1
     assert (out / "student-kd-s0" / "metrics.jsonl").stat().st_mtime_ns != before
