@@ -316,3 +316,20 @@ def test_gsm8k_smoke(tmp_path, qwen_tokenizer_dir, gsm8k_dir):
     assert report["assets"]["tokenizer_vocab"] >= 151_000
     assert report["teacher"]["val_tokens"] == report["runs"]["kd-s0"]["val_tokens"] > 0
     assert (out / "curves.png").is_file() and (out / "eval-kd-s0.jsonl").is_file()
+
+
+def test_demo_step_bench_parts_add_up_to_the_timed_step(tiny_demo):
+    """bench/bench_demo_step.py on the tiny demo's caches: every part of the step is timed, each is positive,
+    and they add up to the timed loop's step time (the parts are consecutive intervals)."""
+    import importlib.util
+
+    out, _ = tiny_demo
+    spec = importlib.util.spec_from_file_location(
+        "bench_demo_step", Path(__file__).resolve().parents[1] / "bench" / "bench_demo_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for method in ("kd", "kdw"):
+        r = bench.measure(out, method, steps=4, warmup=1)
+        assert set(r["ms_per_step"]) == set(bench.PARTS) and all(v > 0 for v in r["ms_per_step"].values())
+        assert sum(r["ms_per_step"].values()) == pytest.approx(r["ms_per_step_timed_total"], rel=0.05)
+        assert r["ms_per_step_untimed"] > 0
