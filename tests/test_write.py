@@ -185,6 +185,27 @@ def test_samples_do_not_depend_on_the_batch(writer):
     assert other_seed != together
 
 
+def test_samples_do_not_depend_on_the_thread_count(writer):
+    """The demo writes on one thread beside the students (``--jobs`` 2) and on every core with ``--jobs 1``:
+    the same solutions either way."""
+    model, tok = writer
+    from pipeline.prompts import stop_token_ids
+
+    stops = stop_token_ids(tok, model)
+    prompts = [prompt(tok, r["question"]) for r in problems(8, seed=12)]
+    ws = WriteSettings(samples=2, max_new_tokens=48)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(sample_solutions(model, prompts, list(range(8)), ws, stop_ids=stops,
+                                        pad_id=tok.pad_token_id))
+    finally:
+        torch.set_num_threads(threads)
+    assert out[0] == out[1]
+
+
 # --------------------------------------------------------------------------------------------- keeping
 
 

@@ -261,8 +261,8 @@ def _student_job(cfg: DemoConfig, assets: Assets, method: str, seed: int) -> dic
 
 def _written_job(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...]) -> dict[str, Any]:
     """The teacher's writing and scoring (``written_stage``) in a worker process, beside the students that
-    train on the reference answers; on one thread, its cache is byte-identical to the one more threads
-    write (the same draws, the same sums)."""
+    train on the reference answers, on one thread: the solutions do not depend on the thread count
+    (tests/test_write.py), and the demo's written cache came out byte-identical to a two-thread one."""
     _in_worker(cfg)
     t0 = time.perf_counter()
     summary = written_stage(cfg, assets, temperatures, _worker_log)
