@@ -15,7 +15,7 @@ import numpy as np
 METHODS = ("kd", "ce")
 WRITTEN = "kdw"  # KD on the teacher-written solutions plus the reference answers
 # The report's row for the teacher's writing when it runs beside the students (``train_students``)
-WRITER_JOB = "teacher writes, then scores (cache-written, 1 thread)"
+WRITER_JOB = "teacher writes, then scores (cache-written)"
 BOOTSTRAP = 2000
 # The per-run metrics the report summarises (mean and spread over seeds, paired KD - CE differences).
 RUN_METRICS = ("strict_acc", "flexible_acc", "val_ce", "val_kl", "val_top1_agree")
