@@ -305,23 +305,20 @@ def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]],
                    ) -> tuple[dict[str, dict[str, Any]], Any, dict[str, Any] | None, dict[str, list[float]]]:
     """Train and evaluate every (method, seed) run, ``cfg.resolved_jobs()`` processes at a time (1: in this
     process, one after the other). ``alongside`` (the teacher's measurements) runs in this process while
-    the workers train, so no core waits for it. With ``temperatures`` the teacher's writing
-    (``written_stage``) is one more job, the first: the runs on reference answers train beside it and the
-    written-data runs start when it is done. Returns (runs by name, what ``alongside`` returned, the
-    writer's ``{"summary", "wall_s"}`` or None, each job's [start, end] in seconds from the call, as the
-    scheduler saw them; empty with one process).
+    the workers train, so no core waits for it. With ``temperatures`` (two or more processes only) the
+    teacher's writing (``written_stage``) is one more job, the first: the runs on reference answers train
+    beside it and the written-data runs start when it is done. Returns (runs by name, what ``alongside``
+    returned, the writer's ``{"summary", "wall_s"}`` or None, each job's [start, end] in seconds from the
+    call, as the scheduler saw them; empty with one process).
 
     The runs are independent (each its own seed, folder and data order), so running them side by side only
     changes wall time; progress bars are off in the workers so that their log lines stay readable."""
-    n = min(cfg.resolved_jobs(), len(jobs) + (temperatures is not None))
+    n = min(cfg.resolved_jobs(), len(jobs))
     if n <= 1:
-        wrote = None
-        if temperatures is not None:
-            t0 = time.perf_counter()
-            wrote = {"summary": written_stage(cfg, assets, temperatures, log), "wall_s": 0.0}
-            wrote["wall_s"] = time.perf_counter() - t0
+        if temperatures is not None:  # one process: the caller writes first, alone, on every usable core
+            raise ValueError("train_students writes beside the students only with two or more processes")
         done = {run_name(m, sd): student_and_eval(cfg, assets, m, sd, log) for m, sd in jobs}
-        return done, (alongside() if alongside is not None else None), wrote, {}
+        return done, (alongside() if alongside is not None else None), None, {}
     quiet = replace(cfg, progress=False)
     by_name = {run_name(m, sd): (m, sd) for m, sd in jobs}
     written = {name for name, (m, _) in by_name.items() if m == WRITTEN}
