@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -105,8 +106,6 @@ def make_cut(teacher_dir: Path, out: Path, ffn: int | None) -> dict:
             return json.loads((out / "cut.json").read_text())
         log(f"{out} was cut from another teacher or with other settings: cut again")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     student, kept = cut_model(teacher, CUT_LAYERS, ffn)
@@ -185,8 +184,6 @@ def quality_run(args, demo, assets, name: str, overrides: dict, seed: int) -> di
             return previous
         log(f"{name} seed {seed}: {done} was trained with another teacher, cache or settings: trained again")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     t0 = time.perf_counter()
     res = train_student(tc)
@@ -207,8 +204,6 @@ def quality_run(args, demo, assets, name: str, overrides: dict, seed: int) -> di
 
 def step_times(args, demo, name: str, overrides: dict, steps: int) -> list[float]:
     """Seconds per optimizer step of ``steps`` steps (the first 3 dropped) of the real loop."""
-    import shutil
-
     from student.train import TrainHooks, fit, setup
 
     out = args.out / f"speed-{name}"
