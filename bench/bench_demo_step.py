@@ -8,8 +8,9 @@ Parts, in the order a step runs them (``student.step.accumulate`` and ``optimize
   backward  ``loss.backward()``
   grads     the kernel gradients mapped back to the projection weights (``shared_kernels`` exit)
   optimizer gradient clipping and the AdamW step
-The same loop without timers gives the step time the parts should add up to. Runs on references (the demo's KD
-run) and on references + teacher-written solutions (its written-data run), each in a fresh process.
+The project's own step (``accumulate`` + ``optimizer_step``, no timers) gives the step time the parts should
+add up to. Runs on references (the demo's KD run) and on references + teacher-written solutions (its
+written-data run), each in a fresh process.
 
 Needs the demo's folder (``make demo``):
 
@@ -41,7 +42,7 @@ def measure(demo: Path, method: str, steps: int, warmup: int) -> dict:
     from pipeline.demo.config import DemoConfig
     from student.losses import LossSums, combine_loss
     from student.setup import setup
-    from student.step import optimizer_step, targets_for
+    from student.step import accumulate, optimizer_step, targets_for
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -62,6 +63,11 @@ def measure(demo: Path, method: str, steps: int, warmup: int) -> dict:
             for plan in run.sampler.steps():
                 yield plan, loader
             epoch += 1
+
+    def real_step(plan, loader) -> None:
+        accumulate(run, [next(loader).to(run.device)], plan.num_supervised)
+        optimizer_step(run)
+        run.state.step += 1
 
     def step(plan, loader, clock: dict | None):
         marks = [time.perf_counter()]
@@ -102,7 +108,7 @@ def measure(demo: Path, method: str, steps: int, warmup: int) -> dict:
         timed = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
-            step(*next(it), None)
+            real_step(*next(it))
         plain = time.perf_counter() - t0
     finally:
         run.close()
