@@ -90,17 +90,24 @@ def _dft_matrices(n: int, device: torch.device, dtype: torch.dtype) -> tuple[tor
     """
     key = (n, device, dtype)
     if key not in _DFT:
-        f = torch.arange(n // 2 + 1, dtype=torch.float64)
-        ang = 2 * math.pi * f[:, None] * torch.arange(n, dtype=torch.float64) / n  # (F, n)
-        pair = torch.stack([ang.cos(), -ang.sin()], 1)  # (F, 2, n)
-        c = torch.full_like(f, 2.0)
-        c[0] = 1.0
-        if n % 2 == 0:
-            c[-1] = 1.0
-        inverse = (pair * (c / n)[:, None, None]).reshape(-1, n).T
-        forward = pair.reshape(-1, n)
-        _DFT[key] = (forward.to(device, dtype).contiguous(), inverse.to(device, dtype).contiguous())
+        if torch.compiler.is_compiling():  # a graph being traced may not store its tensors in a global
+            return _build_dft(n, device, dtype)
+        _DFT[key] = _build_dft(n, device, dtype)
     return _DFT[key]
+
+
+def _build_dft(n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_dft_matrices``' pair, built in fp64 (not cached)."""
+    f = torch.arange(n // 2 + 1, dtype=torch.float64)
+    ang = 2 * math.pi * f[:, None] * torch.arange(n, dtype=torch.float64) / n  # (F, n)
+    pair = torch.stack([ang.cos(), -ang.sin()], 1)  # (F, 2, n)
+    c = torch.full_like(f, 2.0)
+    c[0] = 1.0
+    if n % 2 == 0:
+        c[-1] = 1.0
+    inverse = (pair * (c / n)[:, None, None]).reshape(-1, n).T
+    forward = pair.reshape(-1, n)
+    return forward.to(device, dtype).contiguous(), inverse.to(device, dtype).contiguous()
 
 
 def _time_blocks(x: torch.Tensor, N: int) -> torch.Tensor:

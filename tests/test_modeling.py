@@ -476,3 +476,25 @@ def test_torch_compile_matches_eager_values_and_gradients():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_fft_route_from_a_cold_dft_cache(monkeypatch):
+    """The first FFT call of a process may happen inside a graph being compiled (``train-student --compile``
+    with no evaluation before the first step): the DFT matrices are then built in the graph and not stored
+    in the module's cache, and values and gradients match the eager direct convolution."""
+    from student import stft
+
+    monkeypatch.setattr(stft, "_DFT", {})
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 6, requires_grad=True)
+    kernel = torch.randn(5, 16, 6, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    got = torch.compile(lambda a, k, b: causal_stft_mix(a, k, b, impl="fft"))(x, kernel, bias)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, kernel, bias))
+    assert stft._DFT == {}  # nothing stored from inside the traced graph
+    want = causal_stft_mix(x, kernel, bias, impl="conv")
+    want_grads = torch.autograd.grad(want.square().sum(), (x, kernel, bias))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-4)
