@@ -1,7 +1,8 @@
 """Stage one as a writer: the teacher samples solutions to questions, and the kept ones become cache rows.
 
 - ``sample_solutions``: batched sampling on the teacher's KV cache. Prompts are left-padded and prefilled
-  once per question, the cache is repeated for the question's N samples, finished rows leave the batch. Each
+  once per question, the cache is repeated for the question's N samples, finished rows leave the batch once
+  they are more than half of it (``DROP_FINISHED``). Each
   (seed, question, sample) has its own uniform stream (``row_uniforms``), so the text of a sample depends on
   the teacher and that triple only, not on which rows share its batch, the rank or a resume.
 - ``choose``: which samples to keep (answer equal to the reference; or agreeing with the majority answer of
@@ -215,6 +216,11 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+# Finished rows stay in the batch (their tokens ignored) until they are more than 1/DROP_FINISHED of it:
+# dropping rows copies the whole KV cache, which cost more than computing a few finished rows.
+DROP_FINISHED = 2
+
+
 @torch.inference_mode()
 def sample_solutions(model: Any, prompts: list[list[int]], questions: list[int], settings: WriteSettings, *,
                      stop_ids: list[int], pad_id: int) -> list[list[tuple[list[int], bool]]]:
@@ -245,21 +251,21 @@ def sample_solutions(model: Any, prompts: list[list[int]], questions: list[int],
     length = torch.full((rows,), steps, dtype=torch.long)
     stopped = torch.zeros(rows, dtype=torch.bool)
     active = torch.arange(rows)  # global row of each batch row
+    alive = torch.ones(rows, dtype=torch.bool)  # batch rows still writing; finished ones wait to be dropped
     for t in range(steps):
         tok = pick_tokens(logits, uniforms[active, t], settings.temperature, settings.top_p)  # (A,)
-        tokens[active, t] = tok.cpu()
-        done = torch.isin(tok, stops).cpu()
+        tok_cpu = tok.cpu()
+        tokens[active[alive], t] = tok_cpu[alive]
+        done = torch.isin(tok_cpu, stops) & alive
         if done.any():
             fin = active[done]
             length[fin], stopped[fin] = t, True
-        if t == steps - 1:
+            alive &= ~done
+        if t == steps - 1 or not alive.any():
             break
-        keep = ~done
-        if not keep.any():
-            break
-        if not bool(keep.all()):  # finished rows leave the batch (and the KV cache)
-            sel = keep.nonzero().squeeze(1)
-            active, tok = active[sel], tok[sel.to(tok.device)]
+        if int((~alive).sum()) * DROP_FINISHED > len(active):  # finished rows leave the batch (and KV cache)
+            sel = alive.nonzero().squeeze(1)
+            active, tok, alive = active[sel], tok[sel.to(tok.device)], alive[sel]
             cache.batch_select_indices(sel.to(dev))
             mask, next_pos = mask[sel.to(dev)], next_pos[sel.to(dev)]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)

@@ -165,6 +165,31 @@ def test_preallocated_kv_cache_equals_transformers_dynamic_cache(writer, monkeyp
     assert ours == theirs
 
 
+def test_when_finished_rows_leave_the_batch_changes_no_sample(writer, monkeypatch):
+    """Finished rows wait in the batch until they are more than 1/DROP_FINISHED of it: dropping them at once
+    (the KV cache copied at every step a row ends), at the default share, or never gives the same samples."""
+    import pipeline.write as write
+    from pipeline.prompts import stop_token_ids
+
+    model, tok = writer
+    stops = stop_token_ids(tok, model)
+    prompts = [prompt(tok, r["question"]) for r in problems(6, seed=9)]
+    ws = WriteSettings(samples=3, temperature=1.0, top_p=0.95, max_new_tokens=48, seed=3)
+    drops = []
+    select = write._PreallocatedLayer.batch_select_indices
+    monkeypatch.setattr(write._PreallocatedLayer, "batch_select_indices",
+                        lambda self, idx: (drops.append(len(idx)), select(self, idx)))
+    out, default = {}, write.DROP_FINISHED
+    for share in (10**6, default, 1):  # at once, the default, never
+        monkeypatch.setattr(write, "DROP_FINISHED", share)
+        drops.clear()
+        out[share] = (sample_solutions(model, prompts, list(range(6)), ws, stop_ids=stops,
+                                       pad_id=tok.pad_token_id), len(drops))
+    assert out[1][1] == 0 and out[10**6][1] > out[default][1] > 0
+    assert out[10**6][0] == out[default][0] == out[1][0]
+    assert len({len(ids) for per_q in out[1][0] for ids, _ in per_q}) > 3  # rows ended at different steps
+
+
 def test_samples_do_not_depend_on_the_batch(writer):
     model, tok = writer
     from pipeline.prompts import stop_token_ids
