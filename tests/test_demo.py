@@ -6,7 +6,9 @@ records)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,12 @@ def test_the_teacher_writes_beside_the_reference_runs_and_before_the_written_one
     assert all(timeline[f"kdw-s{sd}"][0] >= writer_end for sd in SEEDS)
     assert report["jobs_wall_s"]["teacher writes, then scores (cache-written)"] > 0
     assert not any(k.startswith("teacher-cache written") for k in report["wall_s"])
+    # every job in a process of its own (Python >= 3.11: a student trained after the written-data runs in
+    # the same process was measurably slower); never in the command's own process
+    pids = report["jobs_pid"]
+    assert set(pids) == {WRITER, *RUNS} and os.getpid() not in pids.values()
+    if sys.version_info >= (3, 11):
+        assert len(set(pids.values())) == len(pids)
 
 
 def test_job_order_writer_first_then_written_runs_as_soon_as_it_is_done():
@@ -281,7 +289,7 @@ def test_rerun_reuses_assets_and_caches_and_retrains(tiny_demo):
     assert report["assets"]["reused"] is True
     # one process: the teacher's writing is a stage of its own, before the students, and no job timeline
     assert "teacher-cache written (the teacher writes, then scores)" in report["wall_s"]
-    assert report["jobs_timeline_s"] == {}
+    assert report["jobs_timeline_s"] == {} and report["jobs_pid"] == {}
     for split in ("train", "test", "written"):
         c = report["caches"][split]
         assert c["units_skipped"] == c["units_total"] >= 1

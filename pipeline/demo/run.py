@@ -49,6 +49,7 @@ from cache.util import atomic_write_bytes, atomic_write_json, lock_run_folder
 from pipeline.demo.config import DemoConfig
 from pipeline.demo.report import plot_report, render_report
 from pipeline.demo.stages import (
+    WRITER,
     Log,
     embedded_assets,
     eval_stage,
@@ -185,9 +186,11 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
     trained, (teacher_val, teacher_exact), wrote, timeline = timed(
         stage, lambda: train_students(cfg, assets, jobs, log, alongside=teacher_measurements,
                                       temperatures=temps if beside else None))
+    jobs_pid = {name: r["pid"] for name, r in trained.items() if "pid" in r}  # empty with one process
     if wrote is not None:
         caches["written"] = wrote["summary"]
         jobs_wall[WRITER_JOB] = wrote["wall_s"]
+        jobs_pid[WRITER] = wrote["pid"]
     for name, r in trained.items():
         jobs_wall[f"train {name}"] = r["final"].get("wall_s", float("nan"))
         jobs_wall[f"eval {name}"] = r["eval_wall_s"]
@@ -211,8 +214,9 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
         "teacher": teacher, "runs": runs, "summary": summary, "curves": curves,
         "caches": {split: {k: c[k] for k in CACHE_FIELDS if k in c} for split, c in caches.items()},
         "methods": list(methods),
-        "train": {name: {k: v for k, v in r.items() if k != "exact"} for name, r in trained.items()},
+        "train": {name: {k: v for k, v in r.items() if k not in ("exact", "pid")} for name, r in trained.items()},
         "wall_s": wall, "jobs_wall_s": jobs_wall, "jobs_timeline_s": timeline,
+        "jobs_pid": jobs_pid,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",
                   "assets": "assets", "caches": [f"cache-{c}" for c in caches],
                   "students": [f"student-{n}" for n in runs],
