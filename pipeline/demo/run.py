@@ -214,7 +214,8 @@ def _run_demo(cfg: DemoConfig, log: Log) -> dict[str, Any]:
         "teacher": teacher, "runs": runs, "summary": summary, "curves": curves,
         "caches": {split: {k: c[k] for k in CACHE_FIELDS if k in c} for split, c in caches.items()},
         "methods": list(methods),
-        "train": {name: {k: v for k, v in r.items() if k not in ("exact", "pid")} for name, r in trained.items()},
+        "train": {name: {k: v for k, v in r.items() if k not in ("exact", "pid")}
+                  for name, r in trained.items()},
         "wall_s": wall, "jobs_wall_s": jobs_wall, "jobs_timeline_s": timeline,
         "jobs_pid": jobs_pid,
         "files": {"report_md": "report.md", "report_json": "report.json", "curves": "curves.png",

@@ -271,9 +271,10 @@ def _written_job(cfg: DemoConfig, assets: Assets, temperatures: tuple[float, ...
 
 WRITER = "writer"  # the job name of the teacher's writing in ``train_students``
 # Every job in a new worker process (Python >= 3.11; 3.10 reuses the workers). A student trained in a process
-# that had trained on the written cache before ran 10-15% slower (11.5-11.9 against 10.1-10.6 ms per
-# step, measured in one process; returning memory with malloc_trim made no difference), and the demo's third job in one worker after the
-# writer and two written-data runs took 153 s instead of 100. A new process costs about 4 s of imports.
+# that had trained on the written cache before ran 10-15% slower (11.5-11.9 against 10.1-10.6 ms per step,
+# measured in one process; returning memory with malloc_trim made no difference), and the demo's third job in
+# one worker after the writer and two written-data runs took 153 s instead of 100. A new process costs about
+# 4 s of imports.
 FRESH_PROCESS: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
 
 
