@@ -2,9 +2,9 @@
 
 - ``sample_solutions``: batched sampling on the teacher's KV cache. Prompts are left-padded and prefilled
   once per question, the cache is repeated for the question's N samples, finished rows leave the batch once
-  they are more than half of it (``DROP_FINISHED``). Each
-  (seed, question, sample) has its own uniform stream (``row_uniforms``), so the text of a sample depends on
-  the teacher and that triple only, not on which rows share its batch, the rank or a resume.
+  they are more than half of it (``DROP_FINISHED``). Each (seed, question, sample) has its own uniform stream
+  (``row_uniforms``), so the text of a sample depends on the teacher and that triple only, not on which rows
+  share its batch, the rank or a resume.
 - ``choose``: which samples to keep (answer equal to the reference; or agreeing with the majority answer of
   the question's N samples, with a minimum vote share; or all), exact duplicates dropped, and the provenance
   of every kept row.
