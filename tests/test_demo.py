@@ -284,9 +284,14 @@ def test_kd_and_ce_runs_differ_only_in_alpha(tiny_demo):
 def test_rerun_reuses_assets_and_caches_and_retrains(tiny_demo):
     out, _ = tiny_demo
     before = (out / "student-kd-s0" / "metrics.jsonl").stat().st_mtime_ns
-    _demo(out, "--steps", "3", "--eval-limit", "0", "--seeds", "1", jobs=1)
+    _demo(out, "--steps", "3", "--batch-tokens", "1024", "--eval-limit", "0", "--seeds", "1", jobs=1)
     report = json.loads((out / "report.json").read_text())
     assert report["assets"]["reused"] is True
+    # --batch-tokens reaches every run's train-student config over --tiny's size, and the report says it
+    for name in ("kd", "ce", "kdw"):
+        tc = json.loads((out / f"student-{name}-s0" / "final" / "train_config.json").read_text())
+        assert tc["config"]["batch_tokens"] == 1024 and tc["config"]["steps"] == 3
+    assert "3 steps of <= 1024 tokens" in report["markdown"]
     # one process: the teacher's writing is a stage of its own, before the students, and no job timeline
     assert "teacher-cache written (the teacher writes, then scores)" in report["wall_s"]
     assert report["jobs_timeline_s"] == {} and report["jobs_pid"] == {}
@@ -313,6 +318,8 @@ def test_bad_options_are_refused(tmp_path):
         _demo(tmp_path / "b", "--alpha", "1")
     with pytest.raises(UserError, match="--seeds"):
         _demo(tmp_path / "c", "--seeds", "0")
+    with pytest.raises(UserError, match="--batch-tokens must be at least 1"):
+        _demo(tmp_path / "d", "--batch-tokens", "0")
 
 
 @pytest.mark.slow

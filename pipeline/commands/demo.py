@@ -30,6 +30,9 @@ def demo_command(
                               "comparison)."),
     steps: int = typer.Option(None, help="Student optimizer steps for both runs (default: the tuned budget "
                               "times --scale)."),
+    batch_tokens: int = typer.Option(None, help="Most tokens (padding included) in one student step, for "
+                                     "every run (default: the tuned budget, 512; 2048 with --tiny, 4096 with "
+                                     "--gsm8k)."),
     seed: int = typer.Option(0, help="Seed of the assets and the teacher cache sampling, and the first "
                              "student seed (per seed, KD and CE share initialisation and data order)."),
     seeds: int = typer.Option(None, help="Student seeds per method (seed, seed+1, ...); default 3 (2 with "
@@ -84,7 +87,7 @@ def demo_command(
         return
     budget = StudentBudget()
     overrides = {k: o[k] for k in ("alpha", "temperature", "lr") if o[k] is not None}
-    same = ("out", "scale", "seed", "gsm8k", "tiny", "shared", "steps", "seeds", "eval_limit",
+    same = ("out", "scale", "seed", "gsm8k", "tiny", "shared", "steps", "batch_tokens", "seeds", "eval_limit",
             "curve_problems", "max_new_tokens", "jobs", "progress", "write_questions", "write_samples",
             "write_min_vote", "write_temperature")
     cfg = DemoConfig(**{k: o[k] for k in same}, num_threads=o["threads"] or None,

@@ -38,6 +38,7 @@ class DemoConfig:
     tiny: bool = False
     shared: Path | None = None
     steps: int | None = None
+    batch_tokens: int | None = None
     eval_limit: int | None = None
     curve_problems: int | None = None
     max_new_tokens: int = 64
@@ -63,6 +64,9 @@ class DemoConfig:
             raise UserError(f"--seeds must be at least 1 (got {self.seeds}); 3 gives a spread")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {self.steps})")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise UserError(f"--batch-tokens must be at least 1 (got {self.batch_tokens}); the default is "
+                            f"{self.student.batch_tokens}")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise UserError(f"--eval-limit must be >= 0 (0 skips the exact-answer evaluation; got "
                             f"{self.eval_limit})")
@@ -148,6 +152,8 @@ class DemoConfig:
         if self.gsm8k:
             s = s.replace(hidden_size=64, layers=2, ffn=256, window=16, batch_tokens=4096, warmup=5,
                            eval_points=2, compact_vocab=True, max_positions=640)
+        if self.batch_tokens is not None:  # given: over --tiny's and --gsm8k's sizes too
+            s = s.replace(batch_tokens=self.batch_tokens)
         return s.replace(steps=self.resolved_steps())
 
     def resolved_write_questions(self) -> int:
