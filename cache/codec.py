@@ -55,18 +55,17 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 
 def unpack_bits(buf: bytes | np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: ``n`` values of ``bits`` bits as int64 (each read from a 5-byte window)."""
+    """Inverse of ``pack_bits``: ``n`` values of ``bits`` bits as int64. Each value is read from the 8 bytes
+    that start at its first byte (an unaligned little-endian view: one gather, one shift, one mask)."""
     if n == 0 or bits == 0:
         return np.zeros(n, dtype=np.int64)
     raw = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
-    padded = np.zeros(raw.size + 8, dtype=np.uint64)
-    padded[: raw.size] = raw
-    start = np.arange(n, dtype=np.int64) * bits
-    byte, shift = start >> 3, (start & 7).astype(np.uint64)
-    window = padded[byte]
-    for j in range(1, 5):
-        window |= padded[byte + j] << np.uint64(8 * j)
-    return ((window >> shift) & np.uint64((1 << bits) - 1)).astype(np.int64)
+    m = (n * bits + 7) >> 3  # the bytes the values occupy
+    padded = np.zeros(m + 8, dtype=np.uint8)
+    padded[:m] = raw[:m]
+    words = np.ndarray((m,), dtype="<u8", buffer=padded, strides=(1,))  # words[i]: bytes i .. i + 7
+    start = np.arange(0, n * bits, bits, dtype=np.int64)
+    return ((words[start >> 3] >> (start & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
 def _rice_cost(v: np.ndarray, r: int) -> int:
@@ -183,7 +182,11 @@ def _decode_ints(buf: np.ndarray, pos: int, nested: bool = False) -> tuple[np.nd
     zeros = np.flatnonzero(unary == 0)
     if zeros.size != n:
         raise ValueError("Rice stream is corrupt (wrong number of terminators)")
-    q = np.diff(zeros, prepend=-1) - 1
+    q = np.empty(n, dtype=np.int64)  # ones before each terminator (np.diff costs more than the decode here)
+    if n:
+        q[0] = zeros[0]
+        np.subtract(zeros[1:], zeros[:-1], out=q[1:])
+        q[1:] -= 1
     lbytes = (n * param + 7) // 8
     if pos + lbytes > len(buf):
         raise ValueError("integer stream runs past the record")
@@ -438,13 +441,23 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     tcode, pos = _decode_ints(buf, pos)
     tail, kept_mass = (x.reshape(n, len(temps)) for x in decode_masses(tcode))
     log_kept = np.log(np.maximum(kept_mass, 1e-300))
-    keep = np.arange(k)[None, :] < kept[:, None]
+    full = settings.top_p is None  # every row keeps all k ids: no masks needed (the same values)
+    keep = None if full else np.arange(k)[None, :] < kept[:, None]
+    if flat_ids.size != (n * k if full else int(kept.sum())) or gaps.size != (
+            n * (k - 1) if full else int(keep[:, 1:].sum())):
+        raise ValueError(f"compact record holds {flat_ids.size} ids and {gaps.size} gaps for {n} rows of "
+                         f"top-{k}")
     q = np.zeros((n, k), dtype=np.int64)
     if k > 1:
-        g = np.zeros((n, k - 1), dtype=np.int64)
-        g[keep[:, 1:]] = gaps
-        q[:, 1:] = np.cumsum(g, axis=1)
-    rel = np.where(keep, -q * settings.lp_step, -np.inf)  # log p_1 up to a per-row constant
+        if full:
+            g = gaps.reshape(n, k - 1)
+        else:
+            g = np.zeros((n, k - 1), dtype=np.int64)
+            g[keep[:, 1:]] = gaps
+        np.cumsum(g, axis=1, out=q[:, 1:])
+    rel = -q * settings.lp_step  # log p_1 up to a per-row constant
+    if not full:
+        rel[~keep] = -np.inf
     a = _anchor_index(settings)
     if a is None:
         top = buf[pos:pos + 4 * n].copy().view("<f4").astype(np.float64)
@@ -456,9 +469,12 @@ def decode_record(seq_id: int, assistant_start: int, blob: bytes | memoryview | 
     shift = np.zeros((n, len(temps)), dtype=np.float64)
     for i, t in enumerate(temps):
         shift[:, i] = log_kept[:, i] - _logsumexp(lp / t)
-    ids = np.zeros((n, k), dtype=np.int32)
-    ids[keep] = flat_ids
-    if n and not keep.all():
+    if full:
+        ids = flat_ids.reshape(n, k).astype(np.int32)
+    else:
+        ids = np.zeros((n, k), dtype=np.int32)
+        ids[keep] = flat_ids
+    if n and not full and not keep.all():
         ids = np.where(keep, ids, ids[:, :1])
         lp = np.where(keep, lp, PAD_LOGPROB)
     rec = CacheRecord(

@@ -168,6 +168,52 @@ def test_integer_streams_round_trip_in_every_mode():
             codec._decode_ints(np.frombuffer(bad, np.uint8), 0)
 
 
+def _read_bits_one_by_one(buf: bytes, bits: int, n: int) -> list[int]:
+    """An independent reference for ``unpack_bits``: bit i of the stream is bit i % 8 of byte i // 8."""
+    out = []
+    for j in range(n):
+        v = 0
+        for b in range(bits):
+            i = j * bits + b
+            v |= ((buf[i // 8] >> (i % 8)) & 1) << b
+        out.append(v)
+    return out
+
+
+def test_unpack_bits_reads_every_width_like_a_bit_by_bit_reader():
+    rng = np.random.default_rng(5)
+    for bits in range(1, 33):
+        for n in (0, 1, 2, 7, 8, 9, 100):
+            v = rng.integers(0, 1 << bits, n, dtype=np.int64)
+            if n:
+                v[0] = (1 << bits) - 1  # all ones, at the start of the stream
+                v[-1] = (1 << bits) - 1  # and at its end: the 8-byte window must not read past it
+            buf = codec.pack_bits(v, bits)
+            assert len(buf) == (n * bits + 7) // 8
+            assert _read_bits_one_by_one(buf, bits, n) == v.tolist()
+            for src in (buf, np.frombuffer(buf + b"\xff" * 3, np.uint8)):  # bytes, or a longer array view
+                out = codec.unpack_bits(src, bits, n)
+                assert out.dtype == np.int64
+                np.testing.assert_array_equal(out, v, err_msg=f"{bits} bits, {n} values")
+
+
+def test_a_record_with_the_wrong_number_of_ids_is_refused():
+    rng = np.random.default_rng(12)
+    s = settings(1000, 8)
+    r = normalize_record(exact_record(rng, 1000, 8, 6), s)
+    blob = np.frombuffer(codec.encode_record(r, s), np.uint8)
+    pos = 0
+    for _ in range(3):  # the header's three counts
+        _, pos = codec._read_varint(blob, pos)
+    _, pos = codec._decode_ints(blob, pos)  # input ids
+    pos += (len(r.input_ids) + 7) // 8  # the loss mask
+    ids, end = codec._decode_ints(blob, pos)
+    assert ids.size == 6 * 8
+    bad = blob[:pos].tobytes() + codec._encode_ints(ids[:-1], dictionary=True) + blob[end:].tobytes()
+    with pytest.raises(ValueError, match="47 ids"):
+        codec.decode_record(0, r.assistant_start, bad, s)
+
+
 def sampled_record(rng: np.random.Generator, V: int, n: int, draws: int, shared: int = 0) -> CacheRecord:
     """A top-1 record with ``draws`` Random-Sampling draws per row; ``shared`` ids drawn in most rows."""
     r = exact_record(rng, V, 1, n, samples=draws)
