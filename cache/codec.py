@@ -65,7 +65,8 @@ def unpack_bits(buf: bytes | np.ndarray, bits: int, n: int) -> np.ndarray:
     padded[:m] = raw[:m]
     words = np.ndarray((m,), dtype="<u8", buffer=padded, strides=(1,))  # words[i]: bytes i .. i + 7
     start = np.arange(0, n * bits, bits, dtype=np.int64)
-    return ((words[start >> 3] >> (start & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+    values = (words[start >> 3] >> (start & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)
+    return values.astype(np.int64)
 
 
 def _rice_cost(v: np.ndarray, r: int) -> int:
