@@ -338,8 +338,10 @@ def test_bad_options_are_refused(tmp_path):
         _demo(tmp_path / "b", "--alpha", "1")
     with pytest.raises(UserError, match="--seeds"):
         _demo(tmp_path / "c", "--seeds", "0")
-    with pytest.raises(UserError, match="--batch-tokens must be at least 1"):
-        _demo(tmp_path / "d", "--batch-tokens", "0")
+    for bad in ("0", "255"):  # below the longest sequence a demo cache may hold: refused before any work
+        with pytest.raises(UserError, match=f"--batch-tokens {bad} is below the longest sequence"):
+            _demo(tmp_path / "d", "--batch-tokens", bad)
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow

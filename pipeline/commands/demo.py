@@ -31,8 +31,9 @@ def demo_command(
     steps: int = typer.Option(None, help="Student optimizer steps for both runs (default: the tuned budget "
                               "times --scale)."),
     batch_tokens: int = typer.Option(None, help="Most tokens (padding included) in one student step, for "
-                                     "every run (default: the tuned budget, 512; 2048 with --tiny, 4096 with "
-                                     "--gsm8k)."),
+                                     "every run; at least the longest sequence a demo cache may hold (256, "
+                                     "640 with --gsm8k). Default: the tuned budget, 512 (2048 with --tiny, "
+                                     "4096 with --gsm8k)."),
     seed: int = typer.Option(0, help="Seed of the assets and the teacher cache sampling, and the first "
                              "student seed (per seed, KD and CE share initialisation and data order)."),
     seeds: int = typer.Option(None, help="Student seeds per method (seed, seed+1, ...); default 3 (2 with "

@@ -64,9 +64,10 @@ class DemoConfig:
             raise UserError(f"--seeds must be at least 1 (got {self.seeds}); 3 gives a spread")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {self.steps})")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise UserError(f"--batch-tokens must be at least 1 (got {self.batch_tokens}); the default is "
-                            f"{self.student.batch_tokens}")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length():
+            raise UserError(f"--batch-tokens {self.batch_tokens} is below the longest sequence the demo's "
+                            f"caches may hold ({self.max_length()} tokens); use at least {self.max_length()} "
+                            f"(the default is {self.student.batch_tokens})")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise UserError(f"--eval-limit must be >= 0 (0 skips the exact-answer evaluation; got "
                             f"{self.eval_limit})")
