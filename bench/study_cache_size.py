@@ -291,13 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for j in todo:
             done(student_job(j))
     else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        from pipeline.demo.stages import FRESH_PROCESS, job_context  # a new process per run, as in the demo
+        from pipeline.demo.stages import job_pool  # a new process per run, as in the demo
 
         print(f"training {len(todo)} students, {jobs} at a time (one process each, {args.threads} torch "
               f"thread(s))", flush=True)
-        with ProcessPoolExecutor(jobs, mp_context=job_context(), **FRESH_PROCESS) as pool:
+        with job_pool(jobs) as pool:
             for f in as_completed([pool.submit(student_job, j) for j in todo]):
                 done(f.result())
     lock.release()

@@ -219,19 +219,16 @@ def test_job_order_writer_first_then_written_runs_as_soon_as_it_is_done():
 
 
 def test_jobs_are_forked_from_a_preloaded_server_on_linux_else_spawned():
-    """``job_context``: a fork server that imported what the jobs need (Linux), else spawn; with
-    ``FRESH_PROCESS`` every job still gets a process of its own, and none is the command's."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from pipeline.demo.stages import FRESH_PROCESS, JOB_PRELOAD, job_context, start_job_server
+    """``job_context``: a fork server that imported what the jobs need (Linux), else spawn; in ``job_pool``
+    (``FRESH_PROCESS``) every job still gets a process of its own, and none is the command's."""
+    from pipeline.demo.stages import FRESH_PROCESS, JOB_PRELOAD, job_context, job_pool
 
     ctx = job_context()
     if not sys.platform.startswith("linux"):
         assert ctx.get_start_method() == "spawn"
         return
     assert ctx.get_start_method() == "forkserver" and "torch" in JOB_PRELOAD
-    start_job_server(ctx)
-    with ProcessPoolExecutor(1, mp_context=ctx, **FRESH_PROCESS) as pool:
+    with job_pool(1) as pool:
         pids = [pool.submit(os.getpid).result() for _ in range(3)]
     assert os.getpid() not in pids
     if FRESH_PROCESS:

@@ -273,8 +273,7 @@ WRITER = "writer"  # the job name of the teacher's writing in ``train_students``
 # Every job in a new worker process (Python >= 3.11; 3.10 reuses the workers). A student trained in a process
 # that had trained on the written cache before ran 10-15% slower (11.5-11.9 against 10.1-10.6 ms per step,
 # measured in one process; returning memory with malloc_trim made no difference), and the demo's third job in
-# one worker after the writer and two written-data runs took 153 s instead of 100. A spawned process costs
-# about 4 s of imports, a process forked from the server below 0.01 s.
+# one worker after the writer and two written-data runs took 153 s instead of 100.
 FRESH_PROCESS: dict[str, Any] = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
 # What every job imports. Where the platform has a fork server, it imports these once and each job is forked
 # from it: still a new process that has trained nothing, but ready in 0.01 s instead of the 4-5 s a spawned
@@ -302,6 +301,14 @@ def start_job_server(ctx: multiprocessing.context.BaseContext) -> None:
         p = ctx.Process(target=os.getpid)
         p.start()
         p.join()
+
+
+def job_pool(workers: int) -> ProcessPoolExecutor:
+    """The pool the demo's jobs (and the cache-size study's) run in: ``workers`` processes at a time, each job
+    in a new one (``FRESH_PROCESS``) started by ``job_context()``, whose fork server is ready on return."""
+    ctx = job_context()
+    start_job_server(ctx)
+    return ProcessPoolExecutor(workers, mp_context=ctx, **FRESH_PROCESS)
 
 
 def run_order(jobs: list[tuple[str, int]], writer: bool) -> list[str]:
@@ -361,11 +368,10 @@ def train_students(cfg: DemoConfig, assets: Assets, jobs: list[tuple[str, int]],
            if temperatures is not None else "") + "; each student answers the test problems when it is done")
     pending = run_order(jobs, temperatures is not None)
     results: dict[str, Any] = {}
-    ctx = job_context()
-    start_job_server(ctx)
+    pool = job_pool(n)
     t0 = time.perf_counter()
     timeline: dict[str, list[float]] = {}
-    with ProcessPoolExecutor(n, mp_context=ctx, **FRESH_PROCESS) as pool:
+    with pool:
         running: dict[Future, str] = {}
 
         def fill() -> None:
