@@ -35,3 +35,18 @@ def test_a_stored_report_json_draws_the_curves(tmp_path):
     report = json.loads(REPORT_JSON.read_text())
     plot_report(report, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_ends_with_the_run_wall_time_and_the_students_step_times():
+    report = json.loads(REPORT_JSON.read_text())
+    runs = report["runs"].values()
+    ms = sorted(r["train_wall_s"] / r["final"]["step"] * 1000 for r in runs)
+    total = round(report["wall_s"]["total"])
+    wall = f"Wall time of the whole run: {total // 60}m{total % 60:02d}s"
+    last = render_report(report).rstrip("\n").splitlines()[-1]
+    assert last.startswith(wall + "; ")
+    assert f"took {ms[0]:.1f} to {ms[-1]:.1f} ms per step" in last
+    # a report from before the runs recorded their training time still renders, with the wall time alone
+    for r in report["runs"].values():
+        del r["train_wall_s"]
+    assert render_report(report).rstrip("\n").splitlines()[-1] == wall + "."

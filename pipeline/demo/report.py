@@ -12,6 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from cache.progress import format_duration
 from cache.util import atomic_write_bytes
 from pipeline.demo.stats import BOOTSTRAP, METHODS, WRITER_JOB, WRITTEN, run_name
 
@@ -192,9 +193,25 @@ def render_report(report: dict[str, Any]) -> str:
     lines += ["", f"Machine: {mi['cpu_model'] or 'unknown CPU'}, {mi['usable_cores']} usable cores, torch "
               f"{mi['torch']} ({mi['torch_threads']} threads); load average at the end "
               f"{', '.join(f'{x:.1f}' for x in mi['loadavg'] or [])}."]
+    lines += _speed_lines(report)
     if report["assets"].get("note"):
         lines += ["", f"Note: {report['assets']['note']}."]
     return "\n".join(lines) + "\n"
+
+
+def _speed_lines(report: dict[str, Any]) -> list[str]:
+    """The run's wall time and how fast its students stepped: what to compare first when a run on another
+    machine, or at another hour, takes longer."""
+    total = report["wall_s"].get("total")
+    if total is None:
+        return []
+    per_step = [1e3 * r["train_wall_s"] / r["final"]["step"] for r in report["runs"].values()
+                if r.get("train_wall_s") and r.get("final", {}).get("step")]
+    line = f"Wall time of the whole run: {format_duration(total)}"
+    if per_step:
+        line += (f"; the students took {min(per_step):.1f} to {max(per_step):.1f} ms per step, one thread "
+                 "each (training wall time over steps, their evaluations included)")
+    return ["", line + "."]
 
 
 # ------------------------------------------------------------------------------------------------- curves
