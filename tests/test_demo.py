@@ -296,7 +296,8 @@ def test_written_verdict_goals_over_kd_on_references_and_over_labels_only():
         return [(i + shift) % n < k for i in range(n)]  # exactly acc of the n problems, per seed
 
     def verdict(acc: dict[str, list[float]]):
-        correct = {run_name(m, sd): answers(a, 7 * sd) for m, accs in acc.items() for sd, a in zip(seeds, accs)}
+        correct = {run_name(m, sd): answers(a, 7 * sd)
+                   for m, accs in acc.items() for sd, a in zip(seeds, accs)}
         per = {m: {"strict_acc": spread([sum(correct[run_name(m, sd)]) / n for sd in seeds])} for m in acc}
         return written_verdict({"methods": per}, correct, seeds, [100, 200])
 
