@@ -357,6 +357,8 @@ def test_gsm8k_without_shared_files_is_one_clear_error(tmp_path):
 
 
 def test_bad_options_are_refused(tmp_path):
+    from pipeline.demo.config import DemoConfig
+
     with pytest.raises(UserError, match="--scale"):
         _demo(tmp_path / "a", "--scale", "0")
     with pytest.raises(UserError, match="--alpha"):
@@ -367,6 +369,8 @@ def test_bad_options_are_refused(tmp_path):
         with pytest.raises(UserError, match=f"--batch-tokens {bad} is below the longest sequence"):
             _demo(tmp_path / "d", "--batch-tokens", bad)
     assert not (tmp_path / "d").exists()
+    with pytest.raises(UserError, match="use at least 640 \\(the default here is 4096\\)"):
+        DemoConfig(out=tmp_path / "e", gsm8k=True, batch_tokens=600)  # the --gsm8k sizes' own default
 
 
 @pytest.mark.slow

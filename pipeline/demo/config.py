@@ -67,7 +67,7 @@ class DemoConfig:
         if self.batch_tokens is not None and self.batch_tokens < self.max_length():
             raise UserError(f"--batch-tokens {self.batch_tokens} is below the longest sequence the demo's "
                             f"caches may hold ({self.max_length()} tokens); use at least {self.max_length()} "
-                            f"(the default is {self.student.batch_tokens})")
+                            f"(the default here is {self._sized_student().batch_tokens})")
         if self.eval_limit is not None and self.eval_limit < 0:
             raise UserError(f"--eval-limit must be >= 0 (0 skips the exact-answer evaluation; got "
                             f"{self.eval_limit})")
@@ -145,7 +145,9 @@ class DemoConfig:
             2 if self.tiny else 4 if self.gsm8k else 100)
         return min(n, self.resolved_eval_limit())
 
-    def resolved_student(self) -> StudentBudget:
+    def _sized_student(self) -> StudentBudget:
+        """The student and budget of this variant (``--tiny``, ``--gsm8k`` or the default), before the
+        ``--batch-tokens`` and ``--steps`` given."""
         s = self.student
         if self.tiny:
             s = s.replace(hidden_size=32, layers=1, ffn=64, window=8, batch_tokens=2048, warmup=2,
@@ -153,6 +155,10 @@ class DemoConfig:
         if self.gsm8k:
             s = s.replace(hidden_size=64, layers=2, ffn=256, window=16, batch_tokens=4096, warmup=5,
                            eval_points=2, compact_vocab=True, max_positions=640)
+        return s
+
+    def resolved_student(self) -> StudentBudget:
+        s = self._sized_student()
         if self.batch_tokens is not None:  # given: over --tiny's and --gsm8k's sizes too
             s = s.replace(batch_tokens=self.batch_tokens)
         return s.replace(steps=self.resolved_steps())
