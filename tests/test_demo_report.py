@@ -45,7 +45,9 @@ def test_the_report_ends_with_the_run_wall_time_and_the_students_step_times():
     wall = f"Wall time of the whole run: {total // 60}m{total % 60:02d}s"
     last = render_report(report).rstrip("\n").splitlines()[-1]
     assert last.startswith(wall + "; ")
-    assert f"took {ms[0]:.1f} to {ms[-1]:.1f} ms per step" in last
+    assert f"took {ms[0]:.1f} to {ms[-1]:.1f} ms per step, one thread each" in last
+    report["machine"]["torch_threads"] = 2  # --threads 2: the line says so
+    assert "ms per step, 2 threads each" in render_report(report).rstrip("\n").splitlines()[-1]
     # a report from before the runs recorded their training time still renders, with the wall time alone
     for r in report["runs"].values():
         del r["train_wall_s"]

@@ -209,7 +209,9 @@ def _speed_lines(report: dict[str, Any]) -> list[str]:
                 if r.get("train_wall_s") and r.get("final", {}).get("step")]
     line = f"Wall time of the whole run: {format_duration(total)}"
     if per_step:
-        line += (f"; the students took {min(per_step):.1f} to {max(per_step):.1f} ms per step, one thread "
+        threads = report["machine"]["torch_threads"]  # the students' too: each job sets the command's count
+        each = "one thread" if threads == 1 else f"{threads} threads"
+        line += (f"; the students took {min(per_step):.1f} to {max(per_step):.1f} ms per step, {each} "
                  "each (training wall time over steps, their evaluations included)")
     return ["", line + "."]
 
